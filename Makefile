@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` (main job end to end) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Without a GPU DeepSpeed must be told to use its CPU accelerator (gloo, no CUDA).
+export DS_ACCELERATOR ?= cpu
+# Ray otherwise prints one line per worker per log call; keep the demo readable.
+export RAY_DEDUP_LOGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first: it resolves to the local CPU wheel here; letting another package pull an
+# unpinned torch would fetch GBs of CUDA libraries.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/python -m pipelines.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,92 @@
+"""Prefect flows: orchestration only. Each task calls one library function, so the same code runs
+with or without Prefect.
+
+Tasks that touch storage retry; training does not, because a retry would start the run from
+scratch, and Ray Train already restarts lost workers from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training.tracking import runs_dir
+
+
+def _prefect_home() -> None:
+    # Keep Prefect's local server database beside the other run state instead of ~/.prefect.
+    os.environ.setdefault("PREFECT_HOME", str(runs_dir() / "prefect"))
+
+
+_prefect_home()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def synth_task(out_dir: str, n: int, seed: int) -> str:
+    from data_prep.synth import generate_synthetic
+
+    generate_synthetic(out_dir, n, seed=seed)
+    return out_dir
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def shard_task(source: str, output: str, resolution: int, samples_per_shard: int, overwrite: bool) -> dict:
+    from data_prep.shard import ShardConfig, build_shards
+
+    manifest = build_shards(ShardConfig(source=source, output=output, resolution=resolution,
+                                        samples_per_shard=samples_per_shard, overwrite=overwrite))
+    get_run_logger().info("%d samples in %d shards, skipped %s", manifest.total_samples, len(manifest.shards),
+                          manifest.skipped)
+    return {"output": output, "samples": manifest.total_samples, "shards": len(manifest.shards),
+            "skipped": manifest.skipped, "manifest_sha256": manifest.sha256}
+
+
+@task(retries=0, cache_policy=NO_CACHE)
+def train_task(config_path: str, overrides: list[str], data: str) -> dict:
+    from training.config import load_config
+    from training.runner import train
+
+    outcome = train(load_config(config_path, overrides), data)
+    return outcome.__dict__
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def publish_task(config_path: str, overrides: list[str], outcome: dict) -> dict:
+    from training.config import load_config
+    from training.runner import TrainOutcome, publish
+
+    version = publish(TrainOutcome(**outcome), load_config(config_path, overrides))
+    return {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@candidate"}
+
+
+@flow(name="ldm-train-pipeline", log_prints=True)
+def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
+                 source: str | None = None, synth_n: int = 64, work_dir: str = "runs/work",
+                 samples_per_shard: int = 16, overwrite_shards: bool = False) -> dict:
+    """(synthetic data) -> shards -> Ray/DeepSpeed training -> MLflow registration."""
+    from training.config import load_config
+
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    work = Path(work_dir).resolve()
+    if source is None:
+        source = synth_task(str(work / "raw"), synth_n, cfg.train.seed)
+    shards = shard_task(str(Path(source).resolve()), str(work / "shards"), cfg.model.resolution,
+                        samples_per_shard, overwrite_shards)
+    outcome = train_task(str(Path(config_path).resolve()), overrides, shards["output"])
+    model = publish_task(str(Path(config_path).resolve()), overrides, outcome)
+    return {"shards": shards, "run_id": outcome["run_id"], "metrics": outcome["metrics"], "model": model}
+
+
+def run_pipeline(**kwargs) -> dict:
+    """Run the flow and return its result with the flow run's id and final state."""
+    state = ldm_pipeline(return_state=True, **kwargs)
+    summary = {"flow_run_id": str(state.state_details.flow_run_id), "state": state.type.value}
+    if state.is_completed():
+        summary.update(state.result())
+    else:
+        summary["message"] = state.message
+    return summary

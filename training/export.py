@@ -1,0 +1,86 @@
+"""From a committed training checkpoint to a diffusers pipeline folder.
+
+The folder is what consumers load: ``unet/ vae/ text_encoder/ tokenizer/ scheduler/
+model_index.json`` with safetensors weights, readable by ``StableDiffusionPipeline.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from training.checkpointing import DEEPSPEED_DIR, EMA_FILE, read_state
+from training.config import RunConfig, config_from_dict
+from training.models import build_components, sampling_scheduler
+from training.text_encoder import module_sha256
+
+log = logging.getLogger(__name__)
+
+
+def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Module, *, use_ema: bool) -> str:
+    """Load the checkpoint's UNet weights into `unet`; returns which weights were used."""
+    state = read_state(checkpoint_dir)
+    if use_ema and (checkpoint_dir / EMA_FILE).is_file():
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=cfg.train.ema.decay)
+        ema.load_state_dict(torch.load(checkpoint_dir / EMA_FILE, weights_only=False))
+        ema.copy_to(unet.parameters())
+        return "ema"
+    # Consolidates any ZeRO stage (partitioned fp32 master weights) into one state dict.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=state.tag)
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint UNet does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return "deepspeed"
+
+
+def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[StableDiffusionPipeline, RunConfig]:
+    """Rebuild the components from the checkpoint's own config and load the trained UNet."""
+    state = read_state(checkpoint_dir)
+    cfg = config_from_dict(state.config)
+    parts = build_components(cfg.model, seed=cfg.train.seed)
+    frozen = {"vae": module_sha256(parts.vae), "text_encoder": module_sha256(parts.text.model)}
+    if state.frozen and frozen != state.frozen:
+        raise RuntimeError(
+            f"the VAE/text encoder loaded now differ from those the checkpoint {checkpoint_dir} was trained with"
+        )
+    source = load_trained_unet(checkpoint_dir, cfg, parts.unet, use_ema=use_ema and cfg.train.ema.enabled)
+    log.info("exporting UNet weights from %s (step %d)", source, state.step)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text.model,
+        tokenizer=parts.text.tokenizer,
+        unet=parts.unet.eval(),
+        scheduler=sampling_scheduler(parts.noise_scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, cfg
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> Path:
+    """Write the pipeline folder atomically: a half-written folder never sits at `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def export_pipeline(checkpoint_dir: Path, out_dir: Path, *, use_ema: bool = True) -> Path:
+    pipe, _ = build_pipeline(Path(checkpoint_dir), use_ema=use_ema)
+    return save_pipeline(pipe, out_dir)

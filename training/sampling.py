@@ -1,0 +1,45 @@
+"""Consuming a registered model: load it through MLflow, generate, write PNGs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) image, row-major."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), dtype=images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
+def generate_from_registry(model_uri: str, prompt: str, out_dir: str | Path, *, n: int = 1, seed: int = 0,
+                           steps: int = 25, guidance: float = 5.0) -> list[Path]:
+    """Load `model_uri` (e.g. models:/ldm-tiny@candidate) as a pyfunc and write n PNGs."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from training.tracking import setup_mlflow
+
+    setup_mlflow()
+    model = mlflow.pyfunc.load_model(model_uri)
+    images = model.predict(pd.DataFrame({"prompt": [prompt] * n}),
+                           params={"steps": steps, "guidance": guidance, "seed": seed})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"image-{seed + i:05d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(image).save(tmp, format="PNG")
+        tmp.replace(path)
+        paths.append(path)
+    return paths

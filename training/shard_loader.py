@@ -1,0 +1,195 @@
+"""Each worker's stream of training batches, read from WebDataset shards.
+
+The stream is a pure function of (manifest, rank, world size, seed, epoch), so a resumed run can
+regenerate it and skip exactly the samples it already consumed: no sample is seen twice or missed
+within an epoch. Every rank takes the same number of batches per epoch, because DeepSpeed's
+collectives hang when one rank runs out of data before the others.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data_prep.manifest import Manifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+class DataError(ValueError):
+    """The shards cannot feed this run (wrong resolution, too few samples, ...)."""
+
+
+@dataclass
+class LoaderState:
+    """Where a rank's stream stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    consumed: int = 0
+    """Samples this rank has taken in the current epoch."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Samples dropped by reason (cumulative)."""
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoaderState:
+        return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]), skipped=dict(d.get("skipped", {})))
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor
+    """Images as float32 in [-1, 1], shape (B, 3, R, R)."""
+    captions: list[str]
+    keys: list[str]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    urls: list[str]
+    """Shards this rank reads in this epoch, in order."""
+    stride: int
+    """Take every stride-th sample of those shards (when there are fewer shards than ranks)."""
+    offset: int
+    samples: int
+    """Samples this rank takes in this epoch: equal on every rank, a multiple of the batch size."""
+
+
+def plan_epoch(manifest: Manifest, data_dir: str, *, rank: int, world_size: int, epoch: int, seed: int,
+               batch_size: int) -> EpochPlan:
+    shards = list(manifest.shards)
+    random.Random(f"{seed}:shards:{epoch}").shuffle(shards)
+    if len(shards) >= world_size:
+        mine = shards[rank::world_size]
+        per_rank = min(sum(s.samples for s in shards[r::world_size]) for r in range(world_size))
+        stride, offset = 1, 0
+    else:
+        # Too few shards to give each rank its own: everyone reads all and keeps every n-th sample.
+        mine = shards
+        per_rank = sum(s.samples for s in shards) // world_size
+        stride, offset = world_size, rank
+    samples = (per_rank // batch_size) * batch_size
+    if samples == 0:
+        raise DataError(
+            f"{manifest.total_samples} samples cannot give {world_size} workers a batch of {batch_size} each; "
+            "add data or lower train.batch_size / train.num_workers"
+        )
+    urls = [str(Path(data_dir) / s.name) for s in mine]
+    return EpochPlan(urls=urls, stride=stride, offset=offset, samples=samples)
+
+
+def _raw_samples(plan: EpochPlan, *, seed: int, epoch: int, rank: int, shuffle_buffer: int) -> Iterator[dict]:
+    pipeline = wds.DataPipeline(wds.SimpleShardList(plan.urls), wds.tarfile_to_samples())
+    stream = (s for i, s in enumerate(pipeline) if i % plan.stride == plan.offset)
+    if shuffle_buffer > 1:
+        # Seeded per (seed, epoch, rank): a resumed run replays the same order.
+        rng = random.Random(f"{seed}:buffer:{epoch}:{rank}")
+        stream = wds.filters._shuffle(stream, bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)
+    return iter(stream)
+
+
+def decode_sample(sample: dict, resolution: int) -> tuple[torch.Tensor, str]:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise KeyError("no image member")
+    image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+    if image.size != (resolution, resolution):
+        raise DataError(
+            f"shard sample {sample['__key__']} is {image.size[0]}x{image.size[1]} but model.resolution is "
+            f"{resolution}; re-shard with --resolution {resolution}"
+        )
+    caption = sample["txt"].decode("utf-8") if "txt" in sample else ""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1), caption
+
+
+class ShardStream:
+    """Infinite batches for one rank, epoch after epoch, resumable from a LoaderState."""
+
+    def __init__(self, data_dir: str, *, rank: int, world_size: int, batch_size: int, resolution: int,
+                 seed: int, shuffle_buffer: int, state: LoaderState | None = None,
+                 manifest: Manifest | None = None):
+        self.data_dir = str(data_dir)
+        self.manifest = manifest or read_manifest(self.data_dir)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.resolution = batch_size, resolution
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.state = state or LoaderState()
+        # Fail before training starts, not after the first allreduce.
+        self.plan(self.state.epoch)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.manifest, self.data_dir, rank=self.rank, world_size=self.world_size,
+                          epoch=epoch, seed=self.seed, batch_size=self.batch_size)
+
+    def _epoch_items(self, epoch: int, start: int) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Decoded samples of one epoch from position `start`, exactly plan.samples - start of them."""
+        plan = self.plan(epoch)
+        raw = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer)
+        position = 0
+        skipped: Counter[str] = Counter()
+        for sample in raw:
+            if position >= plan.samples:
+                break
+            if position < start:  # resume: replay the order without decoding
+                position += 1
+                continue
+            try:
+                pixels, caption = decode_sample(sample, self.resolution)
+            except DataError:
+                raise
+            except Exception as e:  # undecodable member: count it, keep the rank's count equal
+                skipped[type(e).__name__] += 1
+                log.warning("skipping sample %s: %s", sample.get("__key__"), e)
+                continue
+            position += 1
+            yield sample["__key__"], pixels, caption
+        for reason, n in skipped.items():
+            self.state.skipped[reason] = self.state.skipped.get(reason, 0) + n
+        if position < plan.samples:
+            # Skipped samples left this rank short; top it up from the start of its epoch order so
+            # every rank still takes the same number of batches.
+            extra = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=0)
+            for sample in extra:
+                if position >= plan.samples:
+                    break
+                try:
+                    pixels, caption = decode_sample(sample, self.resolution)
+                except DataError:
+                    raise
+                except Exception:
+                    continue
+                position += 1
+                yield sample["__key__"], pixels, caption
+            if position < plan.samples:
+                raise DataError(f"rank {self.rank} found only {position} decodable samples in epoch {epoch}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            epoch, start = self.state.epoch, self.state.consumed
+            buf: list[tuple[str, torch.Tensor, str]] = []
+            for item in self._epoch_items(epoch, start):
+                buf.append(item)
+                if len(buf) == self.batch_size:
+                    self.state.consumed += len(buf)
+                    yield Batch(
+                        pixels=torch.stack([p for _, p, _ in buf]),
+                        captions=[c for _, _, c in buf],
+                        keys=[k for k, _, _ in buf],
+                    )
+                    buf = []
+            self.state.epoch, self.state.consumed = epoch + 1, 0

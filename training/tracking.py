@@ -1,0 +1,107 @@
+"""MLflow plumbing: where the tracking store is, and a metric logger that never stalls training.
+
+The standard ``MLFLOW_TRACKING_URI`` decides which MLflow every command talks to. Without it the
+embedded default is a SQLite store with a local artifact folder under the runs directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR_ENV = "LDMFLOW_RUNS_DIR"
+
+
+def runs_dir() -> Path:
+    """Project run directory (``./runs`` unless ``LDMFLOW_RUNS_DIR`` says otherwise), absolute."""
+    return Path(os.environ.get(RUNS_DIR_ENV, "runs")).resolve()
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = runs_dir() / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def default_artifact_location() -> str | None:
+    """Artifacts beside the SQLite store; a remote server decides its own."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (runs_dir() / "mlflow" / "artifacts").as_uri()
+
+
+def setup_mlflow() -> str:
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+class BufferedMetricLogger:
+    """Batches metrics to MLflow and keeps them when the server is down.
+
+    A tracking-server outage must not abort or stall a training run, so a failed flush keeps the
+    metrics (up to `max_buffer`, oldest dropped first and counted) and the next flush retries.
+    """
+
+    def __init__(self, run_id: str, uri: str, *, flush_every: int = 50, max_buffer: int = 100_000):
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=uri)
+        self.flush_every = flush_every
+        self.max_buffer = max_buffer
+        self.pending: list = []
+        self.dropped = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        overflow = len(self.pending) - self.max_buffer
+        if overflow > 0:
+            del self.pending[:overflow]
+            self.dropped += overflow
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> bool:
+        while self.pending:
+            chunk = self.pending[:1000]  # MLflow's log_batch limit
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception as e:  # any transport or server error: keep the data, train on
+                log.warning("MLflow unreachable, %d metrics buffered: %s", len(self.pending), e)
+                return False
+            del self.pending[: len(chunk)]
+        return True

@@ -1,0 +1,271 @@
+"""The training loop each Ray Train worker runs: one DeepSpeed rank over its split of the shards.
+
+Read it top to bottom: build, restore, then per step load batch -> forward/backward -> step ->
+log -> checkpoint. Each phase is a function below the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpointing import (
+    DEEPSPEED_DIR,
+    EMA_FILE,
+    TrainState,
+    load_rank_files,
+    mark_committed,
+    read_state,
+    restore_rng,
+    rng_state,
+    save_rank_files,
+)
+from training.config import RunConfig, TrainConfig, config_from_dict
+from training.models import Components, build_components
+from training.objective import diffusion_loss, drop_captions, encode_latents
+from training.shard_loader import LoaderState, ShardStream
+from training.text_encoder import module_sha256
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """Entry point Ray calls on every worker. `payload` is plain data: config, data path, run id."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(payload["config"])
+    train_ctx = ray.train.get_context()
+    ctx = WorkerContext(train_ctx.get_world_rank(), train_ctx.get_world_size(), ray.train.torch.get_device())
+    if ctx.device.type == "cpu":
+        # DeepSpeed picks its accelerator once, on first use; without a GPU it must be told.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+
+    # --- build -----------------------------------------------------------------------------
+    parts = build_components(cfg.model, seed=cfg.train.seed)
+    frozen = check_frozen(parts, payload["frozen"])
+    parts.vae.to(ctx.device)
+    parts.text.model.to(ctx.device)
+    engine = build_engine(parts.unet, cfg.train, ctx)
+    ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + ctx.rank)
+    state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen)
+    loader_state = LoaderState()
+
+    # --- restore (Ray hands back the latest committed checkpoint after a worker failure) ---
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, loader_state = restore(Path(directory), engine, ema, generator, ctx, frozen)
+        log.info("rank %d resumed at step %d (epoch %d, %d samples in)", ctx.rank, state.step,
+                 loader_state.epoch, loader_state.consumed)
+
+    stream = ShardStream(payload["data"], rank=ctx.rank, world_size=ctx.world_size,
+                         batch_size=cfg.train.batch_size, resolution=cfg.model.resolution,
+                         seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer, state=loader_state)
+    batches = iter(stream)
+    metrics_log = make_metric_logger(payload, ctx)
+    window = LossWindow()
+    metrics: dict[str, float] = {}
+
+    # --- train -----------------------------------------------------------------------------
+    while state.step < cfg.train.max_steps:
+        started = time.perf_counter()
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)  # load batch
+            loss = forward_backward(engine, parts, batch, cfg, generator, ctx)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            window.add(loss, len(batch.captions))
+        if ema is not None:
+            ema.step(engine.module.parameters())
+        state.step += 1
+        state.samples_seen += cfg.train.batch_size * cfg.train.grad_accum * ctx.world_size
+        window.elapsed += time.perf_counter() - started
+
+        last = state.step == cfg.train.max_steps
+        if state.step % cfg.train.log_every == 0 or last:
+            metrics = window.reduce(ctx, engine, state, loader_state)
+            if metrics_log is not None:
+                metrics_log.log(metrics, step=state.step)
+            window = LossWindow()
+        if state.step % cfg.train.checkpoint_every == 0 or last:
+            if metrics_log is not None:
+                metrics_log.flush()
+            save_and_report(engine, ema, state, loader_state, generator, ctx, metrics)
+
+    if metrics_log is not None and not metrics_log.flush():
+        log.warning("%d metrics could not reach MLflow", len(metrics_log.pending))
+
+
+# --- phases -------------------------------------------------------------------------------
+
+
+def check_frozen(parts: Components, expected: dict) -> dict:
+    """Every worker must hold the exact VAE and text encoder the driver will export."""
+    got = {"vae": module_sha256(parts.vae), "text_encoder": module_sha256(parts.text.model)}
+    for name, digest in expected.items():
+        if got.get(name) != digest:
+            raise RuntimeError(
+                f"{name} weights on this worker (sha256 {got.get(name, '?')[:12]}) differ from the driver's "
+                f"({digest[:12]}): the worker loaded a different model; make the path identical on every node"
+            )
+    return got
+
+
+def deepspeed_config(train: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        # The optimizer is torch's AdamW, handed to DeepSpeed: it runs the same on CPU and GPU and
+        # needs no JIT-compiled op. ZeRO partitions its state like any other optimizer's.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(train: TrainConfig):
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        if train.lr_schedule == "cosine":
+            progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext):
+    import deepspeed
+
+    unet.to(ctx.device)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                                  fused=ctx.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(train), dist_init_required=False)
+    return engine
+
+
+def build_ema(module: torch.nn.Module, train: TrainConfig):
+    if not train.ema.enabled:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(module.parameters(), decay=train.ema.decay, use_ema_warmup=False)
+
+
+def forward_backward(engine, parts: Components, batch, cfg: RunConfig, generator: torch.Generator,
+                     ctx: WorkerContext) -> float:
+    pixels = batch.pixels.to(ctx.device)
+    captions = drop_captions(batch.captions, cfg.train.caption_dropout, generator)
+    latents = encode_latents(parts.vae, pixels, generator)
+    text_states = parts.text.encode(captions, ctx.device)
+    dtype = next(engine.module.parameters()).dtype
+    loss = diffusion_loss(engine, parts.noise_scheduler, latents.to(dtype), text_states.to(dtype), generator)
+    engine.backward(loss)
+    return float(loss.detach())
+
+
+class LossWindow:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.count, self.samples, self.elapsed = 0.0, 0, 0, 0.0
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        self.samples += samples
+
+    def reduce(self, ctx: WorkerContext, engine, state: TrainState, loader: LoaderState) -> dict[str, float]:
+        # Mean loss over all ranks; throughput of the slowest rank (the step waits for it anyway).
+        t = torch.tensor([self.loss_sum, self.count, self.samples], dtype=torch.float64)
+        elapsed = torch.tensor([self.elapsed], dtype=torch.float64)
+        if dist.is_initialized():
+            t = t.to(ctx.device)
+            elapsed = elapsed.to(ctx.device)
+            dist.all_reduce(t)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        loss_sum, count, samples = t.tolist()
+        return {
+            "loss": loss_sum / max(count, 1),
+            "lr": float(engine.get_lr()[0]),
+            "samples_per_sec": samples / max(float(elapsed.item()), 1e-9),
+            "epoch": float(loader.epoch),
+            "samples_seen": float(state.samples_seen),
+        }
+
+
+def make_metric_logger(payload: dict, ctx: WorkerContext):
+    if ctx.rank != 0 or not payload.get("mlflow_run_id"):
+        return None
+    from training.tracking import BufferedMetricLogger
+
+    return BufferedMetricLogger(payload["mlflow_run_id"], payload["tracking_uri"], flush_every=200)
+
+
+def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
+                    ctx: WorkerContext, metrics: dict) -> None:
+    """Every rank saves its part into a local folder; Ray merges the folders into one checkpoint
+    and registers it only once every rank has reported."""
+    import ray.train
+
+    local = Path(tempfile.mkdtemp(prefix=f"ldm-ckpt-{state.step}-r{ctx.rank}-"))
+    try:
+        state.tag = f"step-{state.step:08d}"
+        engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=state.tag)
+        save_rank_files(local, ctx.rank, loader=loader.to_dict(), rng=rng_state(generator))
+        if ctx.rank == 0 and ema is not None:
+            torch.save(ema.state_dict(), local / EMA_FILE)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's part is on disk before the marker says so
+        if ctx.rank == 0:
+            mark_committed(local, state)
+        ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def restore(directory: Path, engine, ema, generator: torch.Generator, ctx: WorkerContext,
+            frozen: dict) -> tuple[TrainState, LoaderState]:
+    state = read_state(directory)
+    if state.world_size != ctx.world_size:
+        raise RuntimeError(
+            f"checkpoint {directory} was written by {state.world_size} workers but this run has "
+            f"{ctx.world_size}; resume with train.num_workers={state.world_size}"
+        )
+    if state.frozen != frozen:
+        raise RuntimeError(f"checkpoint {directory} was trained against different frozen weights")
+    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=state.tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {directory / DEEPSPEED_DIR}/{state.tag}")
+    if ema is not None:
+        ema.load_state_dict(torch.load(directory / EMA_FILE, weights_only=False))
+    loader, rng = load_rank_files(directory, ctx.rank)
+    restore_rng(rng, generator)
+    return state, LoaderState.from_dict(loader)
