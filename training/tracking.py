@@ -22,18 +22,23 @@ def runs_dir() -> Path:
     return Path(os.environ.get(RUNS_DIR_ENV, "runs")).resolve()
 
 
+def embedded_uri() -> str:
+    return f"sqlite:///{runs_dir() / 'mlflow' / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    db = runs_dir() / "mlflow" / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+    if uri == embedded_uri():
+        (runs_dir() / "mlflow").mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def default_artifact_location() -> str | None:
-    """Artifacts beside the SQLite store; a remote server decides its own."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    """Artifacts beside the embedded SQLite store; any other store decides its own.
+
+    (Checked by URI, not by the env var: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI.)
+    """
+    if tracking_uri() != embedded_uri():
         return None
     return (runs_dir() / "mlflow" / "artifacts").as_uri()
 

@@ -1,0 +1,231 @@
+"""The manifest: the completeness marker and table of contents of a shard directory.
+
+`manifest.json` is written last and atomically, after every shard it lists is durable on disk. A
+shard not listed in a manifest does not exist for readers, so a crashed run never feeds a trainer
+half a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_prep.errors import DataPrepError
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a reader of the old schema would misread the new one."""
+
+MANIFEST_NAME = "manifest.json"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class ShardInfo:
+    """One shard file listed in a manifest."""
+
+    name: str
+    """File name relative to the manifest's directory, e.g. "shard-000000.tar"."""
+    samples: int
+    """Number of samples (distinct keys) in the tar."""
+    bytes: int
+    """Size of the tar file in bytes."""
+    sha256: str
+    """Lower-case hex sha256 of the tar file."""
+
+    def __post_init__(self) -> None:
+        # The name is joined to the dataset directory by readers, so it must not escape it.
+        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise DataPrepError(
+                f"shard name must be a plain file name inside the manifest's directory, got {self.name!r}"
+            )
+        for attr in ("samples", "bytes"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DataPrepError(f"shard {self.name}: `{attr}` must be an integer >= 0, got {value!r}")
+        if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
+            raise DataPrepError(f"shard {self.name}: `sha256` must be 64 lower-case hex digits, got {self.sha256!r}")
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to trust and use a shard directory."""
+
+    schema_version: int
+    """Manifest schema version; readers refuse versions they do not know."""
+    shards: list[ShardInfo]
+    """The shards of this dataset, in write order."""
+    total_samples: int
+    """Sum of the shards' sample counts."""
+    total_bytes: int
+    """Sum of the shards' sizes in bytes."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Source items left out, counted by reason (e.g. {"decode_error": 3})."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The configuration that produced the shards (JSON-serialisable)."""
+    created_at: str = ""
+    """When the manifest was written, ISO 8601 in UTC."""
+
+    def __post_init__(self) -> None:
+        _check_schema_version(self.schema_version)
+        samples = sum(s.samples for s in self.shards)
+        size = sum(s.bytes for s in self.shards)
+        if self.total_samples != samples or self.total_bytes != size:
+            raise DataPrepError(
+                f"manifest totals ({self.total_samples} samples, {self.total_bytes} bytes) do not match its "
+                f"shard list ({samples} samples, {size} bytes); the manifest is corrupt, re-run `ldmflow shard`"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "shards": [
+                {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in self.shards
+            ],
+            "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes,
+            "skipped": dict(self.skipped),
+            "config": self.config,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise DataPrepError(f"manifest must be a JSON object, got {type(d).__name__}")
+        # Check the version before anything else: a future schema may have renamed every other key.
+        if "schema_version" not in d:
+            raise DataPrepError(
+                "manifest has no `schema_version`; it was not written by ldmflow, re-run `ldmflow shard`"
+            )
+        _check_schema_version(d["schema_version"])
+        missing = [k for k in ("shards", "total_samples", "total_bytes") if k not in d]
+        if missing:
+            raise DataPrepError(f"manifest is missing {', '.join(missing)}; re-run `ldmflow shard`")
+        try:
+            shards = [ShardInfo(name=s["name"], samples=s["samples"], bytes=s["bytes"], sha256=s["sha256"])
+                      for s in d["shards"]]
+        except (KeyError, TypeError) as e:
+            raise DataPrepError(f"manifest shard entry is malformed ({e!r}); re-run `ldmflow shard`") from e
+        return cls(
+            schema_version=d["schema_version"],
+            shards=shards,
+            total_samples=d["total_samples"],
+            total_bytes=d["total_bytes"],
+            skipped={str(k): int(v) for k, v in d.get("skipped", {}).items()},
+            config=dict(d.get("config", {})),
+            created_at=str(d.get("created_at", "")),
+        )
+
+    def to_json_bytes(self) -> bytes:
+        """The canonical serialisation: exactly the bytes write_manifest puts in manifest.json."""
+        return (json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the canonical manifest bytes; training tags runs with it to name the dataset."""
+        return hashlib.sha256(self.to_json_bytes()).hexdigest()
+
+
+def _check_schema_version(version: Any) -> None:
+    if version == SCHEMA_VERSION and not isinstance(version, bool):
+        return
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+    fix = "upgrade ldmflow to read it" if newer else "re-run `ldmflow shard` to rebuild it"
+    raise DataPrepError(f"manifest schema_version must be {SCHEMA_VERSION}, got {version!r}; {fix}")
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Publish `manifest` as DIR/manifest.json atomically; call only after every shard is on disk."""
+    directory = Path(directory)
+    final = directory / MANIFEST_NAME
+    tmp = directory / f".{MANIFEST_NAME}.tmp"
+    data = manifest.to_json_bytes()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the renames of the shards and the manifest durable, not just their contents.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Load and validate DIR/manifest.json; DataPrepError if it is missing or malformed."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataPrepError(
+            f"no {MANIFEST_NAME} in {directory}: shards without a manifest are incomplete; run `ldmflow shard` first"
+        )
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataPrepError(f"{path} is not valid JSON ({e}); re-run `ldmflow shard` with --overwrite") from e
+    return Manifest.from_dict(d)
+
+
+def sample_key(member_name: str) -> str:
+    """The WebDataset sample key of a tar member: the path up to the first dot of its base name."""
+    head, _, base = member_name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{head}/{stem}" if head else stem
+
+
+def verify_shards(directory: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Check every listed shard exists with the recorded size, sha256 and sample count.
+
+    Reads every byte of every shard: meant for tests, demos and audits, not for each training start.
+    """
+    directory = Path(directory)
+    problems: list[str] = []
+    for shard in manifest.shards:
+        path = directory / shard.name
+        if not path.is_file():
+            problems.append(f"{shard.name}: missing")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        size = path.stat().st_size
+        if size != shard.bytes:
+            problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
+        if digest.hexdigest() != shard.sha256:
+            problems.append(f"{shard.name}: sha256 {digest.hexdigest()}, manifest says {shard.sha256}")
+        try:
+            with tarfile.open(path, "r:") as tar:
+                keys = {sample_key(m.name) for m in tar.getmembers() if m.isfile()}
+        except tarfile.TarError as e:
+            problems.append(f"{shard.name}: not a readable tar ({e})")
+            continue
+        if len(keys) != shard.samples:
+            problems.append(f"{shard.name}: {len(keys)} samples, manifest says {shard.samples}")
+    if problems:
+        raise DataPrepError(
+            f"shards in {directory} do not match {MANIFEST_NAME}: " + "; ".join(problems)
+            + "; re-run `ldmflow shard --overwrite`"
+        )
