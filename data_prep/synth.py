@@ -61,9 +61,12 @@ class SynthSample:
     """The text written to `{key}.txt`."""
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption_for(shape: str, colour: str, background: str) -> str:
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {shape} on a {background} background"
+    return f"{_article(colour)} {colour} {shape} on {_article(background)} {background} background"
 
 
 def generate_synthetic(out_dir: str | Path, n: int, *, seed: int = 0, image_size: int = 64) -> list[SynthSample]:

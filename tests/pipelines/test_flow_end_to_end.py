@@ -1,0 +1,159 @@
+"""The whole chain as one Prefect flow on the embedded default, then the registered model consumed
+from a fresh process: synth -> shards -> Ray (2 workers) + DeepSpeed ZeRO-2 -> MLflow -> generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def flow_result(tmp_path_factory):
+    from pipelines.flows import run_pipeline
+
+    work = tmp_path_factory.mktemp("flow")
+    summary = run_pipeline(
+        config_path=str(ROOT / "configs/tiny.yaml"),
+        overrides=[f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
+                   "train.checkpoints_to_keep=2", "tracking.model_name=ldm-e2e", "tracking.sample_steps=2"],
+        synth_n=40, work_dir=str(work), samples_per_shard=8, overwrite_shards=False,
+    )
+    yield summary, work
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(flow_result):
+    from mlflow import MlflowClient
+
+    from training.tracking import setup_mlflow
+
+    setup_mlflow()
+    return MlflowClient()
+
+
+def test_flow_run_completed_on_prefect_server(flow_result):
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    summary, _ = flow_result
+    assert summary["state"] == "COMPLETED", summary.get("message")
+
+    async def read_state():
+        async with get_client() as client:
+            run = await client.read_flow_run(summary["flow_run_id"])
+            return run.state.type.value, run.name
+
+    state, _ = anyio.run(read_state)
+    assert state == "COMPLETED"
+
+
+def test_shards_match_their_manifest(flow_result):
+    from data_prep.manifest import read_manifest, verify_shards
+
+    summary, work = flow_result
+    shards = work / "shards"
+    manifest = read_manifest(shards)
+    verify_shards(shards, manifest)
+    assert manifest.total_samples == 40 and len(manifest.shards) == 5
+    assert summary["shards"]["manifest_sha256"] == manifest.sha256
+    assert not list(shards.glob(".*tmp*"))
+
+
+def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
+    summary, _ = flow_result
+    run = mlflow_client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.zero_stage"] == "2" and params["train.num_workers"] == "2"
+    assert params["train.max_steps"] == str(STEPS)
+    assert run.data.tags["dataset_manifest_sha256"] == summary["shards"]["manifest_sha256"]
+    assert len(run.data.tags["config_hash"]) == 64
+    for name in ("loss", "lr", "samples_per_sec"):
+        history = mlflow_client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 4, 6], name
+        assert all(m.value > 0 for m in history)
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/final.png" in artifacts
+
+
+def test_checkpoints_are_committed_and_pruned(flow_result, mlflow_client):
+    from training.checkpointing import read_state
+
+    summary, _ = flow_result
+    ckpt = Path(mlflow_client.get_run(summary["run_id"]).data.tags["checkpoint"])
+    state = read_state(ckpt)  # raises unless COMMITTED and every rank's files are there
+    assert state.step == STEPS and state.world_size == 2
+    assert state.samples_seen == STEPS * 8 * 2
+    kept = sorted(p for p in ckpt.parent.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2 and ckpt in kept
+    loaders = [json.loads((ckpt / "loader" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert loaders[0] == loaders[1]  # equal positions: no rank ran ahead
+
+
+def test_registered_version_has_alias_and_tags(flow_result, mlflow_client):
+    summary, _ = flow_result
+    mv = mlflow_client.get_model_version_by_alias("ldm-e2e", "candidate")
+    assert str(mv.version) == summary["model"]["version"]
+    assert mv.run_id == summary["run_id"]
+    assert mv.status == "READY"
+    assert mv.tags["dataset_manifest_sha256"] == summary["shards"]["manifest_sha256"]
+    assert {"git_commit", "config_hash", "metric.loss"} <= set(mv.tags)
+
+
+def test_publishing_again_does_not_create_a_version(flow_result, mlflow_client):
+    from training.registry import register_pipeline
+    from training.tracking import runs_dir
+
+    summary, _ = flow_result
+    before = mlflow_client.search_model_versions("name='ldm-e2e'")
+    pipeline = runs_dir() / "exports" / summary["run_id"] / "pipeline"
+    again = register_pipeline(summary["run_id"], pipeline, "ldm-e2e", {"retried": "yes"})
+    after = mlflow_client.search_model_versions("name='ldm-e2e'")
+    assert again.version == summary["model"]["version"]
+    assert len(after) == len(before) == 1
+    assert mlflow_client.get_model_version("ldm-e2e", again.version).tags["retried"] == "yes"
+
+
+def test_exported_folder_is_a_diffusers_pipeline(flow_result):
+    from training.tracking import runs_dir
+
+    summary, _ = flow_result
+    folder = runs_dir() / "exports" / summary["run_id"] / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_generate_from_registry_in_a_fresh_process(flow_result, tmp_path):
+    from training.tracking import tracking_uri
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    out = tmp_path / "images"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "generate", "--model", "models:/ldm-e2e@candidate",
+         "--prompt", "a red circle on a blue background", "--out", str(out), "--n", "2", "--steps", "3",
+         "--seed", "5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["image-00005.png", "image-00006.png"]
+    for f in files:
+        with Image.open(f) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
