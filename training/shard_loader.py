@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +140,6 @@ class ShardStream:
         plan = self.plan(epoch)
         raw = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer)
         position = 0
-        skipped: Counter[str] = Counter()
         for sample in raw:
             if position >= plan.samples:
                 break
@@ -153,13 +151,12 @@ class ShardStream:
             except DataError:
                 raise
             except Exception as e:  # undecodable member: count it, keep the rank's count equal
-                skipped[type(e).__name__] += 1
+                reason = type(e).__name__
+                self.state.skipped[reason] = self.state.skipped.get(reason, 0) + 1
                 log.warning("skipping sample %s: %s", sample.get("__key__"), e)
                 continue
             position += 1
             yield sample["__key__"], pixels, caption
-        for reason, n in skipped.items():
-            self.state.skipped[reason] = self.state.skipped.get(reason, 0) + n
         if position < plan.samples:
             # Skipped samples left this rank short; top it up from the start of its epoch order so
             # every rank still takes the same number of batches.

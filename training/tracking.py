@@ -63,6 +63,9 @@ def ensure_experiment(name: str) -> str:
 
 
 def git_commit() -> str:
+    """Commit of this checkout; images without .git carry it in LDMFLOW_GIT_COMMIT (see infra/docker)."""
+    if os.environ.get("LDMFLOW_GIT_COMMIT"):
+        return os.environ["LDMFLOW_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
