@@ -1,0 +1,77 @@
+"""Bad input stops a command with one clear line (exit 2) before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs/tiny.yaml")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err.strip()
+
+
+def test_shard_missing_source(capsys, tmp_path):
+    code, err = run(capsys, "shard", "--source", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert code == 2 and "does not exist" in err and str(tmp_path / "nope") in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_existing_manifest_needs_overwrite(capsys, tmp_path):
+    assert main(["synth", "--out", str(tmp_path / "raw"), "--n", "4", "--size", "16"]) == 0
+    args = ["shard", "--source", str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--resolution", "16"]
+    assert main(args) == 0
+    code, err = run(capsys, *args)
+    assert code == 2 and "--overwrite" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["--set", "train.zero_stage=9"], "`train.zero_stage` must be 0-3, got 9"),
+    (["--set", "train.nope=1"], "unknown config key `train.nope`"),
+    (["--set", "train.batch_size"], "must look like key=value"),
+    (["--max-steps", "0"], "`train.max_steps` must be >= 1, got 0"),
+])
+def test_train_bad_config(capsys, tmp_path, argv, message):
+    argv = ["--config", TINY, *argv] if "--config" not in argv else argv
+    code, err = run(capsys, "train", *argv, "--data", str(tmp_path))
+    assert code == 2, err
+    assert message in err
+
+
+def test_train_data_problems(capsys, tmp_path):
+    code, err = run(capsys, "train", "--config", TINY, "--data", str(tmp_path / "nope"))
+    assert code == 2 and "shard folder" in err
+    code, err = run(capsys, "train", "--config", TINY, "--data", str(tmp_path))
+    assert code == 2 and "no manifest.json" in err
+    main(["synth", "--out", str(tmp_path / "raw"), "--n", "4", "--size", "32"])
+    main(["shard", "--source", str(tmp_path / "raw"), "--output", str(tmp_path / "s32"), "--resolution", "32"])
+    code, err = run(capsys, "train", "--config", TINY, "--data", str(tmp_path / "s32"))
+    assert code == 2 and "are 32px but model.resolution is 64" in err
+
+
+def test_unreadable_config(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe\x00garbage: [")
+    code, err = run(capsys, "train", "--config", str(bad), "--data", str(tmp_path))
+    assert code == 2 and "not readable YAML" in err
+
+
+def test_flow_and_generate_inputs(capsys, tmp_path):
+    code, err = run(capsys, "flow", "--config", TINY, "--source", str(tmp_path / "nope"))
+    assert code == 2 and "source folder" in err
+    code, err = run(capsys, "generate", "--model", "models:/x@candidate", "--prompt", "p", "--out", str(tmp_path),
+                    "--n", "0")
+    assert code == 2 and "--n and --steps must be >= 1" in err
+
+
+def test_synth_bad_count(capsys, tmp_path):
+    code, err = run(capsys, "synth", "--out", str(tmp_path), "--n", "0")
+    assert code == 2 and "n must be" in err
