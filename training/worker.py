@@ -50,6 +50,7 @@ def train_loop_per_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_dict(payload["config"])
     train_ctx = ray.train.get_context()
     ctx = WorkerContext(train_ctx.get_world_rank(), train_ctx.get_world_size(), ray.train.torch.get_device())
