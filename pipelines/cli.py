@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataPrepError, DataError) as e:
+    except (UsageError, ConfigError, DataPrepError, DataError, FileNotFoundError) as e:
         print(f"ldmflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -47,6 +47,21 @@ def use_gpu(cfg: RunConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def check_resources(cfg: RunConfig, gpu: bool) -> None:
+    """On a fixed-size local Ray, a request it can never satisfy would wait forever: refuse it.
+    (A cluster named by RAY_ADDRESS may autoscale, so there the request stands.)"""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpu and have < cfg.train.num_workers:
+        raise RuntimeError(
+            f"train.num_workers={cfg.train.num_workers} GPU workers requested but local Ray has {int(have)} GPUs; "
+            "lower train.num_workers or set train.use_gpu=false"
+        )
+
+
 def launch(cfg: RunConfig, data_dir: str, *, storage_dir: Path, name: str, mlflow_run_id: str | None,
            tracking_uri: str | None, frozen: dict) -> LaunchResult:
     """Run training to cfg.train.max_steps and return the final checkpoint."""
@@ -57,6 +72,7 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_dir: Path, name: str, mlflo
 
     ensure_ray(cfg)
     gpu = use_gpu(cfg)
+    check_resources(cfg, gpu)
     payload = {
         "config": cfg.to_dict(),
         "data": str(data_dir),

@@ -52,10 +52,10 @@ def train(cfg: RunConfig, data_dir: str) -> TrainOutcome:
 
     data_dir = str(Path(data_dir).resolve())
     manifest = check_data(cfg, data_dir)
+    vae, text = build_frozen(cfg.model)  # a wrong model path fails here, before any run exists
+    frozen = {"vae": module_sha256(vae), "text_encoder": module_sha256(text.model)}
     uri = setup_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
-    vae, text = build_frozen(cfg.model)
-    frozen = {"vae": module_sha256(vae), "text_encoder": module_sha256(text.model)}
     tags = {
         "git_commit": git_commit(),
         "dataset_manifest_sha256": manifest.sha256,

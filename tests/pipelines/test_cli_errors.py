@@ -57,6 +57,14 @@ def test_train_data_problems(capsys, tmp_path):
     assert code == 2 and "are 32px but model.resolution is 64" in err
 
 
+def test_missing_text_encoder_fails_before_any_run(capsys, tmp_path):
+    main(["synth", "--out", str(tmp_path / "raw"), "--n", "4"])
+    main(["shard", "--source", str(tmp_path / "raw"), "--output", str(tmp_path / "s64")])
+    code, err = run(capsys, "train", "--config", TINY, "--data", str(tmp_path / "s64"),
+                    "--set", f"model.text_encoder.name_or_path={tmp_path / 'no-clip'}")
+    assert code == 2 and "model.text_encoder.name_or_path" in err
+
+
 def test_unreadable_config(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"\xff\xfe\x00garbage: [")
