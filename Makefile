@@ -17,9 +17,10 @@ install: $(VENV)/.installed
 # unpinned torch would fetch GBs of CUDA libraries.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt torch
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	@echo "installing into $(VENV) (a few minutes on a fresh machine)"
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq -c constraints.txt torch
+	$(BIN)/pip install -qq -c constraints.txt -e ".[test]"
 	touch $@
 
 demo: install

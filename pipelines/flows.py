@@ -15,7 +15,9 @@ from training.tracking import runs_dir
 
 def _prefect_home() -> None:
     # Keep Prefect's local server database beside the other run state instead of ~/.prefect.
-    os.environ.setdefault("PREFECT_HOME", str(runs_dir() / "prefect"))
+    # Prefect creates PREFECT_HOME itself but not its parents, which a fresh clone lacks.
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(runs_dir() / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)
 
 
 _prefect_home()
