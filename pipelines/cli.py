@@ -95,11 +95,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_flow(args: argparse.Namespace) -> int:
-    from pipelines.flows import run_pipeline
-
-    cfg = build_run_config(args)  # validate before Prefect starts
+    build_run_config(args)  # validate before Prefect is even imported
     if args.source:
         require_dir(args.source, "source folder")
+    from pipelines.flows import run_pipeline
+
     summary = run_pipeline(
         config_path=args.config,
         overrides=overrides_from_args(args),
