@@ -380,11 +380,23 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     return _build(RunConfig, data)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path as given; else the same path under the project root (so `configs/tiny.yaml`
+    works from any working directory); else a preset name (`tiny` -> configs/tiny.yaml)."""
+    path = Path(path)
+    for candidate in (path, PROJECT_ROOT / path, PROJECT_ROOT / "configs" / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = ", ".join(sorted(p.stem for p in (PROJECT_ROOT / "configs").glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist (presets: {presets}; or give a YAML path)")
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML preset, apply ``key=value`` overrides, validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (presets live in configs/, e.g. configs/tiny.yaml)")
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

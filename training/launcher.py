@@ -36,7 +36,19 @@ def ensure_ray(cfg: RunConfig) -> None:
     # A local Ray gets enough logical CPUs for the requested workers even on a 2-core machine:
     # the workers share the cores, which is what a CPU smoke run wants.
     wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": "training.launcher.quiet_ray_internals"})
+
+
+def quiet_ray_internals() -> None:
+    """Runs in every local Ray worker process at start-up.
+
+    Ray Train v2's PlacementGroupCleaner polls the State API, which is served by the dashboard; a
+    local Ray started without it (no ray[default] extras: fewer processes on a small machine) makes
+    the cleaner warn every second for the whole run. Its only job here, freeing placement groups
+    if the controller dies, still works: ray.shutdown() frees them too.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def use_gpu(cfg: RunConfig) -> bool:

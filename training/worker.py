@@ -105,6 +105,9 @@ def train_loop_per_worker(payload: dict) -> None:
             metrics = window.reduce(ctx, engine, state, loader_state)
             if metrics_log is not None:
                 metrics_log.log(metrics, step=state.step)
+            if ctx.rank == 0:
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", state.step, cfg.train.max_steps,
+                         metrics["loss"], metrics["lr"], metrics["samples_per_sec"])
             window = LossWindow()
         if state.step % cfg.train.checkpoint_every == 0 or last:
             if metrics_log is not None:

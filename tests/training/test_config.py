@@ -76,3 +76,11 @@ def test_missing_and_unreadable_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
         load_config(scalar)
+
+
+def test_presets_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/tiny.yaml").name == "tiny"
+    assert load_config("sd15").name == "sd15"
+    with pytest.raises(ConfigError, match="presets: .*tiny"):
+        load_config("configs/nope.yaml")
