@@ -29,7 +29,7 @@ def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Modul
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(unet.parameters(), decay=cfg.train.ema.decay)
-        ema.load_state_dict(torch.load(checkpoint_dir / EMA_FILE, weights_only=False))
+        ema.load_state_dict(torch.load(checkpoint_dir / EMA_FILE, map_location="cpu", weights_only=False))
         ema.copy_to(unet.parameters())
         return "ema"
     # Consolidates any ZeRO stage (partitioned fp32 master weights) into one state dict.

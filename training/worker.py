@@ -180,7 +180,10 @@ def build_ema(module: torch.nn.Module, train: TrainConfig):
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(module.parameters(), decay=train.ema.decay, use_ema_warmup=False)
+    # fp32 shadows even when the engine trains in bf16: a 0.999 decay moves weights by less than
+    # bf16's resolution, so a bf16 average would barely change.
+    return EMAModel([p.detach().float() for p in module.parameters()], decay=train.ema.decay,
+                    use_ema_warmup=False)
 
 
 def forward_backward(engine, parts: Components, batch, cfg: RunConfig, generator: torch.Generator,
@@ -269,7 +272,7 @@ def restore(directory: Path, engine, ema, generator: torch.Generator, ctx: Worke
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {directory / DEEPSPEED_DIR}/{state.tag}")
     if ema is not None:
-        ema.load_state_dict(torch.load(directory / EMA_FILE, weights_only=False))
+        ema.load_state_dict(torch.load(directory / EMA_FILE, map_location=ctx.device, weights_only=False))
     loader, rng = load_rank_files(directory, ctx.rank)
     restore_rng(rng, generator)
     return state, LoaderState.from_dict(loader)

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import torch
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -79,3 +80,14 @@ def test_training_survives_a_killed_worker(tmp_path):
     # Steps up to the first checkpoint ran once: the restart resumed from it rather than from zero.
     # (Later steps may repeat if the kill landed after a metric flush but before its checkpoint.)
     assert all(steps[s] == 1 for s in range(1, 5)), steps
+
+    # EMA is off here, so export consolidates the ZeRO-2 partitions with DeepSpeed's zero_to_fp32.
+    from training.export import build_pipeline
+    from training.models import build_components
+
+    pipe, _ = build_pipeline(Path(outcome.checkpoint_dir))
+    init = build_components(cfg.model, seed=cfg.train.seed).unet.state_dict()
+    trained = pipe.unet.state_dict()
+    assert trained.keys() == init.keys()
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
