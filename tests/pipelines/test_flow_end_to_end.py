@@ -31,8 +31,13 @@ def flow_result(tmp_path_factory):
     )
     yield summary, work
     import ray
+    from prefect.server.api.server import SubprocessASGIServer
 
     ray.shutdown()
+    # Stop Prefect's local server now, while pytest still captures output; its atexit hook would
+    # log to a stream pytest has already closed.
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
 
 
 @pytest.fixture(scope="module")
