@@ -233,6 +233,10 @@ def make_metric_logger(payload: dict, ctx: WorkerContext):
         return None
     from training.tracking import BufferedMetricLogger
 
+    # A flush that waits out MLflow's default retries (minutes) would stall every rank at the next
+    # collective; fail fast instead and keep the metrics buffered for the next flush.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return BufferedMetricLogger(payload["mlflow_run_id"], payload["tracking_uri"], flush_every=200)
 
 
