@@ -87,8 +87,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.steps < 1:
         raise UsageError("--n and --steps must be >= 1")
-    paths = generate_from_registry(args.model, args.prompt, args.out, n=args.n, seed=args.seed, steps=args.steps,
-                                   guidance=args.guidance)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        paths = generate_from_registry(args.model, args.prompt, args.out, n=args.n, seed=args.seed,
+                                       steps=args.steps, guidance=args.guidance)
+    except MlflowException as e:
+        raise UsageError(f"cannot load {args.model} from MLflow: {e.message}") from None
     for path in paths:
         print(path)
     return 0

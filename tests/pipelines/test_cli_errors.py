@@ -83,3 +83,10 @@ def test_flow_and_generate_inputs(capsys, tmp_path):
 def test_synth_bad_count(capsys, tmp_path):
     code, err = run(capsys, "synth", "--out", str(tmp_path), "--n", "0")
     assert code == 2 and "n must be" in err
+
+
+def test_generate_unknown_model(capsys, tmp_path):
+    code, err = run(capsys, "generate", "--model", "models:/no-such-model@candidate", "--prompt", "p",
+                    "--out", str(tmp_path / "out"))
+    assert code == 2 and "cannot load models:/no-such-model@candidate" in err
+    assert not (tmp_path / "out").exists()
