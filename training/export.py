@@ -38,7 +38,9 @@ def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Modul
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=state.tag)
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint UNet does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"checkpoint UNet does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return "deepspeed"
 
 

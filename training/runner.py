@@ -79,9 +79,9 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
     import mlflow
 
     from training.export import build_pipeline, save_pipeline
+    from training.pyfunc_model import generate_images
     from training.registry import register_pipeline
     from training.sampling import image_grid
-    from training.pyfunc_model import generate_images
 
     setup_mlflow()
     pipe, _ = build_pipeline(Path(outcome.checkpoint_dir))

@@ -263,7 +263,8 @@ def test_dockerfile_installs_project_with_constraints_and_torch_index_arg():
     args = [a for k, a in runtime["instructions"] if k == "ARG"]
     assert any(a.startswith("TORCH_INDEX_URL") for a in args)
     runs = "\n".join(a for k, a in runtime["instructions"] if k == "RUN")
-    assert re.search(r"pip install -c constraints\.txt .*-e \"?\.", runs), "project must install editable with -c constraints.txt"
+    assert re.search(r"pip install -c constraints\.txt .*-e \"?\.", runs), \
+        "project must install editable with -c constraints.txt"
     assert "TORCH_INDEX_URL" in runs
     services = next(s for s in stages if s["name"] == "services")
     stage_args = dict(

@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-import torch
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
