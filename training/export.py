@@ -82,7 +82,3 @@ def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> Path:
     os.replace(tmp, out_dir)
     return out_dir
 
-
-def export_pipeline(checkpoint_dir: Path, out_dir: Path, *, use_ema: bool = True) -> Path:
-    pipe, _ = build_pipeline(Path(checkpoint_dir), use_ema=use_ema)
-    return save_pipeline(pipe, out_dir)

@@ -21,7 +21,6 @@ class LaunchResult:
     checkpoint_dir: Path
     """The final committed checkpoint (a local path for a local storage path)."""
     metrics: dict
-    storage_dir: Path
 
 
 def ensure_ray(cfg: RunConfig) -> None:
@@ -114,5 +113,4 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_dir: Path, name: str, mlflo
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return LaunchResult(checkpoint_dir=Path(result.checkpoint.path), metrics=dict(result.metrics or {}),
-                        storage_dir=storage_dir / name)
+    return LaunchResult(checkpoint_dir=Path(result.checkpoint.path), metrics=dict(result.metrics or {}))

@@ -7,6 +7,7 @@ seed, so every Ray worker and the exporting driver hold bit-identical frozen wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -112,7 +113,5 @@ def build_components(cfg: ModelConfig, *, seed: int) -> Components:
 
 def _subfolder(path: str, name: str) -> str | None:
     """Accept both a component folder and a whole pipeline folder holding it as a subfolder."""
-    from pathlib import Path
-
     p = Path(path)
     return name if (p / name / "config.json").is_file() else None

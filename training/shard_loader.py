@@ -9,6 +9,7 @@ collectives hang when one rank runs out of data before the others.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import random
 from collections.abc import Iterator
@@ -37,16 +38,19 @@ class LoaderState:
 
     epoch: int = 0
     consumed: int = 0
-    """Samples this rank has taken in the current epoch."""
+    """Samples this rank has read from its stream in the current epoch, skipped ones included."""
+    taken: int = 0
+    """Samples this rank has put into batches in the current epoch."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples dropped by reason (cumulative)."""
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "consumed": self.consumed, "taken": self.taken, "skipped": dict(self.skipped)}
 
     @classmethod
     def from_dict(cls, d: dict) -> LoaderState:
-        return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]), skipped=dict(d.get("skipped", {})))
+        return cls(epoch=int(d["epoch"]), consumed=int(d["consumed"]), taken=int(d["taken"]),
+                   skipped=dict(d.get("skipped", {})))
 
 
 @dataclass
@@ -135,58 +139,58 @@ class ShardStream:
         return plan_epoch(self.manifest, self.data_dir, rank=self.rank, world_size=self.world_size,
                           epoch=epoch, seed=self.seed, batch_size=self.batch_size)
 
-    def _epoch_items(self, epoch: int, start: int) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """Decoded samples of one epoch from position `start`, exactly plan.samples - start of them."""
-        plan = self.plan(epoch)
-        raw = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer)
-        position = 0
-        for sample in raw:
-            if position >= plan.samples:
-                break
-            if position < start:  # resume: replay the order without decoding
-                position += 1
-                continue
-            try:
-                pixels, caption = decode_sample(sample, self.resolution)
-            except DataError:
-                raise
-            except Exception as e:  # undecodable member: count it, keep the rank's count equal
+    def _decode(self, sample: dict, *, count_skip: bool) -> tuple[torch.Tensor, str] | None:
+        try:
+            return decode_sample(sample, self.resolution)
+        except DataError:
+            raise
+        except Exception as e:  # undecodable member: count it; the caller keeps rank counts equal
+            if count_skip:
                 reason = type(e).__name__
                 self.state.skipped[reason] = self.state.skipped.get(reason, 0) + 1
                 log.warning("skipping sample %s: %s", sample.get("__key__"), e)
+            return None
+
+    def _epoch_items(self, epoch: int) -> Iterator[tuple[int, str, torch.Tensor, str]]:
+        """(raw position after the item, key, pixels, caption) for the rest of one epoch.
+
+        The raw position counts every sample read, decodable or not, so a resume skips exactly
+        what was read before, without decoding it. Items run until `plan.samples` were taken.
+        """
+        plan = self.plan(epoch)
+        raw = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=self.shuffle_buffer)
+        # Skipped samples would leave this rank short, so the epoch order is followed by a top-up
+        # pass over the same samples, unshuffled: every rank still takes the same number of batches.
+        topup = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=0)
+        taken, start = self.state.taken, self.state.consumed
+        for position, (in_topup, sample) in enumerate(
+            itertools.chain(((False, s) for s in raw), ((True, s) for s in topup)), start=1
+        ):
+            if taken >= plan.samples:
+                return
+            if position <= start:  # resume: replay the order without decoding
                 continue
-            position += 1
-            yield sample["__key__"], pixels, caption
-        if position < plan.samples:
-            # Skipped samples left this rank short; top it up from the start of its epoch order so
-            # every rank still takes the same number of batches.
-            extra = _raw_samples(plan, seed=self.seed, epoch=epoch, rank=self.rank, shuffle_buffer=0)
-            for sample in extra:
-                if position >= plan.samples:
-                    break
-                try:
-                    pixels, caption = decode_sample(sample, self.resolution)
-                except DataError:
-                    raise
-                except Exception:
-                    continue
-                position += 1
-                yield sample["__key__"], pixels, caption
-            if position < plan.samples:
-                raise DataError(f"rank {self.rank} found only {position} decodable samples in epoch {epoch}")
+            decoded = self._decode(sample, count_skip=not in_topup)
+            if decoded is None:
+                continue
+            taken += 1
+            yield position, sample["__key__"], decoded[0], decoded[1]
+        if taken < plan.samples:
+            raise DataError(f"rank {self.rank} found only {taken} decodable samples in epoch {epoch}")
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            epoch, start = self.state.epoch, self.state.consumed
-            buf: list[tuple[str, torch.Tensor, str]] = []
-            for item in self._epoch_items(epoch, start):
+            epoch = self.state.epoch
+            buf: list[tuple[int, str, torch.Tensor, str]] = []
+            for item in self._epoch_items(epoch):
                 buf.append(item)
                 if len(buf) == self.batch_size:
-                    self.state.consumed += len(buf)
+                    self.state.consumed = buf[-1][0]
+                    self.state.taken += len(buf)
                     yield Batch(
-                        pixels=torch.stack([p for _, p, _ in buf]),
-                        captions=[c for _, _, c in buf],
-                        keys=[k for k, _, _ in buf],
+                        pixels=torch.stack([p for _, _, p, _ in buf]),
+                        captions=[c for _, _, _, c in buf],
+                        keys=[k for _, k, _, _ in buf],
                     )
                     buf = []
-            self.state.epoch, self.state.consumed = epoch + 1, 0
+            self.state.epoch, self.state.consumed, self.state.taken = epoch + 1, 0, 0

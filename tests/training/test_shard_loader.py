@@ -114,3 +114,13 @@ def test_undecodable_sample_is_counted_and_counts_stay_equal(shards, tmp_path):
     assert len(keys) == 40
     assert s.state.skipped == {"UnidentifiedImageError": 1}
     assert max(Counter(keys).values()) == 2  # the gap was filled from the epoch's start
+
+    # A resume after the skipped sample replays the read positions, not the decoded count.
+    s = stream(copy, 0, 1, batch=4, buffer=0)
+    it = iter(s)
+    while not s.state.skipped:
+        next(it)
+    saved = LoaderState.from_dict(s.state.to_dict())
+    assert saved.consumed == saved.taken + 1
+    expected = [next(it).keys for _ in range(9)]  # runs through the top-up into the next epoch
+    assert [b.keys for b in take(stream(copy, 0, 1, batch=4, buffer=0, state=saved), 9)] == expected
