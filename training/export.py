@@ -16,8 +16,7 @@ from diffusers import StableDiffusionPipeline
 
 from training.checkpointing import DEEPSPEED_DIR, EMA_FILE, read_state
 from training.config import RunConfig, config_from_dict
-from training.models import build_components, sampling_scheduler
-from training.text_encoder import module_sha256
+from training.models import build_components, frozen_hashes, sampling_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[Stabl
     state = read_state(checkpoint_dir)
     cfg = config_from_dict(state.config)
     parts = build_components(cfg.model, seed=cfg.train.seed)
-    frozen = {"vae": module_sha256(parts.vae), "text_encoder": module_sha256(parts.text.model)}
+    frozen = frozen_hashes(parts.vae, parts.text)
     if state.frozen and frozen != state.frozen:
         raise RuntimeError(
             f"the VAE/text encoder loaded now differ from those the checkpoint {checkpoint_dir} was trained with"

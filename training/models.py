@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from training.config import ModelConfig, NoiseSchedulerConfig, UNetConfig, VAEConfig
-from training.text_encoder import TextEncoder, load_text_encoder
+from training.text_encoder import TextEncoder, load_text_encoder, module_sha256
 
 
 def build_unet(cfg: UNetConfig, *, sample_size: int, in_channels: int, cross_attention_dim: int,
@@ -92,6 +92,11 @@ def build_frozen(cfg: ModelConfig) -> tuple[AutoencoderKL, TextEncoder]:
     text = load_text_encoder(cfg.text_encoder.name_or_path, cfg.text_encoder.max_length)
     vae = build_vae(cfg.vae, resolution=cfg.resolution)
     return vae, text
+
+
+def frozen_hashes(vae: AutoencoderKL, text: TextEncoder) -> dict[str, str]:
+    """sha256 of the frozen weights, compared by driver, workers and export to prove they agree."""
+    return {"vae": module_sha256(vae), "text_encoder": module_sha256(text.model)}
 
 
 def build_components(cfg: ModelConfig, *, seed: int) -> Components:

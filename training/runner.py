@@ -47,13 +47,12 @@ def train(cfg: RunConfig, data_dir: str) -> TrainOutcome:
     import mlflow
 
     from training.launcher import launch
-    from training.models import build_frozen
-    from training.text_encoder import module_sha256
+    from training.models import build_frozen, frozen_hashes
 
     data_dir = str(Path(data_dir).resolve())
     manifest = check_data(cfg, data_dir)
     vae, text = build_frozen(cfg.model)  # a wrong model path fails here, before any run exists
-    frozen = {"vae": module_sha256(vae), "text_encoder": module_sha256(text.model)}
+    frozen = frozen_hashes(vae, text)
     uri = setup_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {

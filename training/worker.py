@@ -30,10 +30,9 @@ from training.checkpointing import (
     save_rank_files,
 )
 from training.config import RunConfig, TrainConfig, config_from_dict
-from training.models import Components, build_components
+from training.models import Components, build_components, frozen_hashes
 from training.objective import diffusion_loss, drop_captions, encode_latents
 from training.shard_loader import LoaderState, ShardStream
-from training.text_encoder import module_sha256
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
 def check_frozen(parts: Components, expected: dict) -> dict:
     """Every worker must hold the exact VAE and text encoder the driver will export."""
-    got = {"vae": module_sha256(parts.vae), "text_encoder": module_sha256(parts.text.model)}
+    got = frozen_hashes(parts.vae, parts.text)
     for name, digest in expected.items():
         if got.get(name) != digest:
             raise RuntimeError(
