@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
 
 
 def pytest_configure(config):
@@ -18,3 +25,46 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+# ---------------------------------------------------------------------------------------------- S3
+# One SeaweedFS server per test session, started only when a test asks for it (about 1 s).
+
+_AWS_ISOLATION_UNSET = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
+                        "AWS_SECURITY_TOKEN", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_REGION")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session; see tests/s3_server.py."""
+    from tests.s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """Point the standard AWS environment at `s3_server` for one test (and only at it: no profile, no
+    ~/.aws files, no instance metadata), with data_prep.storage's cached clients forgotten before and after."""
+    from data_prep import storage
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    for key in _AWS_ISOLATION_UNSET:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    storage.reset_clients()
+    yield s3_server
+    storage.reset_clients()
+
+
+@pytest.fixture
+def s3_bucket(s3_env: S3Server) -> str:
+    """A fresh, empty bucket on the test S3 server (env already pointing at it)."""
+    return s3_env.make_bucket()
