@@ -1,0 +1,337 @@
+"""Concurrent image download for URL sources: timeouts, exact retries, a size cap, results in input order.
+
+A shard worker hands `fetch_many` the URLs of its items in order and gets back, in the same order, each
+URL with its bytes or a FetchFailure. Per-URL problems never raise: they become failures whose `reason`
+the shard stage counts as a skip. Only bad options (DataPrepError) and bugs raise.
+"""
+
+from __future__ import annotations
+
+import http.client
+import math
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.cookies import extract_cookies_to_jar
+
+from data_prep.errors import DataPrepError
+
+FAILURE_REASONS = ("fetch_failed", "http_error", "not_image_content", "too_large")
+"""Every value FetchFailure.reason takes."""
+
+MAX_REDIRECTS = 10
+"""Redirect hops followed per attempt; image hosts need one to three, a loop is cut off here."""
+
+_CHUNK_BYTES = 64 * 1024
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_NON_IMAGE_OK_TYPES = ("application/octet-stream", "binary/octet-stream")
+_FINAL_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+    ValueError,
+)
+# Backoff jitter exists to de-synchronise workers, so it must differ between forked worker processes;
+# a seeded or module-level random.Random would be copied by fork and every worker would sleep in step.
+_jitter = random.SystemRandom()
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How URLs are downloaded; one instance is shared by all threads of a worker."""
+
+    timeout: float = 10.0
+    """Seconds to wait for a connection, and for each read of the response, per attempt. It bounds every
+    wait for data, not the whole transfer: a server trickling bytes is stopped by `max_bytes` only."""
+    retries: int = 2
+    """Extra attempts after the first, only for retryable failures: connection errors, timeouts, HTTP 429
+    and 5xx. Other 4xx statuses, wrong content types and oversized bodies are final at once."""
+    backoff: float = 0.5
+    """Base seconds between attempts: retry n waits about backoff * 2**(n-1), jittered to 50-100%."""
+    max_bytes: int = 64 * 2**20
+    """Size cap of one body in bytes: refused up front by Content-Length, else reading stops once over."""
+    threads: int = 16
+    """Concurrent downloads per worker process in `fetch_many`; up to 2x this many results are buffered."""
+    user_agent: str = "ldmflow/0.1 (+image-text dataset builder)"
+    """User-Agent header sent with every request; hosts block anonymous or default library agents."""
+
+    def __post_init__(self) -> None:
+        _check_number("timeout", self.timeout, allow_zero=False)
+        _check_int("retries", self.retries, 0)
+        _check_number("backoff", self.backoff, allow_zero=True)
+        _check_int("max_bytes", self.max_bytes, 1)
+        _check_int("threads", self.threads, 1)
+        ua = self.user_agent
+        if not isinstance(ua, str) or not ua.strip() or "\r" in ua or "\n" in ua:
+            raise DataPrepError(
+                f"fetch option `user_agent` must be a non-empty single-line string, got {self.user_agent!r}"
+            )
+
+
+def _check_number(name: str, value: object, *, allow_zero: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        allowed = "a number >= 0" if allow_zero else "a number > 0"
+        raise DataPrepError(f"fetch option `{name}` must be {allowed} (seconds), got {value!r}")
+
+
+def _check_int(name: str, value: object, lo: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
+        raise DataPrepError(f"fetch option `{name}` must be an integer >= {lo}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FetchFailure:
+    """Why a URL gave no bytes; the shard stage counts these as skips by `reason`."""
+
+    reason: str
+    """One of FAILURE_REASONS: "fetch_failed" (bad or unsupported URL, DNS, refused or reset connection,
+    timeout, too many redirects; after retries where retryable), "http_error" (final non-2xx status),
+    "not_image_content" (a Content-Type other than image/*, application/octet-stream or none),
+    "too_large" (over FetchOptions.max_bytes)."""
+    detail: str
+    """Human-readable detail for the log, e.g. "HTTP 404 Not Found"."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# One URL
+# ---------------------------------------------------------------------------------------------------
+
+
+def fetch(url: str, options: FetchOptions, session: requests.Session | None = None) -> bytes | FetchFailure:
+    """The body of `url` (http, https or file), or a FetchFailure; never raises for a problem with the URL.
+
+    http(s): up to 1 + options.retries attempts, each following up to MAX_REDIRECTS redirects (to http(s)
+    only). file: the local file (file:///path or file://localhost/path), read once.
+    `session` must not be used by another thread at the same time; without one, a session kept per
+    calling thread is used, so repeated calls from one thread reuse connections.
+    """
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as e:  # e.g. an unbalanced "[" in the host
+        return FetchFailure("fetch_failed", f"malformed URL {url!r}: {e}")
+    if scheme == "file":
+        return _read_file(url, options.max_bytes)
+    if scheme not in ("http", "https"):
+        return FetchFailure("fetch_failed", f"unsupported URL scheme {scheme!r} in {url!r}; use http, https or file")
+    if session is None:
+        session = _DEFAULT_SESSIONS.get()
+
+    attempts = options.retries + 1
+    for attempt in range(1, attempts + 1):
+        result, retryable = _attempt_http(url, options, session)
+        if not retryable:
+            return result
+        if attempt < attempts:
+            time.sleep(_backoff_seconds(options.backoff, attempt))
+    assert isinstance(result, FetchFailure)
+    return FetchFailure(result.reason, f"{result.detail} (gave up after {attempts} attempts)")
+
+
+def _backoff_seconds(base: float, retry: int) -> float:
+    # "Equal jitter": never less than half the exponential delay, so retries cannot bunch up at ~0 s.
+    delay = base * 2 ** (retry - 1)
+    return delay * (0.5 + 0.5 * _jitter.random())
+
+
+def _attempt_http(url: str, options: FetchOptions, session: requests.Session) -> tuple[bytes | FetchFailure, bool]:
+    """One attempt, following redirects: (result, whether the failure is worth retrying)."""
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            with _send_once(session, url, options) as resp:
+                if resp.status_code in _REDIRECT_STATUSES and "location" in resp.headers:
+                    url = urljoin(resp.url, session.get_redirect_target(resp))
+                    if urlsplit(url).scheme.lower() not in ("http", "https"):
+                        return FetchFailure("fetch_failed", f"redirected to unsupported URL {url!r}"), False
+                    continue
+                return _read_response(resp, options.max_bytes)
+        return FetchFailure("fetch_failed", f"more than {MAX_REDIRECTS} redirects, last to {url!r}"), False
+    except requests.exceptions.SSLError as e:  # a bad certificate stays bad on the next attempt
+        return FetchFailure("fetch_failed", _describe(e)), False
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        # ConnectionError covers DNS failures, refused and reset connections and connect timeouts;
+        # Timeout covers read timeouts; ChunkedEncodingError is a connection broken mid-body.
+        return FetchFailure("fetch_failed", _describe(e)), True
+    except _FINAL_ERRORS as e:
+        # Invalid URLs and headers, undecodable gzip, protocol oddities urllib3 lets through: final.
+        return FetchFailure("fetch_failed", _describe(e)), False
+
+
+def _send_once(session: requests.Session, url: str, options: FetchOptions) -> requests.Response:
+    """GET `url` with the body left unread, redirects not followed and nothing read behind our back.
+
+    Redirects are followed by the caller, not by requests, and this goes to the session's adapter rather
+    than through Session.send: Session.send reads the whole body of a redirect response into memory
+    (`resp.content` in Session.resolve_redirects), even with allow_redirects=False, where it does so to
+    fill Response.next. A redirect with a huge body would bypass max_bytes. Closing an unread response
+    drops its connection instead.
+    """
+    request = session.prepare_request(requests.Request("GET", url, headers={"User-Agent": options.user_agent}))
+    # Proxies from the environment, CA bundle and client certificate, as Session.send would use.
+    settings = session.merge_environment_settings(request.url, {}, True, None, None)
+    resp = session.get_adapter(request.url).send(
+        request,
+        stream=True,
+        timeout=(options.timeout, options.timeout),
+        verify=settings["verify"],
+        cert=settings["cert"],
+        proxies=settings["proxies"],
+    )
+    extract_cookies_to_jar(session.cookies, request, resp.raw)
+    return resp
+
+
+def _read_response(resp: requests.Response, max_bytes: int) -> tuple[bytes | FetchFailure, bool]:
+    status = resp.status_code
+    if not 200 <= status < 300:
+        retryable = status == 429 or status >= 500
+        return FetchFailure("http_error", f"HTTP {status} {resp.reason or ''}".rstrip()), retryable
+    content_type = resp.headers.get("content-type")
+    if not _is_image_content_type(content_type):
+        return FetchFailure("not_image_content", f"Content-Type {content_type!r} is not an image"), False
+    declared = _content_length(resp)
+    if declared is not None and declared > max_bytes:
+        # Refused before reading: leaving the `with` closes the unread response, dropping the connection.
+        return FetchFailure("too_large", f"Content-Length {declared} bytes is over the cap of {max_bytes}"), False
+    chunks: list[bytes] = []
+    size = 0
+    # iter_content yields decoded bytes, so a gzip bomb is capped by its decompressed size.
+    for chunk in resp.iter_content(chunk_size=_CHUNK_BYTES):
+        size += len(chunk)
+        if size > max_bytes:
+            return FetchFailure("too_large", f"body is over the cap of {max_bytes} bytes (stopped reading)"), False
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+def _is_image_content_type(value: str | None) -> bool:
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    # Missing is fine (many static hosts send none). binary/octet-stream is what S3 serves for objects
+    # uploaded without a type, which is common for image buckets.
+    return not media_type or media_type.startswith("image/") or media_type in _NON_IMAGE_OK_TYPES
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    try:
+        value = int(resp.headers.get("content-length", ""))
+    except ValueError:  # absent or garbage: the streaming cap still applies
+        return None
+    return value if value >= 0 else None
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _read_file(url: str, max_bytes: int) -> bytes | FetchFailure:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        return FetchFailure(
+            "fetch_failed", f"file URL {url!r} names host {parts.netloc!r}; only local files (file:///path) work"
+        )
+    path = url2pathname(parts.path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                return FetchFailure("too_large", f"file is {size} bytes, over the cap of {max_bytes}")
+            # Read one byte past the cap: files that report size 0 (/proc, devices) or grow are capped too.
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        return FetchFailure("fetch_failed", f"cannot read {path}: {e.strerror or e}")
+    if len(data) > max_bytes:
+        return FetchFailure("too_large", f"file is over the cap of {max_bytes} bytes")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sessions: one per thread
+# ---------------------------------------------------------------------------------------------------
+
+
+class _ThreadSessions:
+    """A requests.Session per thread (sessions are not safe to share across threads), closable together."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[requests.Session] = []
+
+    def get(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # max_retries=0: retries are counted in `fetch` alone, so their number is exact. More pools
+            # than the default 10 because one thread's URLs span many hosts; one connection per host
+            # suffices as a thread makes one request at a time.
+            adapter = HTTPAdapter(pool_connections=32, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+            with self._lock:
+                self._all.append(session)
+        return session
+
+    def close_all(self) -> None:
+        with self._lock:
+            sessions, self._all = self._all, []
+        for session in sessions:
+            session.close()
+
+
+_DEFAULT_SESSIONS = _ThreadSessions()
+"""Sessions of `fetch` calls made without one; they live as long as their threads."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Many URLs
+# ---------------------------------------------------------------------------------------------------
+
+
+def fetch_many(urls: Iterable[str], options: FetchOptions) -> Iterator[tuple[str, bytes | FetchFailure]]:
+    """(url, bytes or FetchFailure) for every URL, in input order, downloading `options.threads` at a time.
+
+    A sliding window: at most 2 * threads URLs are submitted and not yet yielded, so a slow consumer
+    holds at most that many bodies in memory (up to 2 * threads * max_bytes) and `urls` may be a lazy
+    iterator of any length. One slow URL holds back the results behind it but not the downloads, until
+    the window is full. Closing the iterator early cancels queued URLs and waits for those in flight.
+    """
+    if not isinstance(options, FetchOptions):
+        raise DataPrepError(f"fetch_many needs FetchOptions, got {type(options).__name__}; build FetchOptions(...)")
+    return _fetch_window(iter(urls), options)
+
+
+def _fetch_window(urls: Iterator[str], options: FetchOptions) -> Iterator[tuple[str, bytes | FetchFailure]]:
+    sessions = _ThreadSessions()
+    window = 2 * options.threads
+    pending: deque[tuple[str, Future[bytes | FetchFailure]]] = deque()
+    pool = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="ldmflow-fetch")
+
+    def work(url: str) -> bytes | FetchFailure:
+        return fetch(url, options, session=sessions.get())
+
+    try:
+        for url in urls:
+            pending.append((url, pool.submit(work, url)))
+            if len(pending) >= window:
+                done_url, future = pending.popleft()
+                yield done_url, future.result()
+        while pending:
+            done_url, future = pending.popleft()
+            yield done_url, future.result()
+    finally:
+        # Also reached when the consumer stops early (GeneratorExit) or a bug raises in a worker.
+        pool.shutdown(wait=True, cancel_futures=True)
+        sessions.close_all()
