@@ -1,24 +1,23 @@
-"""The manifest: the completeness marker and table of contents of a shard directory.
+"""The manifest: the completeness marker and table of contents of one part of a dataset.
 
-`manifest.json` is written last and atomically, after every shard it lists is durable on disk. A
-shard not listed in a manifest does not exist for readers, so a crashed run never feeds a trainer
-half a dataset.
+`manifest.json` is written last and atomically, after every shard it lists is durable in storage
+(local or S3). A shard not listed in a manifest does not exist for readers, so a crashed run never
+feeds a trainer half a dataset. A dataset is one or more parts listed by `index.json` (dataset.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from data_prep import storage
 from data_prep.errors import DataPrepError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped whenever a reader of the old schema would misread the new one."""
 
 MANIFEST_NAME = "manifest.json"
@@ -70,7 +69,17 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     """The configuration that produced the shards (JSON-serialisable)."""
     created_at: str = ""
-    """When the manifest was written, ISO 8601 in UTC."""
+    """When the manifest was written, ISO 8601 in UTC. Not part of any identity."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Run statistics: items seen, written, skipped, already present, bytes read, duration, samples/s."""
+    content_sum: str = "0" * 64
+    """Order-free sum of the samples' identities (see dataset.sample_identity), 64 hex digits: parts
+    add up, so a dataset's content id does not depend on how its samples were split into parts."""
+    samples_file: str = ""
+    """Name of the part's sample list (key, content sha256, source id, shard per line), for
+    de-duplication and incremental runs; empty if none."""
+    samples_sha256: str = ""
+    """sha256 of `samples_file`."""
 
     def __post_init__(self) -> None:
         _check_schema_version(self.schema_version)
@@ -93,6 +102,10 @@ class Manifest:
             "skipped": dict(self.skipped),
             "config": self.config,
             "created_at": self.created_at,
+            "stats": self.stats,
+            "content_sum": self.content_sum,
+            "samples_file": self.samples_file,
+            "samples_sha256": self.samples_sha256,
         }
 
     @classmethod
@@ -121,6 +134,10 @@ class Manifest:
             skipped={str(k): int(v) for k, v in d.get("skipped", {}).items()},
             config=dict(d.get("config", {})),
             created_at=str(d.get("created_at", "")),
+            stats=dict(d.get("stats", {})),
+            content_sum=str(d.get("content_sum", "0" * 64)),
+            samples_file=str(d.get("samples_file", "")),
+            samples_sha256=str(d.get("samples_sha256", "")),
         )
 
     def to_json_bytes(self) -> bytes:
@@ -129,7 +146,7 @@ class Manifest:
 
     @property
     def sha256(self) -> str:
-        """sha256 of the canonical manifest bytes; training tags runs with it to name the dataset."""
+        """sha256 of the canonical manifest bytes: names this exact file (not the dataset's content)."""
         return hashlib.sha256(self.to_json_bytes()).hexdigest()
 
 
@@ -141,50 +158,25 @@ def _check_schema_version(version: Any) -> None:
     raise DataPrepError(f"manifest schema_version must be {SCHEMA_VERSION}, got {version!r}; {fix}")
 
 
-def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
-    """Publish `manifest` as DIR/manifest.json atomically; call only after every shard is on disk."""
-    directory = Path(directory)
-    final = directory / MANIFEST_NAME
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    data = manifest.to_json_bytes()
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
-    return final
+def write_manifest(directory: str, manifest: Manifest) -> str:
+    """Publish `manifest` as DIR/manifest.json atomically; call only after every shard is durable."""
+    uri = storage.join(str(directory), MANIFEST_NAME)
+    storage.storage_for(uri).put_bytes(uri, manifest.to_json_bytes())
+    return uri
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames of the shards and the manifest durable, not just their contents.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
-    """Load and validate DIR/manifest.json; DataPrepError if it is missing or malformed."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
+def read_manifest(directory: str) -> Manifest:
+    """Load and validate DIR/manifest.json (local or s3://); DataPrepError if missing or malformed."""
+    uri = storage.join(str(directory), MANIFEST_NAME)
+    store = storage.storage_for(uri)
+    if not store.exists(uri):
         raise DataPrepError(
             f"no {MANIFEST_NAME} in {directory}: shards without a manifest are incomplete; run `ldmflow shard` first"
         )
     try:
-        d = json.loads(path.read_bytes().decode("utf-8"))
+        d = json.loads(store.read_bytes(uri).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataPrepError(f"{path} is not valid JSON ({e}); re-run `ldmflow shard` with --overwrite") from e
+        raise DataPrepError(f"{uri} is not valid JSON ({e}); re-run `ldmflow shard` with --overwrite") from e
     return Manifest.from_dict(d)
 
 
@@ -195,37 +187,53 @@ def sample_key(member_name: str) -> str:
     return f"{head}/{stem}" if head else stem
 
 
-def verify_shards(directory: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Check every listed shard exists with the recorded size, sha256 and sample count.
+def check_shard(uri: str, shard: ShardInfo) -> list[str]:
+    """Problems of one shard against its manifest entry: missing, size, sha256, sample count.
 
-    Reads every byte of every shard: meant for tests, demos and audits, not for each training start.
+    Reads every byte once (hash and tar listing in the same pass), locally or streamed from S3.
     """
-    directory = Path(directory)
+    store = storage.storage_for(uri)
+    if not store.exists(uri):
+        return [f"{shard.name}: missing"]
+    digest = hashlib.sha256()
+    size = 0
+
+    class _Tee:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, n: int = -1) -> bytes:
+            nonlocal size
+            data = self._f.read(n)
+            digest.update(data)
+            size += len(data)
+            return data
+
     problems: list[str] = []
-    for shard in manifest.shards:
-        path = directory / shard.name
-        if not path.is_file():
-            problems.append(f"{shard.name}: missing")
-            continue
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        size = path.stat().st_size
-        if size != shard.bytes:
-            problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
-        if digest.hexdigest() != shard.sha256:
-            problems.append(f"{shard.name}: sha256 {digest.hexdigest()}, manifest says {shard.sha256}")
+    keys: set[str] = set()
+    with store.open_read(uri) as f:
+        tee = _Tee(f)
         try:
-            with tarfile.open(path, "r:") as tar:
-                keys = {sample_key(m.name) for m in tar.getmembers() if m.isfile()}
+            with tarfile.open(fileobj=tee, mode="r|") as tar:  # type: ignore[call-overload]
+                keys = {sample_key(m.name) for m in tar if m.isfile()}
         except tarfile.TarError as e:
             problems.append(f"{shard.name}: not a readable tar ({e})")
-            continue
-        if len(keys) != shard.samples:
-            problems.append(f"{shard.name}: {len(keys)} samples, manifest says {shard.samples}")
+        while tee.read(1 << 20):  # the end-of-archive padding tarfile does not read
+            pass
+    if size != shard.bytes:
+        problems.append(f"{shard.name}: {size} bytes, manifest says {shard.bytes}")
+    if digest.hexdigest() != shard.sha256:
+        problems.append(f"{shard.name}: sha256 {digest.hexdigest()}, manifest says {shard.sha256}")
+    if not problems and len(keys) != shard.samples:
+        problems.append(f"{shard.name}: {len(keys)} samples, manifest says {shard.samples}")
+    return problems
+
+
+def verify_shards(directory: str, manifest: Manifest) -> None:
+    """Raise DataPrepError naming every listed shard that is missing or differs from the manifest."""
+    problems = [p for shard in manifest.shards for p in check_shard(storage.join(str(directory), shard.name), shard)]
     if problems:
         raise DataPrepError(
             f"shards in {directory} do not match {MANIFEST_NAME}: " + "; ".join(problems)
-            + "; re-run `ldmflow shard --overwrite`"
+            + "; run `ldmflow shard verify` for a report, and re-run `ldmflow shard --overwrite`"
         )

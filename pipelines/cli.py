@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_prep.errors import DataPrepError
 from training.config import ConfigError, RunConfig, load_config
-from training.shard_loader import DataError
+from training.errors import DataError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -38,12 +38,6 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides_from_args(args))
 
 
-def require_dir(path: str, what: str) -> str:
-    if not Path(path).is_dir():
-        raise UsageError(f"{what} {path} does not exist or is not a folder")
-    return path
-
-
 # --- commands ---------------------------------------------------------------------------
 
 
@@ -55,16 +49,49 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_shard(args: argparse.Namespace) -> int:
-    from data_prep.shard import ShardConfig, build_shards
+def shard_config_from_args(args: argparse.Namespace):
+    from data_prep.shard import ShardConfig
 
-    config = ShardConfig(source=args.source, output=args.output, resolution=args.resolution,
-                         samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-                         overwrite=args.overwrite)
-    manifest = build_shards(config)
-    skipped = ", ".join(f"{k}={v}" for k, v in sorted(manifest.skipped.items())) or "none"
-    print(f"wrote {manifest.total_samples} samples in {len(manifest.shards)} shards to {args.output} "
-          f"(skipped: {skipped})")
+    if not args.source or not args.output:
+        raise UsageError("shard needs --source and --output (or: ldmflow shard verify PATH)")
+    return ShardConfig(
+        source=args.source, output=args.output, resolution=args.resolution, resize_mode=args.resize_mode,
+        image_format=args.image_format, quality=args.quality, min_size=args.min_size, max_pixels=args.max_pixels,
+        max_image_bytes=args.max_image_bytes, samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes or None, keep_empty_captions=args.keep_empty_captions,
+        dedup=not args.no_dedup, source_format=args.source_format, url_column=args.url_column,
+        caption_column=args.caption_column, caption_field=args.caption_field, processes=args.processes,
+        executor="ray" if args.ray_address else "processes", ray_address=args.ray_address,
+        fetch_timeout=args.fetch_timeout, fetch_retries=args.fetch_retries, read_threads=args.read_threads,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    if args.shard_command == "verify":
+        return cmd_shard_verify(args)
+    from data_prep.shard import build_shards
+
+    report = build_shards(shard_config_from_args(args))
+    if report.nothing_new:
+        print(f"nothing new in {args.source}: {report.existing} items already in {args.output}; nothing written")
+    print(f"ldmflow shard -> {args.output}")
+    print(report.table())
+    return 0
+
+
+def cmd_shard_verify(args: argparse.Namespace) -> int:
+    from data_prep.dataset import verify_dataset
+
+    report = verify_dataset(args.path)
+    for orphan in report.orphans:
+        print(f"note: {orphan} is not listed by any manifest (left by an unfinished run; readers ignore it)")
+    for problem in report.problems:
+        print(f"MISMATCH {problem}")
+    if not report.ok:
+        print(f"{args.path}: {len(report.problems)} problems in {report.shards} shards", file=sys.stderr)
+        return 1
+    print(f"{args.path}: ok, {report.shards} shards and {report.samples} samples match their manifests")
     return 0
 
 
@@ -72,7 +99,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.runner import check_data, publish, train
 
     cfg = build_run_config(args)
-    require_dir(args.data, "shard folder")
     check_data(cfg, args.data)
     outcome = train(cfg, args.data)
     print(f"MLflow run {outcome.run_id}; final checkpoint {outcome.checkpoint_dir}")
@@ -102,7 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_flow(args: argparse.Namespace) -> int:
     build_run_config(args)  # validate before Prefect is even imported
     if args.source:
-        require_dir(args.source, "source folder")
+        from data_prep import storage
+
+        storage.storage_for(args.source).check_readable(args.source)
     from pipelines.flows import run_pipeline
 
     summary = run_pipeline(
@@ -128,6 +156,43 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
 
 
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    # Defaults come from ShardConfig, so the CLI and the library cannot drift apart.
+    from data_prep.shard import ShardConfig
+
+    d = ShardConfig.__dataclass_fields__
+    g = p.add_argument_group("input and output")
+    g.add_argument("--source", help="image folder with .txt/.json captions, a .csv/.tsv/.jsonl/.parquet table of "
+                                    "paths or URLs, or existing .tar shards; local or s3://")
+    g.add_argument("--output", help="dataset folder or s3://bucket/prefix; a re-run adds only new items")
+    g.add_argument("--source-format", default="auto", choices=["auto", "folder", "table", "shards"])
+    g.add_argument("--url-column", help="table column with the image path or URL (default: url, image, path, ...)")
+    g.add_argument("--caption-column", help="table column with the caption (default: caption, text, prompt)")
+    g.add_argument("--caption-field", default=d["caption_field"].default,
+                   help="caption field of .json sidecars and json members (default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true", help="replace the dataset instead of adding a new part")
+    g = p.add_argument_group("processing")
+    g.add_argument("--resolution", type=int, default=d["resolution"].default)
+    g.add_argument("--resize-mode", default=d["resize_mode"].default, choices=["center_crop", "pad", "none"])
+    g.add_argument("--image-format", default=d["image_format"].default, choices=["jpg", "png", "webp"])
+    g.add_argument("--quality", type=int, default=d["quality"].default, help="JPEG/WebP quality 1-100")
+    g.add_argument("--min-size", type=int, default=d["min_size"].default, help="skip images smaller than this")
+    g.add_argument("--max-pixels", type=int, default=d["max_pixels"].default,
+                   help="skip images whose header claims more pixels (decompression bombs)")
+    g.add_argument("--max-image-bytes", type=int, default=d["max_image_bytes"].default)
+    g.add_argument("--keep-empty-captions", action="store_true", help="keep items with empty captions")
+    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
+    g = p.add_argument_group("shards and speed")
+    g.add_argument("--samples-per-shard", type=int, default=d["samples_per_shard"].default)
+    g.add_argument("--max-shard-bytes", type=int, default=d["max_shard_bytes"].default, help="0: no byte limit")
+    g.add_argument("--processes", type=int, default=d["processes"].default, help="0: one per CPU core")
+    g.add_argument("--ray-address", help="run the tasks on this Ray cluster (Ray Data) instead of local processes")
+    g.add_argument("--fetch-timeout", type=float, default=d["fetch_timeout"].default)
+    g.add_argument("--fetch-retries", type=int, default=d["fetch_retries"].default)
+    g.add_argument("--read-threads", type=int, default=d["read_threads"].default)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ldmflow", description=__doc__.splitlines()[0])
     sub = root.add_subparsers(dest="command", required=True)
@@ -139,18 +204,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("shard", help="image folder with .txt captions -> WebDataset shards + manifest")
-    p.add_argument("--source", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"])
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
-    p.set_defaults(func=cmd_shard)
+    p = sub.add_parser("shard", help="images + captions (folder, table, URLs, shards; local or s3://) -> "
+                                     "WebDataset shards + manifest; `shard verify PATH` checks a dataset")
+    add_shard_args(p)
+    p.set_defaults(func=cmd_shard, shard_command=None)
+    verify = p.add_subparsers(dest="shard_command").add_parser(
+        "verify", help="check every shard of a dataset (local or s3://) against its manifest; exit 1 on mismatch")
+    verify.add_argument("path", help="dataset folder or s3:// prefix (index.json), or one part (manifest.json)")
 
     p = sub.add_parser("train", help="Ray Train + DeepSpeed training, tracked and registered in MLflow")
     add_train_args(p)
-    p.add_argument("--data", required=True, help="shard folder with manifest.json")
+    p.add_argument("--data", required=True, help="dataset folder or s3:// prefix written by `ldmflow shard`")
     p.add_argument("--no-register", action="store_true", help="train only; skip export and registration")
     p.set_defaults(func=cmd_train)
 

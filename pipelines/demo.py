@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from data_prep.manifest import read_manifest, verify_shards
+    from data_prep.dataset import verify_dataset
     from training.sampling import generate_from_registry
     from training.tracking import setup_mlflow
 
@@ -47,11 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[tuple[str, bool, str]] = [("Prefect flow run state", summary["state"] == "COMPLETED",
                                             f"{summary['state']} ({summary['flow_run_id']})")]
     if summary["state"] == "COMPLETED":
-        shards = Path(summary["shards"]["output"])
-        manifest = read_manifest(shards)
-        verify_shards(shards, manifest)  # raises on any count/bytes/sha256 mismatch
-        checks.append(("manifest matches tars", True,
-                       f"{manifest.total_samples} samples in {len(manifest.shards)} shards"))
+        verified = verify_dataset(summary["shards"]["output"])  # reads every byte of every shard
+        checks.append(("manifest matches tars", verified.ok,
+                       f"{verified.samples} samples in {verified.shards} shards"
+                       + "".join(f"; {p}" for p in verified.problems[:3])))
         setup_mlflow()
         first, last = loss_trend(summary["run_id"])
         checks.append(("logged loss falls", last < first, f"{first:.4f} -> {last:.4f}"))

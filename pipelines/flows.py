@@ -36,14 +36,18 @@ def synth_task(out_dir: str, n: int, seed: int) -> str:
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def shard_task(source: str, output: str, resolution: int, samples_per_shard: int, overwrite: bool) -> dict:
+    from prefect.artifacts import create_markdown_artifact
+
     from data_prep.shard import ShardConfig, build_shards
 
-    manifest = build_shards(ShardConfig(source=source, output=output, resolution=resolution,
-                                        samples_per_shard=samples_per_shard, overwrite=overwrite))
-    get_run_logger().info("%d samples in %d shards, skipped %s", manifest.total_samples, len(manifest.shards),
-                          manifest.skipped)
-    return {"output": output, "samples": manifest.total_samples, "shards": len(manifest.shards),
-            "skipped": manifest.skipped, "manifest_sha256": manifest.sha256}
+    report = build_shards(ShardConfig(source=source, output=output, resolution=resolution,
+                                      samples_per_shard=samples_per_shard, overwrite=overwrite, progress=False))
+    get_run_logger().info("%d samples written (%d in the dataset), skipped %s", report.written,
+                          report.dataset_samples, report.skipped)
+    # A retried task re-runs the shard step, which then finds nothing new: the dataset is complete.
+    create_markdown_artifact(report.markdown(), key="shard-report", description=f"ldmflow shard -> {output}")
+    return {"output": output, "samples": report.dataset_samples, "written": report.written,
+            "shards": report.shards, "skipped": report.skipped, "content_id": report.content_id}
 
 
 @task(retries=0, cache_policy=NO_CACHE)
@@ -76,11 +80,18 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
     work = Path(work_dir).resolve()
     if source is None:
         source = synth_task(str(work / "raw"), synth_n, cfg.train.seed)
-    shards = shard_task(str(Path(source).resolve()), str(work / "shards"), cfg.model.resolution,
-                        samples_per_shard, overwrite_shards)
+    shards = shard_task(_absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
+                        overwrite_shards)
     outcome = train_task(str(Path(config_path).resolve()), overrides, shards["output"])
     model = publish_task(str(Path(config_path).resolve()), overrides, outcome)
     return {"shards": shards, "run_id": outcome["run_id"], "metrics": outcome["metrics"], "model": model}
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute (tasks may run elsewhere); s3:// URIs as they are."""
+    from data_prep import storage
+
+    return uri if storage.is_s3(uri) else str(Path(storage.local_path(uri)).resolve())
 
 
 def run_pipeline(**kwargs) -> dict:

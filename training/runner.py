@@ -10,9 +10,10 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_prep.manifest import read_manifest
+from data_prep import storage
+from data_prep.dataset import Dataset, read_dataset
 from training.config import RunConfig
-from training.shard_loader import DataError
+from training.errors import DataError
 from training.tracking import ensure_experiment, git_commit, runs_dir, setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -23,41 +24,44 @@ class TrainOutcome:
     run_id: str
     checkpoint_dir: str
     metrics: dict
-    manifest_sha256: str
+    dataset_content_id: str
     config_hash: str
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
 
 
-def check_data(cfg: RunConfig, data_dir: str):
-    """Refuse shards that cannot feed this config, before Ray starts."""
-    manifest = read_manifest(data_dir)
-    resolution = manifest.config.get("resolution")
-    if resolution is not None and int(resolution) != cfg.model.resolution:
+def check_data(cfg: RunConfig, data: str) -> Dataset:
+    """Refuse shards that cannot feed this config, before Ray starts. `data` is a dataset folder or
+    s3:// prefix (its index.json), or a single part (its manifest.json)."""
+    storage.storage_for(data).check_readable(data)
+    dataset = read_dataset(data)
+    if dataset.resolution is not None and dataset.resolution != cfg.model.resolution:
         raise DataError(
-            f"shards in {data_dir} are {resolution}px but model.resolution is {cfg.model.resolution}; "
-            f"re-shard with --resolution {cfg.model.resolution} or set model.resolution={resolution}"
+            f"shards in {data} are {dataset.resolution}px but model.resolution is {cfg.model.resolution}; "
+            f"re-shard with --resolution {cfg.model.resolution} or set model.resolution={dataset.resolution}"
         )
-    return manifest
+    return dataset
 
 
 def train(cfg: RunConfig, data_dir: str) -> TrainOutcome:
-    """Train `cfg` on the shards in `data_dir` inside a new MLflow run; returns the final checkpoint."""
+    """Train `cfg` on the dataset at `data_dir` (local or s3://) inside a new MLflow run; returns the
+    final checkpoint."""
     import mlflow
 
     from training.launcher import launch
     from training.models import build_frozen, frozen_hashes
 
-    data_dir = str(Path(data_dir).resolve())
-    manifest = check_data(cfg, data_dir)
+    if not storage.is_s3(data_dir):
+        data_dir = str(Path(storage.local_path(data_dir)).resolve())
+    dataset = check_data(cfg, data_dir)
     vae, text = build_frozen(cfg.model)  # a wrong model path fails here, before any run exists
     frozen = frozen_hashes(vae, text)
     uri = setup_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {
         "git_commit": git_commit(),
-        "dataset_manifest_sha256": manifest.sha256,
+        "dataset_content_id": dataset.content_id,
         "config_hash": cfg.hash,
         "preset": cfg.name,
         "data": data_dir,
@@ -65,12 +69,13 @@ def train(cfg: RunConfig, data_dir: str) -> TrainOutcome:
     with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags) as run:
         mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
         mlflow.log_dict(cfg.to_dict(), "config.json")
-        mlflow.log_params({"data.total_samples": manifest.total_samples, "data.shards": len(manifest.shards)})
+        mlflow.log_params({"data.total_samples": dataset.total_samples, "data.shards": len(dataset.shards),
+                           "data.parts": len(dataset.parts)})
         result = launch(cfg, data_dir, storage_dir=runs_dir() / "ray", name=f"train-{run.info.run_id}",
                         mlflow_run_id=run.info.run_id, tracking_uri=uri, frozen=frozen)
         mlflow.set_tag("checkpoint", str(result.checkpoint_dir))
     return TrainOutcome(run_id=run.info.run_id, checkpoint_dir=str(result.checkpoint_dir), metrics=result.metrics,
-                        manifest_sha256=manifest.sha256, config_hash=cfg.hash)
+                        dataset_content_id=dataset.content_id, config_hash=cfg.hash)
 
 
 def publish(outcome: TrainOutcome, cfg: RunConfig):
@@ -91,7 +96,7 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
         mlflow.log_image(image_grid(images), "samples/final.png")
     tags = {
         "git_commit": git_commit(),
-        "dataset_manifest_sha256": outcome.manifest_sha256,
+        "dataset_content_id": outcome.dataset_content_id,
         "config_hash": outcome.config_hash,
         **{f"metric.{k}": f"{v:.6g}" for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
     }

@@ -1,6 +1,8 @@
-"""Each worker's stream of training batches, read from WebDataset shards.
+"""Each worker's stream of training batches, read from WebDataset shards (local or s3://).
 
-The stream is a pure function of (manifest, rank, world size, seed, epoch), so a resumed run can
+The dataset is read through its index (all parts) or a single manifest; shards stream through the
+storage layer, so `s3://` data never touches local disk. The stream is a pure function of
+(dataset, rank, world size, seed, epoch), so a resumed run can
 regenerate it and skip exactly the samples it already consumed: no sample is seen twice or missed
 within an epoch. Every rank takes the same number of batches per epoch, because DeepSpeed's
 collectives hang when one rank runs out of data before the others.
@@ -14,22 +16,20 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 from PIL import Image
 
-from data_prep.manifest import Manifest, read_manifest
+from data_prep import storage
+from data_prep.dataset import Dataset, ShardRef, read_dataset
+from training.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "png", "webp")
-
-
-class DataError(ValueError):
-    """The shards cannot feed this run (wrong resolution, too few samples, ...)."""
 
 
 @dataclass
@@ -72,9 +72,9 @@ class EpochPlan:
     """Samples this rank takes in this epoch: equal on every rank, a multiple of the batch size."""
 
 
-def plan_epoch(manifest: Manifest, data_dir: str, *, rank: int, world_size: int, epoch: int, seed: int,
+def plan_epoch(shard_list: list[ShardRef], *, rank: int, world_size: int, epoch: int, seed: int,
                batch_size: int) -> EpochPlan:
-    shards = list(manifest.shards)
+    shards = list(shard_list)
     random.Random(f"{seed}:shards:{epoch}").shuffle(shards)
     if len(shards) >= world_size:
         mine = shards[rank::world_size]
@@ -87,17 +87,24 @@ def plan_epoch(manifest: Manifest, data_dir: str, *, rank: int, world_size: int,
         stride, offset = world_size, rank
     samples = (per_rank // batch_size) * batch_size
     if samples == 0:
+        total = sum(s.samples for s in shards)
         raise DataError(
-            f"{manifest.total_samples} samples cannot give {world_size} workers a batch of {batch_size} each; "
+            f"{total} samples cannot give {world_size} workers a batch of {batch_size} each; "
             "add data or lower train.batch_size / train.num_workers"
         )
-    urls = [str(Path(data_dir) / s.name) for s in mine]
-    return EpochPlan(urls=urls, stride=stride, offset=offset, samples=samples)
+    return EpochPlan(urls=[s.uri for s in mine], stride=stride, offset=offset, samples=samples)
+
+
+def open_shards(urls: list[str]) -> Iterator[dict]:
+    """WebDataset's shard-opening stage, through the storage layer: local files or streamed S3 objects."""
+    for url in urls:
+        with storage.storage_for(url).open_read(url) as stream:
+            yield {"url": url, "stream": stream}
 
 
 def _raw_samples(plan: EpochPlan, *, seed: int, epoch: int, rank: int, shuffle_buffer: int) -> Iterator[dict]:
-    pipeline = wds.DataPipeline(wds.SimpleShardList(plan.urls), wds.tarfile_to_samples())
-    stream = (s for i, s in enumerate(pipeline) if i % plan.stride == plan.offset)
+    samples = group_by_keys(tar_file_expander(open_shards(plan.urls)))
+    stream = (s for i, s in enumerate(samples) if i % plan.stride == plan.offset)
     if shuffle_buffer > 1:
         # Seeded per (seed, epoch, rank): a resumed run replays the same order.
         rng = random.Random(f"{seed}:buffer:{epoch}:{rank}")
@@ -123,11 +130,12 @@ def decode_sample(sample: dict, resolution: int) -> tuple[torch.Tensor, str]:
 class ShardStream:
     """Infinite batches for one rank, epoch after epoch, resumable from a LoaderState."""
 
-    def __init__(self, data_dir: str, *, rank: int, world_size: int, batch_size: int, resolution: int,
+    def __init__(self, data: str, *, rank: int, world_size: int, batch_size: int, resolution: int,
                  seed: int, shuffle_buffer: int, state: LoaderState | None = None,
-                 manifest: Manifest | None = None):
-        self.data_dir = str(data_dir)
-        self.manifest = manifest or read_manifest(self.data_dir)
+                 dataset: Dataset | None = None):
+        self.data = str(data)
+        self.dataset = dataset or read_dataset(self.data)
+        self.shards = self.dataset.shards
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.resolution = batch_size, resolution
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
@@ -136,7 +144,7 @@ class ShardStream:
         self.plan(self.state.epoch)
 
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.manifest, self.data_dir, rank=self.rank, world_size=self.world_size,
+        return plan_epoch(self.shards, rank=self.rank, world_size=self.world_size,
                           epoch=epoch, seed=self.seed, batch_size=self.batch_size)
 
     def _decode(self, sample: dict, *, count_skip: bool) -> tuple[torch.Tensor, str] | None:

@@ -46,21 +46,21 @@ def _manifest(shards):
 
 def test_write_read_round_trip_and_sha256_is_the_file_hash(tmp_path):
     m = _manifest([_tar(tmp_path / "shard-000000.tar", ["a", "b"]), _tar(tmp_path / "shard-000001.tar", ["c"])])
-    path = write_manifest(tmp_path, m)
-    assert path == tmp_path / MANIFEST_NAME
+    path = write_manifest(str(tmp_path), m)
+    assert path == str(tmp_path / MANIFEST_NAME)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     back = read_manifest(tmp_path)
     assert back == m
-    assert back.sha256 == m.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert back.sha256 == m.sha256 == hashlib.sha256((tmp_path / MANIFEST_NAME).read_bytes()).hexdigest()
     assert Manifest.from_dict(m.to_dict()) == m
-    verify_shards(tmp_path, back)
+    verify_shards(str(tmp_path), back)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 1, "2", None, True])
 def test_from_dict_rejects_unknown_schema_version(version):
     d = _manifest([]).to_dict()
     d["schema_version"] = version
-    with pytest.raises(DataPrepError, match="schema_version must be 1"):
+    with pytest.raises(DataPrepError, match=f"schema_version must be {SCHEMA_VERSION}"):
         Manifest.from_dict(d)
 
 
@@ -72,13 +72,13 @@ def test_newer_schema_says_upgrade():
 
 def test_missing_manifest_names_the_fix(tmp_path):
     with pytest.raises(DataPrepError, match="no manifest.json in .*run `ldmflow shard` first"):
-        read_manifest(tmp_path)
+        read_manifest(str(tmp_path))
 
 
 def test_malformed_manifests_are_rejected(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(DataPrepError, match="not valid JSON"):
-        read_manifest(tmp_path)
+        read_manifest(str(tmp_path))
     d = _manifest([ShardInfo("shard-000000.tar", 3, 100, "0" * 64)]).to_dict()
     d["total_samples"] = 4
     with pytest.raises(DataPrepError, match="do not match its shard list"):
@@ -93,18 +93,18 @@ def test_verify_detects_changed_bytes_and_wrong_counts(tmp_path):
     data[600] ^= 1  # flip a bit inside the first member's data
     (tmp_path / "shard-000000.tar").write_bytes(bytes(data))
     with pytest.raises(DataPrepError, match="sha256"):
-        verify_shards(tmp_path, _manifest([shard]))
+        verify_shards(str(tmp_path), _manifest([shard]))
 
     shard = _tar(tmp_path / "shard-000000.tar", ["a", "b", "c"])
     wrong = ShardInfo(shard.name, 4, shard.bytes, shard.sha256)
     with pytest.raises(DataPrepError, match="3 samples, manifest says 4"):
-        verify_shards(tmp_path, _manifest([wrong]))
+        verify_shards(str(tmp_path), _manifest([wrong]))
 
     with pytest.raises(DataPrepError, match="missing"):
-        verify_shards(tmp_path, _manifest([ShardInfo("shard-000009.tar", 1, 1, "0" * 64)]))
+        verify_shards(str(tmp_path), _manifest([ShardInfo("shard-000009.tar", 1, 1, "0" * 64)]))
 
 
 def test_manifest_json_is_plain_json(tmp_path):
-    write_manifest(tmp_path, _manifest([]))
+    write_manifest(str(tmp_path), _manifest([]))
     d = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert d["schema_version"] == SCHEMA_VERSION and d["skipped"] == {"decode_error": 2}

@@ -1,218 +1,261 @@
-"""The shard stage end to end on real files: shards, manifest, skips, overwrite, failure atomicity."""
+"""The shard stage end to end on real local files: parts, manifests, index, identity, incremental runs,
+de-duplication, byte limits, parallel processes, and what a killed run leaves behind."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
-import webdataset as wds
-from PIL import Image
 
-import data_prep.shard
-import data_prep.sources
+from data_prep.dataset import INDEX_NAME, read_dataset, read_samples, verify_dataset
 from data_prep.errors import DataPrepError
-from data_prep.manifest import MANIFEST_NAME, read_manifest, verify_shards
 from data_prep.shard import ShardConfig, build_shards
 from data_prep.shard_writer import TAR_MTIME
 from data_prep.sources import key_for
-from data_prep.synth import generate_synthetic
+from tests.data_prep.inputs import cli_without_root_powers, jpeg_bytes, write_folder
 
-N_GOOD = 30
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """30 good synthetic images plus one of each kind of bad item."""
-    root = tmp_path_factory.mktemp("source")
-    generate_synthetic(root, N_GOOD, seed=7, image_size=48)
-    (root / "bad").mkdir()
-    (root / "bad" / "corrupt.png").write_bytes(bytes(range(256)) * 8)
-    (root / "bad" / "corrupt.txt").write_text("random bytes")
-    png = io.BytesIO()
-    Image.frombytes("RGB", (64, 64), bytes((i * 31) % 256 for i in range(64 * 64 * 3))).save(png, format="PNG")
-    (root / "bad" / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
-    (root / "bad" / "truncated.txt").write_text("half a picture")
-    (root / "bad" / "uncaptioned.png").write_bytes(png.getvalue())
-    (root / "bad" / "empty.png").write_bytes(png.getvalue())
-    (root / "bad" / "empty.txt").write_text("  \n")
-    return root
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
+def config(source, output, **kw) -> ShardConfig:
+    kw.setdefault("resolution", 32)
+    kw.setdefault("samples_per_shard", 8)
+    kw.setdefault("processes", 1)
+    kw.setdefault("progress", False)
+    return ShardConfig(source=str(source), output=str(output), **kw)
 
 
-def _members(path: Path) -> list[tarfile.TarInfo]:
+def tar_members(path: Path) -> list[tarfile.TarInfo]:
     with tarfile.open(path) as tar:
         return tar.getmembers()
 
 
-def test_build_writes_verified_shards_and_manifest(source, tmp_path):
-    out = tmp_path / "shards"
-    seen: list[int] = []
-    manifest = build_shards(ShardConfig(source=str(source), output=str(out), resolution=32, samples_per_shard=8),
-                            progress=seen.append)
+def all_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
-    assert [s.name for s in manifest.shards] == [f"shard-{i:06d}.tar" for i in range(4)]
-    assert [s.samples for s in manifest.shards] == [8, 8, 8, 6]
-    assert manifest.total_samples == N_GOOD
-    assert manifest.total_bytes == sum((out / s.name).stat().st_size for s in manifest.shards)
-    assert manifest.skipped == {"decode_error": 2, "empty_caption": 1, "missing_caption": 1}
-    assert manifest.config["resolution"] == 32 and manifest.config["source"] == str(source)
-    assert seen == list(range(1, N_GOOD + 4 + 1))  # every source item reported once, skips included
-    assert read_manifest(out) == manifest
-    verify_shards(out, manifest)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME] + [s.name for s in manifest.shards]
 
-    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines()]
-    metadata = {row["key"]: row for row in rows}
-    keys: set[str] = set()
-    for shard in manifest.shards:
-        members = _members(out / shard.name)
+def test_folder_becomes_a_verified_part_with_index(tmp_path):
+    names = write_folder(tmp_path / "src", 20)
+    out = tmp_path / "out"
+    report = build_shards(config(tmp_path / "src", out))
+
+    assert report.written == 20 and report.skipped == {} and report.existing == 0
+    dataset = read_dataset(str(out))
+    assert len(dataset.parts) == 1 and dataset.parts[0].name == report.part
+    assert [s.samples for s in dataset.shards] == [8, 8, 4]
+    assert dataset.total_samples == 20 and dataset.content_id == report.content_id
+    assert dataset.options["resolution"] == 32
+    verified = verify_dataset(str(out))
+    assert verified.ok and verified.orphans == [] and verified.samples == 20
+    # Nothing but the index, the part's manifest, its sample list and its shards; no temp files.
+    part = report.part
+    assert all_files(out) == sorted([INDEX_NAME, f"{part}/manifest.json", f"{part}/samples.jsonl.gz"]
+                                    + [s.name for s in dataset.shards])
+
+    keys = set()
+    for shard in dataset.shards:
+        members = tar_members(out / shard.name)
         # Fixed header fields, not the clock or the user: the precondition for byte-identical rebuilds.
-        assert all((m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (TAR_MTIME, 0, 0, "", "", 0o644)
-                   for m in members)
-        names = [m.name for m in members]
-        shard_keys = sorted({n.split(".")[0] for n in names})
-        assert sorted(names) == sorted(f"{k}.{e}" for k in shard_keys for e in ("jpg", "json", "txt"))
-        keys |= set(shard_keys)
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(TAR_MTIME, 0, 0, "", "", 0o644)}
         with tarfile.open(out / shard.name) as tar:
-            for key in shard_keys:
-                meta = json.loads(tar.extractfile(f"{key}.json").read())
-                source_id = meta["source_id"]
-                assert key == key_for(source_id)
-                raw = (source / source_id).read_bytes()
-                assert meta["sha256"] == hashlib.sha256(raw).hexdigest()
-                assert meta["original_size"] == [48, 48] and meta["processed_size"] == [32, 32]
-                caption = tar.extractfile(f"{key}.txt").read().decode("utf-8")
-                assert caption == metadata[Path(source_id).stem]["caption"]
-                with Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read())) as im:
-                    assert im.format == "JPEG" and im.size == (32, 32)
-    assert len(keys) == N_GOOD
+            for m in members:
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    key = m.name.split(".")[0]
+                    assert key == key_for(meta["source_id"]) and meta["source_id"] in names
+                    assert meta["processed_size"] == [32, 32] and meta["original_size"] == [96, 80]
+                    assert len(meta["sha256"]) == 64 and "aspect_bucket" in meta
+                    keys.add(key)
+    assert keys == {key_for(n) for n in names}
+    manifest = dataset.parts[0].manifest
+    assert manifest.stats["written"] == 20 and manifest.stats["duration_s"] > 0
+    assert len(read_samples(dataset.parts[0].uri, manifest)) == 20
 
 
-def test_webdataset_reads_the_shards_as_whole_samples(source, tmp_path):
-    out = tmp_path / "shards"
-    manifest = build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=8, image_format="png"))
-    urls = [str(out / s.name) for s in manifest.shards]
-    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
-    assert len(samples) == N_GOOD
-    assert all({"png", "txt", "json"} <= set(s) for s in samples)
+def test_identity_ignores_time_folder_and_process_count(tmp_path):
+    write_folder(tmp_path / "src", 24)
+    one = build_shards(config(tmp_path / "src", tmp_path / "a", processes=1))
+    two = build_shards(config(tmp_path / "src", tmp_path / "b", processes=2))
+    again = build_shards(config(tmp_path / "src", tmp_path / "c", processes=1))
+    assert one.content_id == two.content_id == again.content_id
+    # Same process count: byte-identical shards under the same names.
+    a, c = read_dataset(str(tmp_path / "a")), read_dataset(str(tmp_path / "c"))
+    assert [(s.name.split("/")[1], s.sha256) for s in a.shards] == [(s.name.split("/")[1], s.sha256) for s in c.shards]
+    # Any processing option changes the identity.
+    other = build_shards(config(tmp_path / "src", tmp_path / "d", quality=80))
+    assert other.content_id != one.content_id
 
 
-def test_identical_input_gives_byte_identical_shards(source, tmp_path):
-    a = build_shards(ShardConfig(source=str(source), output=str(tmp_path / "a"), samples_per_shard=8))
-    b = build_shards(ShardConfig(source=str(source), output=str(tmp_path / "b"), samples_per_shard=8))
-    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
-    for s in a.shards:
-        assert (tmp_path / "a" / s.name).read_bytes() == (tmp_path / "b" / s.name).read_bytes()
-
-
-def test_missing_source_fails_before_creating_output(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(DataPrepError, match="does not exist"):
-        build_shards(ShardConfig(source=str(tmp_path / "nope"), output=str(out)))
-    assert not out.exists()
-
-
-def test_existing_dataset_needs_overwrite_and_overwrite_replaces_it(source, tmp_path):
-    out = tmp_path / "out"
-    first = build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=4))
-    assert len(first.shards) == 8
-    with pytest.raises(DataPrepError, match="--overwrite"):
-        build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=16))
-    assert read_manifest(out) == first  # the refused run changed nothing
-
-    second = build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=16, overwrite=True))
-    assert [s.samples for s in second.shards] == [16, 14]
-    # The old, higher-numbered shards are gone, not left beside the new set.
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar"]
-    verify_shards(out, read_manifest(out))
-    assert _leftovers(out) == []
-
-
-def _fail_on_call(monkeypatch, n: int) -> list[int]:
-    """Make the n-th encode_image call in the shard stage raise; returns a one-item call counter."""
-    real_encode = data_prep.shard.encode_image
-    calls = [0]
-
-    def failing_encode(img, fmt, quality):
-        calls[0] += 1
-        if calls[0] == n:
-            raise RuntimeError("disk on fire")
-        return real_encode(img, fmt, quality)
-
-    monkeypatch.setattr(data_prep.shard, "encode_image", failing_encode)
-    return calls
-
-
-def test_failure_mid_write_leaves_no_manifest_and_no_partial_files(source, tmp_path, monkeypatch):
-    calls = _fail_on_call(monkeypatch, 10)
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=8))
-    assert calls == [10]  # one shard was complete and a second in progress when it failed
-    assert list(out.iterdir()) == []
-    with pytest.raises(DataPrepError, match="no manifest.json"):
-        read_manifest(out)
-
-
-def test_failed_overwrite_leaves_no_dataset_rather_than_the_old_one(source, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=8))
-    _fail_on_call(monkeypatch, 10)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=8, overwrite=True))
-    # The old manifest went first: no reader may trust it once its shards are being replaced.
-    assert list(out.iterdir()) == []
-
-
-def test_leftovers_of_an_unpublished_run_are_cleared(source, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "shard-000099.tar").write_bytes(b"stale")
-    (out / ".shard-000000.tar.tmp").write_bytes(b"half")
-    (out / "notes.md").write_text("not ours: kept")
-    manifest = build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=16))
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "notes.md"] + [s.name for s in manifest.shards]
-
-
-def test_source_with_no_usable_images_writes_no_manifest(tmp_path):
+def test_parallel_processes_split_work_and_find_cross_task_duplicates(tmp_path):
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.png").write_bytes(b"not an image")
-    (src / "a.txt").write_text("caption")
-    (src / "b.png").write_bytes(b"uncaptioned")
-    out = tmp_path / "out"
-    with pytest.raises(DataPrepError, match=r"no usable images .*decode_error=1, missing_caption=1"):
-        build_shards(ShardConfig(source=str(src), output=str(out)))
-    assert list(out.iterdir()) == []
+    write_folder(src, 40)
+    # The same bytes under three names, far apart in input order: different tasks with 2 processes.
+    dup = jpeg_bytes(seed=12345)
+    for name in ("aaa-first.jpg", "mmm-second.jpg", "zzz-third.jpg"):
+        (src / name).write_bytes(dup)
+        (src / name.replace(".jpg", ".txt")).write_text("the same picture")
+    report = build_shards(config(src, tmp_path / "out", processes=2))
+    assert report.written == 41 and report.skipped == {"duplicate": 2}
+    dataset = read_dataset(str(tmp_path / "out"))
+    assert len(dataset.shards) > 2  # cut into several tasks for the two workers
+    records = read_samples(dataset.parts[0].uri, dataset.parts[0].manifest)
+    assert len({r.sha256 for r in records}) == len(records) == 41
+    assert "aaa-first.jpg" in {r.source_id for r in records}  # the first in input order is kept
+    assert verify_dataset(str(tmp_path / "out")).ok  # the rewritten shard matches its manifest
 
 
-@pytest.mark.parametrize(
-    "field,value,message",
-    [
-        ("resolution", 4, "`resolution` must be an integer in 8..4096"),
-        ("resolution", 5000, "`resolution` must be an integer in 8..4096"),
-        ("samples_per_shard", 0, "`samples_per_shard` must be an integer >= 1"),
-        ("image_format", "gif", "`image_format` must be one of jpg, png, webp"),
-        ("quality", 0, "`quality` must be an integer in 1..100"),
-        ("quality", True, "`quality` must be an integer in 1..100"),
-    ],
-)
-def test_config_validation_names_field_and_allowed_values(field, value, message):
-    with pytest.raises(DataPrepError, match=message.replace(".", r"\.")):
-        ShardConfig(source="s", output="o", **{field: value})
+def test_byte_limit_splits_shards(tmp_path):
+    write_folder(tmp_path / "src", 30, size=(300, 300))
+    report = build_shards(config(tmp_path / "src", tmp_path / "out", resolution=256, image_format="png",
+                                 samples_per_shard=1000, max_shard_bytes=1 << 20))
+    dataset = read_dataset(str(tmp_path / "out"))
+    assert report.written == 30 and len(dataset.shards) >= 2
+    assert all(s.bytes <= 1 << 20 for s in dataset.shards)
+    assert all(os.path.getsize(tmp_path / "out" / s.name) == s.bytes for s in dataset.shards)
 
 
-def test_duplicate_keys_stop_the_run(source, tmp_path, monkeypatch):
-    # Force a key collision (a real one needs ~2^32 items): it must raise, not drop samples silently.
-    monkeypatch.setattr(data_prep.sources, "key_for", lambda source_id: "samekey")
-    out = tmp_path / "out"
-    with pytest.raises(DataPrepError, match="duplicate shard key samekey"):
-        build_shards(ShardConfig(source=str(source), output=str(out), samples_per_shard=8))
-    assert list(out.iterdir()) == []
+def test_incremental_runs_add_only_new_items(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_folder(src, 12)
+    first = build_shards(config(src, out))
+    write_folder(src, 5, start=12)
+    (src / "zz-copy-of-3.jpg").write_bytes((src / "img-0003.jpg").read_bytes())  # old bytes, new name
+    (src / "zz-copy-of-3.txt").write_text("a copy")
+    second = build_shards(config(src, out))
+
+    assert second.part != first.part and second.written == 5 and second.existing == 12
+    assert second.skipped == {"duplicate": 1}
+    dataset = read_dataset(str(out))
+    assert [p.name for p in dataset.parts] == [first.part, second.part]
+    assert dataset.total_samples == 17 == second.dataset_samples
+    # The same items built in one go give the same identity as built in two parts.
+    assert build_shards(config(src, tmp_path / "at-once")).content_id == dataset.content_id
+
+    index_before = (out / INDEX_NAME).read_bytes()
+    third = build_shards(config(src, out))
+    assert third.nothing_new and third.written == 0 and third.existing == 17
+    assert (out / INDEX_NAME).read_bytes() == index_before
+    assert len(read_dataset(str(out)).parts) == 2
+
+
+def test_changed_options_need_overwrite_which_never_reuses_names(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_folder(src, 10)
+    first = build_shards(config(src, out))
+    with pytest.raises(DataPrepError, match=r"resolution=32.*--overwrite"):
+        build_shards(config(src, out, resolution=48))
+    old_names = {s.name for s in read_dataset(str(out)).shards}
+    second = build_shards(config(src, out, resolution=48, overwrite=True))
+    dataset = read_dataset(str(out))
+    assert [p.name for p in dataset.parts] == [second.part] and second.part != first.part
+    assert not old_names & {s.name for s in dataset.shards}  # a reader of the old manifest never gets new bytes
+    assert not (out / first.part).exists()
+    assert dataset.options["resolution"] == 48 and dataset.total_samples == 10
+
+
+def test_bad_input_as_a_whole_stops_before_any_work(tmp_path):
+    with pytest.raises(DataPrepError, match="does not exist"):
+        build_shards(config(tmp_path / "missing", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    write_folder(tmp_path / "src", 2)
+    (tmp_path / "file").write_text("I am a file")
+    with pytest.raises(DataPrepError, match="file"):
+        build_shards(config(tmp_path / "src", tmp_path / "file" / "out"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "junk" / "a.txt").write_text("caption")
+    with pytest.raises(DataPrepError, match="no usable images"):
+        build_shards(config(tmp_path / "junk", tmp_path / "out2"))
+    assert not any(p.suffix == ".tar" for p in (tmp_path / "out2").rglob("*"))
+    with pytest.raises(DataPrepError, match="`quality` must be"):
+        config(tmp_path / "src", tmp_path / "out3", quality=101)
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path):
+    write_folder(tmp_path / "src", 2)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    proc = cli_without_root_powers(["shard", "--source", str(tmp_path / "src"), "--output", str(locked / "out"),
+                                    "--no-progress"], cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert str(locked) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (locked / "out").exists()
+
+
+def test_killed_run_leaves_nothing_visible_and_the_next_run_completes(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_folder(src, 10)
+    first = build_shards(config(src, out))
+    index_before = (out / INDEX_NAME).read_bytes()
+    write_folder(src, 150, start=10, size=(512, 512))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "shard", "--source", str(src), "--output",
+                             str(out), "--resolution", "32", "--samples-per-shard", "4", "--processes", "1",
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # kill once the new part has published a shard or two
+            published = [p for p in out.glob("part-*/shard-*.tar") if first.part not in str(p)]
+            if len(published) >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run published no shard within 60 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # Readers see exactly the dataset before the run: the new shards are in a part no index lists.
+    assert (out / INDEX_NAME).read_bytes() == index_before
+    assert read_dataset(str(out)).total_samples == 10
+    leftovers = verify_dataset(str(out))
+    assert leftovers.ok and leftovers.orphans and all(o.startswith("part-") for o in leftovers.orphans)
+
+    report = build_shards(config(src, out, samples_per_shard=4))
+    assert report.written == 150 and report.existing == 10
+    final = verify_dataset(str(out))
+    assert final.ok and final.orphans == [] and final.samples == 160
+
+
+def test_verify_cli_reports_mismatches(tmp_path, capsys):
+    from pipelines.cli import main
+
+    write_folder(tmp_path / "src", 12)
+    build_shards(config(tmp_path / "src", tmp_path / "out"))
+    assert main(["shard", "verify", str(tmp_path / "out")]) == 0
+    assert "ok, 2 shards and 12 samples" in capsys.readouterr().out
+
+    shards = read_dataset(str(tmp_path / "out")).shards
+    first = tmp_path / "out" / shards[0].name
+    data = bytearray(first.read_bytes())
+    data[700] ^= 0xFF  # one flipped bit inside the first member's data
+    first.write_bytes(bytes(data))
+    (tmp_path / "out" / shards[1].name).unlink()
+    assert main(["shard", "verify", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert f"MISMATCH {shards[0].name}: sha256" in out and f"MISMATCH {shards[1].name}: missing" in out
+
+
+def test_shard_cli_prints_a_summary_and_says_when_nothing_is_new(tmp_path, capsys):
+    from pipelines.cli import main
+
+    write_folder(tmp_path / "src", 6)
+    (tmp_path / "src" / "bad.jpg").write_bytes(b"")
+    (tmp_path / "src" / "bad.txt").write_text("empty image")
+    args = ["shard", "--source", str(tmp_path / "src"), "--output", str(tmp_path / "out"), "--resolution", "32",
+            "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "written" in out and "6 samples" in out and "empty_file" in out and "samples/s" in out
+    assert main(args) == 0
+    assert "nothing new" in capsys.readouterr().out

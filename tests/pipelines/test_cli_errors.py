@@ -24,12 +24,21 @@ def test_shard_missing_source(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_shard_existing_manifest_needs_overwrite(capsys, tmp_path):
+def test_shard_with_other_options_needs_overwrite(capsys, tmp_path):
     assert main(["synth", "--out", str(tmp_path / "raw"), "--n", "4", "--size", "16"]) == 0
-    args = ["shard", "--source", str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--resolution", "16"]
-    assert main(args) == 0
-    code, err = run(capsys, *args)
-    assert code == 2 and "--overwrite" in err
+    args = ["shard", "--source", str(tmp_path / "raw"), "--output", str(tmp_path / "out"), "--no-progress"]
+    assert main([*args, "--resolution", "16"]) == 0
+    code, err = run(capsys, *args, "--resolution", "32")
+    assert code == 2 and "--overwrite" in err and "resolution=16" in err
+
+
+def test_shard_s3_and_verify_input_errors(capsys, tmp_path):
+    code, err = run(capsys, "shard", "--output", str(tmp_path / "out"))
+    assert code == 2 and "--source and --output" in err
+    code, err = run(capsys, "shard", "verify", str(tmp_path / "nothing-here"))
+    assert code == 2 and "no manifest.json" in err
+    code, err = run(capsys, "shard", "--source", str(tmp_path), "--output", "gs://bucket/x")
+    assert code == 2 and "gs://" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -48,7 +57,7 @@ def test_train_bad_config(capsys, tmp_path, argv, message):
 
 def test_train_data_problems(capsys, tmp_path):
     code, err = run(capsys, "train", "--config", TINY, "--data", str(tmp_path / "nope"))
-    assert code == 2 and "shard folder" in err
+    assert code == 2 and str(tmp_path / "nope") in err and "does not exist" in err
     code, err = run(capsys, "train", "--config", TINY, "--data", str(tmp_path))
     assert code == 2 and "no manifest.json" in err
     main(["synth", "--out", str(tmp_path / "raw"), "--n", "4", "--size", "32"])
@@ -74,7 +83,7 @@ def test_unreadable_config(capsys, tmp_path):
 
 def test_flow_and_generate_inputs(capsys, tmp_path):
     code, err = run(capsys, "flow", "--config", TINY, "--source", str(tmp_path / "nope"))
-    assert code == 2 and "source folder" in err
+    assert code == 2 and str(tmp_path / "nope") in err and "does not exist" in err
     code, err = run(capsys, "generate", "--model", "models:/x@candidate", "--prompt", "p", "--out", str(tmp_path),
                     "--n", "0")
     assert code == 2 and "--n and --steps must be >= 1" in err

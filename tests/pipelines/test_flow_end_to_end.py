@@ -67,15 +67,17 @@ def test_flow_run_completed_on_prefect_server(flow_result):
 
 
 def test_shards_match_their_manifest(flow_result):
-    from data_prep.manifest import read_manifest, verify_shards
+    from data_prep.dataset import read_dataset, verify_dataset
 
     summary, work = flow_result
     shards = work / "shards"
-    manifest = read_manifest(shards)
-    verify_shards(shards, manifest)
-    assert manifest.total_samples == 40 and len(manifest.shards) == 5
-    assert summary["shards"]["manifest_sha256"] == manifest.sha256
-    assert not list(shards.glob(".*tmp*"))
+    report = verify_dataset(str(shards))
+    assert report.ok and not report.orphans, (report.problems, report.orphans)
+    dataset = read_dataset(str(shards))
+    assert dataset.total_samples == 40 and len(dataset.parts) == 1
+    assert all(s.samples <= 8 for s in dataset.shards) and sum(s.samples for s in dataset.shards) == 40
+    assert summary["shards"]["content_id"] == dataset.content_id
+    assert not list(shards.rglob(".*tmp*"))
 
 
 def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
@@ -85,7 +87,7 @@ def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
     params = run.data.params
     assert params["train.zero_stage"] == "2" and params["train.num_workers"] == "2"
     assert params["train.max_steps"] == str(STEPS)
-    assert run.data.tags["dataset_manifest_sha256"] == summary["shards"]["manifest_sha256"]
+    assert run.data.tags["dataset_content_id"] == summary["shards"]["content_id"]
     assert len(run.data.tags["config_hash"]) == 64
     for name in ("loss", "lr", "samples_per_sec"):
         history = mlflow_client.get_metric_history(run.info.run_id, name)
@@ -115,7 +117,7 @@ def test_registered_version_has_alias_and_tags(flow_result, mlflow_client):
     assert str(mv.version) == summary["model"]["version"]
     assert mv.run_id == summary["run_id"]
     assert mv.status == "READY"
-    assert mv.tags["dataset_manifest_sha256"] == summary["shards"]["manifest_sha256"]
+    assert mv.tags["dataset_content_id"] == summary["shards"]["content_id"]
     assert {"git_commit", "config_hash", "metric.loss"} <= set(mv.tags)
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from data_prep.manifest import read_manifest
+from data_prep.dataset import read_dataset
 from data_prep.shard import ShardConfig, build_shards
 from data_prep.synth import generate_synthetic
 from training.shard_loader import DataError, LoaderState, ShardStream
@@ -19,7 +19,7 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
     generate_synthetic(root / "raw", 40, seed=3, image_size=32)
     build_shards(ShardConfig(source=str(root / "raw"), output=str(root / "shards"), resolution=32,
-                             samples_per_shard=7, image_format="png"))
+                             samples_per_shard=7, image_format="png", processes=1, progress=False))
     return root / "shards"
 
 
@@ -98,8 +98,7 @@ def test_undecodable_sample_is_counted_and_counts_stay_equal(shards, tmp_path):
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    manifest = read_manifest(copy)
-    victim = copy / manifest.shards[0].name
+    victim = copy / read_dataset(str(copy)).shards[0].name
     with tarfile.open(victim) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(victim, "w", format=tarfile.USTAR_FORMAT) as tar:

@@ -1,0 +1,294 @@
+"""One shard task: read a chunk of source items, process each, write and publish its own shards.
+
+This is what runs in a worker process or a Ray task. A task owns a fixed slice of the input (a run
+of items, or one existing tar), so its shard names (`shard-<task>-<n>.tar`) never collide with another
+task's, and the output is the same whatever the number of processes. Everything here is a function of
+(task, context): no globals, no shared state, so process pools and Ray run it alike.
+
+Per item: read bytes (local, S3 or HTTP; remote reads overlap on a few threads) -> caption (sidecar,
+table or tar member; cleaned) -> exact de-duplication by source sha256 -> image_ops.process_image ->
+ShardWriter. Every problem with an item becomes a counted Skip with its own reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep import storage
+from data_prep.dataset import SampleRecord
+from data_prep.http_fetch import FetchFailure, FetchOptions, fetch
+from data_prep.image_ops import ImageSkip, ProcessOptions, process_image
+from data_prep.manifest import ShardInfo
+from data_prep.shard_writer import ShardWriter, shard_name
+from data_prep.sources import SHARD_IMAGE_EXTS, ItemRef, Skip, iter_shard_samples, key_for, read_sidecar_caption
+
+SKIP_EXAMPLES_PER_REASON = 5
+"""Skips per reason a task reports in detail; the rest are only counted."""
+
+_REMOTE_PREFIXES = ("http://", "https://", "s3://")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A slice of the input: a run of items, or one existing shard to re-process."""
+
+    index: int
+    """Task number: its shards are named shard-<index>-<n>.tar."""
+    items: tuple[ItemRef, ...] = ()
+    shard_uri: str | None = None
+    shard_id: str = ""
+    """Stable name of `shard_uri` relative to the source, used in the source ids of its samples."""
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything a task needs besides its slice; sent to each worker once."""
+
+    part_uri: str
+    """Where this run's shards go (a local folder or an s3:// prefix)."""
+    process: ProcessOptions
+    fetch: FetchOptions
+    samples_per_shard: int
+    max_shard_bytes: int | None
+    caption_field: str = "caption"
+    keep_empty_captions: bool = False
+    dedup: bool = True
+    known_sha256: frozenset[str] = frozenset()
+    """Source sha256 of every sample already in the dataset's earlier parts."""
+    read_threads: int = 16
+    """Concurrent remote reads (HTTP, S3) per task; local files are read inline."""
+
+
+@dataclass
+class TaskResult:
+    index: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    records: list[SampleRecord] = field(default_factory=list)
+    """Written samples in write order."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: list[Skip] = field(default_factory=list)
+    """The first few skips of each reason, for the log."""
+    items: int = 0
+    bytes_read: int = 0
+
+    def skip(self, item: Skip) -> None:
+        self.skipped[item.reason] += 1
+        if self.skipped[item.reason] <= SKIP_EXAMPLES_PER_REASON:
+            self.examples.append(item)
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: str) -> str:
+    """NFC-normalised, control characters dropped, whitespace runs (newlines too) made single spaces."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in text)
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+@dataclass
+class _Loaded:
+    """One item after reading: its bytes and caption, or the reason it is skipped."""
+
+    source_id: str
+    key: str
+    data: bytes | None = None
+    caption: str | None = None
+    skip: Skip | None = None
+
+
+def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | None = None) -> TaskResult:
+    """Process one task; its shards are published under ctx.part_uri as they complete."""
+    result = TaskResult(index=task.index)
+    seen: set[str] = set()
+    with staging(ctx.part_uri) as (folder, publish):
+        writer = ShardWriter(folder, ctx.samples_per_shard, max_bytes=ctx.max_shard_bytes,
+                             name_for=lambda n: shard_name(task.index, n), publish=publish)
+        with writer:
+            for loaded in _load(task, ctx):
+                result.items += 1
+                made = _sample(loaded, ctx, seen, result)
+                if made is not None:
+                    sample, sha = made
+                    writer.write(sample)
+                    result.records.append(SampleRecord(key=loaded.key, sha256=sha, source_id=loaded.source_id,
+                                                       shard=writer.last_name, caption=loaded.caption or ""))
+                if progress is not None:
+                    progress(1)
+    result.shards = list(writer.shards)
+    return result
+
+
+def _sample(loaded: _Loaded, ctx: TaskContext, seen: set[str], result: TaskResult) -> tuple[dict, str] | None:
+    """The shard sample for a loaded item and its source sha256, or None after counting the skip."""
+    if loaded.skip is not None:
+        result.skip(loaded.skip)
+        return None
+    assert loaded.data is not None and loaded.caption is not None
+    result.bytes_read += len(loaded.data)
+    caption = clean_caption(loaded.caption)
+    if not caption and not ctx.keep_empty_captions:
+        result.skip(Skip(loaded.source_id, "empty_caption", "caption is empty after clean-up"))
+        return None
+    sha = hashlib.sha256(loaded.data).hexdigest()
+    if ctx.dedup and (sha in seen or sha in ctx.known_sha256):
+        where = "an earlier part" if sha in ctx.known_sha256 else "this run"
+        result.skip(Skip(loaded.source_id, "duplicate", f"same bytes (sha256 {sha[:12]}) as an item in {where}"))
+        return None
+    try:
+        processed = process_image(loaded.data, ctx.process)
+    except ImageSkip as e:
+        result.skip(Skip(loaded.source_id, e.reason, e.detail))
+        return None
+    seen.add(sha)
+    loaded.caption = caption
+    meta = {"source_id": loaded.source_id, "sha256": sha, **processed.metadata()}
+    return {
+        "__key__": loaded.key,
+        ctx.process.image_format: processed.data,
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+    }, sha
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _load(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
+    if task.shard_uri is not None:
+        yield from _load_shard(task, ctx)
+        return
+    remote = any(ref.image.startswith(_REMOTE_PREFIXES) for ref in task.items)
+    if not remote or ctx.read_threads <= 1:
+        for ref in task.items:
+            yield _load_item(ref, ctx)
+        return
+    # Remote reads are latency-bound: keep a window of them in flight, yield in input order.
+    with ThreadPoolExecutor(ctx.read_threads, thread_name_prefix="ldmflow-read") as pool:
+        window: list[Future[_Loaded]] = []
+        items = iter(task.items)
+        for ref in items:
+            window.append(pool.submit(_load_item, ref, ctx))
+            if len(window) >= 2 * ctx.read_threads:
+                break
+        for ref in items:
+            yield window.pop(0).result()
+            window.append(pool.submit(_load_item, ref, ctx))
+        for future in window:
+            yield future.result()
+
+
+def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:
+    loaded = _Loaded(source_id=ref.source_id, key=ref.key)
+    if ref.caption is not None:
+        loaded.caption = ref.caption
+    else:
+        assert ref.caption_uri is not None
+        try:
+            raw = storage.storage_for(ref.caption_uri).read_bytes(ref.caption_uri)
+            loaded.caption = read_sidecar_caption(raw, ref.caption_uri, ctx.caption_field)
+        except UnicodeDecodeError as e:
+            loaded.skip = Skip(ref.source_id, "caption_not_utf8", f"{storage.basename(ref.caption_uri)}: {e}")
+        except (KeyError, ValueError) as e:
+            loaded.skip = Skip(ref.source_id, "missing_caption",
+                               f"{storage.basename(ref.caption_uri)} has no usable `{ctx.caption_field}` ({e})")
+        except (OSError, storage.StorageError) as e:
+            loaded.skip = Skip(ref.source_id, "unreadable_file", f"caption: {e}")
+        if loaded.skip is not None:
+            return loaded
+    data = _read_image(ref.image, ctx)
+    if isinstance(data, Skip):
+        loaded.skip = Skip(ref.source_id, data.reason, data.detail)
+    else:
+        loaded.data = data
+    return loaded
+
+
+def _read_image(uri: str, ctx: TaskContext) -> bytes | Skip:
+    if uri.startswith(("http://", "https://", "file://")):
+        got = fetch(uri, ctx.fetch)
+        if isinstance(got, FetchFailure):
+            return Skip(uri, got.reason, got.detail)
+        return got
+    cap = ctx.process.max_bytes
+    try:
+        with storage.storage_for(uri).open_read(uri) as f:
+            data = f.read(cap + 1)  # never more than the cap plus one byte, however big the file
+    except (OSError, storage.StorageError) as e:
+        return Skip(uri, "unreadable_file", str(e))
+    if len(data) > cap:
+        return Skip(uri, "too_large", f"more than max_image_bytes={cap}")
+    return data
+
+
+def _load_shard(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
+    assert task.shard_uri is not None
+    for sample in iter_shard_samples(task.shard_uri):
+        key = str(sample["__key__"])
+        source_id = f"{task.shard_id}/{key}"
+        loaded = _Loaded(source_id=source_id, key=key_for(source_id))
+        ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            loaded.skip = Skip(source_id, "missing_image", f"sample has no {'/'.join(SHARD_IMAGE_EXTS)} member")
+        else:
+            loaded.data = bytes(sample[ext])  # type: ignore[arg-type]
+            try:
+                if "txt" in sample:
+                    loaded.caption = bytes(sample["txt"]).decode("utf-8")  # type: ignore[arg-type]
+                elif "json" in sample:
+                    loaded.caption = read_sidecar_caption(bytes(sample["json"]), ".json",  # type: ignore[arg-type]
+                                                          ctx.caption_field)
+                else:
+                    loaded.skip = Skip(source_id, "missing_caption", "sample has no txt or json member")
+            except UnicodeDecodeError as e:
+                loaded.skip = Skip(source_id, "caption_not_utf8", str(e))
+            except (KeyError, ValueError) as e:
+                loaded.skip = Skip(source_id, "missing_caption", f"json member has no `{ctx.caption_field}` ({e})")
+        yield loaded
+
+
+# --- publishing --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def staging(part_uri: str) -> Iterator[tuple[Path, Callable[[Path, str], None]]]:
+    """Where a ShardWriter builds shards for `part_uri`, and how it publishes them.
+
+    Local output: the part folder itself, published by rename (no copy). S3: a local temp folder,
+    published by upload (S3 shows an object only once its multipart upload completes), removed after.
+    """
+    if not storage.is_s3(part_uri):
+        local = Path(storage.local_path(part_uri))
+        local.mkdir(parents=True, exist_ok=True)
+
+        def rename(tmp: Path, name: str) -> None:
+            tmp.replace(local / name)
+
+        yield local, rename
+        return
+    store = storage.storage_for(part_uri)
+
+    def upload(tmp: Path, name: str) -> None:
+        store.put_file(str(tmp), storage.join(part_uri, name))
+
+    temp = Path(tempfile.mkdtemp(prefix="ldmflow-shard-"))
+    try:
+        yield temp, upload
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
