@@ -9,16 +9,11 @@ at once. Shards are published by the tasks themselves, so the driver only collec
 from __future__ import annotations
 
 import logging
-import os
 
+from data_prep import storage
 from data_prep.shard_task import Task, TaskContext, TaskResult, run_task
 
 log = logging.getLogger(__name__)
-
-# Storage settings the tasks need on every node; credentials are left to the nodes' own
-# configuration (instance roles, mounted profiles) rather than copied into the job's runtime env,
-# except when the cluster is this machine (address "local"), where workers inherit the environment.
-_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def _run_row(row: dict, ctx: TaskContext) -> dict:
@@ -30,7 +25,7 @@ def run_tasks_on_ray(tasks: list[Task], ctx: TaskContext, address: str) -> list[
     import ray
 
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        env = storage.env_for_workers()  # endpoint and region; nodes bring their own credentials
         ray.init(address=None if address == "local" else address, runtime_env={"env_vars": env} if env else None,
                  log_to_driver=False)
     log.info("running %d shard tasks on Ray (%s CPUs)", len(tasks), ray.cluster_resources().get("CPU"))

@@ -55,6 +55,16 @@ class NoSuchObjectError(StorageError, FileNotFoundError):
 # --------------------------------------------------------------------------------------------- URIs
 
 
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+"""Settings a remote worker needs to reach the same S3 as the driver. Credentials are not among them:
+cluster nodes bring their own (instance roles, mounted profiles) rather than receive copies."""
+
+
+def env_for_workers() -> dict[str, str]:
+    """The WORKER_ENV variables set here, to hand to processes on other machines (Ray tasks, workers)."""
+    return {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+
+
 def is_s3(uri: str | os.PathLike[str]) -> bool:
     """True for `s3://bucket/...` URIs, which must go through S3Storage."""
     return isinstance(uri, str) and uri[:5].lower() == "s3://"

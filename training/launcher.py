@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep import storage
 from training.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_dir: Path, name: str, mlflo
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "frozen": frozen,
+        # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data).
+        "storage_env": storage.env_for_workers(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

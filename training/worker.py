@@ -77,6 +77,7 @@ def train_loop_per_worker(payload: dict) -> None:
         log.info("rank %d resumed at step %d (epoch %d, %d samples in)", ctx.rank, state.step,
                  loader_state.epoch, loader_state.consumed)
 
+    os.environ.update(payload.get("storage_env", {}))
     stream = ShardStream(payload["data"], rank=ctx.rank, world_size=ctx.world_size,
                          batch_size=cfg.train.batch_size, resolution=cfg.model.resolution,
                          seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer, state=loader_state)
