@@ -84,7 +84,7 @@ def local_path(uri: str | os.PathLike[str]) -> str:
     """The filesystem path of a local URI (a plain path or `file://...`); StorageError for `s3://`."""
     uri = os.fspath(uri)
     if is_s3(uri):
-        raise StorageError(f"{uri} is an S3 URI, not a local path; open it with storage_for({uri!r})")
+        raise StorageError(f"{uri} is an S3 URI, but only a local path works here")
     _check_scheme(uri)
     if uri[:7].lower() == "file://":
         path = uri[7:]

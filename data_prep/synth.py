@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from data_prep import storage
 from data_prep.errors import DataPrepError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -79,7 +80,7 @@ def generate_synthetic(out_dir: str | Path, n: int, *, seed: int = 0, image_size
         raise DataPrepError(f"synthetic sample count n must be an integer >= 1, got {n!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
         raise DataPrepError(f"synthetic image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
-    out = Path(out_dir)
+    out = Path(storage.local_path(out_dir))  # an s3:// path must never become a local folder "s3:"
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     colour_names = list(COLOURS)

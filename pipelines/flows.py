@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_prep import storage
 from training.tracking import runs_dir
 
 
@@ -77,7 +78,7 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
 
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
-    work = Path(work_dir).resolve()
+    work = Path(storage.local_path(work_dir)).resolve()  # raw data and shards of a demo run: local
     if source is None:
         source = synth_task(str(work / "raw"), synth_n, cfg.train.seed)
     shards = shard_task(_absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
@@ -89,8 +90,6 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
 
 def _absolute(uri: str) -> str:
     """Local paths made absolute (tasks may run elsewhere); s3:// URIs as they are."""
-    from data_prep import storage
-
     return uri if storage.is_s3(uri) else str(Path(storage.local_path(uri)).resolve())
 
 

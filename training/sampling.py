@@ -29,11 +29,13 @@ def generate_from_registry(model_uri: str, prompt: str, out_dir: str | Path, *, 
 
     from training.tracking import setup_mlflow
 
+    from data_prep import storage
+
+    out_dir = Path(storage.local_path(out_dir))  # checked before the (slow) model load
     setup_mlflow()
     model = mlflow.pyfunc.load_model(model_uri)
     images = model.predict(pd.DataFrame({"prompt": [prompt] * n}),
                            params={"steps": steps, "guidance": guidance, "seed": seed})
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):

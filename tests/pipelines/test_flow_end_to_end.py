@@ -80,6 +80,23 @@ def test_shards_match_their_manifest(flow_result):
     assert not list(shards.rglob(".*tmp*"))
 
 
+def test_shard_report_is_a_prefect_artifact(flow_result):
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary, _ = flow_result
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["shard-report"])))
+
+    artifacts = anyio.run(read)
+    assert artifacts and artifacts[-1].type == "markdown"
+    text = artifacts[-1].data
+    assert "| written | 40 samples in" in text and summary["shards"]["content_id"][:16] in text
+
+
 def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
     summary, _ = flow_result
     run = mlflow_client.get_run(summary["run_id"])
