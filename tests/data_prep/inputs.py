@@ -99,3 +99,30 @@ def cli_without_root_powers(args: list[str], cwd: Path, timeout: float = 180) ->
             pytest.skip("running as root and util-linux `setpriv` is missing: cannot test permission errors")
         command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_cli_when(args: list[str], cwd: Path, ready, timeout: float = 90) -> None:
+    """Run `ldmflow ARGS` in a child process and SIGKILL it as soon as `ready()` is true.
+
+    Fails the test if the child exits first or `ready()` stays false for `timeout` seconds.
+    """
+    import signal
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed:\n{proc.stdout.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the run did not reach the point to kill it within {timeout} s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from data_prep.errors import DataPrepError
 from data_prep.shard import ShardConfig, build_shards
 from data_prep.shard_writer import TAR_MTIME
 from data_prep.sources import key_for
-from tests.data_prep.inputs import cli_without_root_powers, jpeg_bytes, write_folder
+from tests.data_prep.inputs import cli_without_root_powers, jpeg_bytes, kill_cli_when, write_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,24 +192,10 @@ def test_killed_run_leaves_nothing_visible_and_the_next_run_completes(tmp_path):
     first = build_shards(config(src, out))
     index_before = (out / INDEX_NAME).read_bytes()
     write_folder(src, 150, start=10, size=(512, 512))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "shard", "--source", str(src), "--output",
-                             str(out), "--resolution", "32", "--samples-per-shard", "4", "--processes", "1",
-                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # kill once the new part has published a shard or two
-            published = [p for p in out.glob("part-*/shard-*.tar") if first.part not in str(p)]
-            if len(published) >= 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.05)
-        else:
-            pytest.fail("the run published no shard within 60 s")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # Killed once the new part has published a shard or two.
+    kill_cli_when(["shard", "--source", str(src), "--output", str(out), "--resolution", "32", "--samples-per-shard",
+                   "4", "--processes", "1", "--no-progress"], ROOT,
+                  lambda: len([p for p in out.glob("part-*/shard-*.tar") if first.part not in str(p)]) >= 2)
 
     # Readers see exactly the dataset before the run: the new shards are in a part no index lists.
     assert (out / INDEX_NAME).read_bytes() == index_before

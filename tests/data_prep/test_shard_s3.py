@@ -3,10 +3,6 @@ clear errors for unknown buckets and bad credentials, and a run killed mid-uploa
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +11,7 @@ from data_prep import storage
 from data_prep.dataset import INDEX_NAME, read_dataset, verify_dataset
 from data_prep.errors import DataPrepError
 from data_prep.shard import ShardConfig, build_shards
-from tests.data_prep.inputs import write_folder
+from tests.data_prep.inputs import kill_cli_when, write_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,24 +113,10 @@ def test_run_killed_mid_upload_leaves_the_dataset_as_it_was(tmp_path, s3_bucket,
     client = s3_env.client()
     index_before = client.get_object(Bucket=s3_bucket, Key=f"ds/{INDEX_NAME}")["Body"].read()
     write_folder(tmp_path / "raw", 120, start=6, size=(512, 512))
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "shard", "--source", str(tmp_path / "raw"),
-                             "--output", out, "--resolution", "32", "--samples-per-shard", "3", "--processes", "1",
-                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            new = [k for k in keys(client, s3_bucket, "ds/part-") if not k.startswith(f"ds/{first.part}/")]
-            if len(new) >= 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
-        else:
-            pytest.fail("the run uploaded no shard within 90 s")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_cli_when(["shard", "--source", str(tmp_path / "raw"), "--output", out, "--resolution", "32",
+                   "--samples-per-shard", "3", "--processes", "1", "--no-progress"], ROOT,
+                  lambda: len([k for k in keys(client, s3_bucket, "ds/part-")
+                               if not k.startswith(f"ds/{first.part}/")]) >= 2)
 
     assert client.get_object(Bucket=s3_bucket, Key=f"ds/{INDEX_NAME}")["Body"].read() == index_before
     assert read_dataset(out).total_samples == 6
