@@ -254,40 +254,23 @@ def build_shards(config: ShardConfig, *, progress: Callable[[int], None] | None 
     ctx = TaskContext(part_uri=part_uri, process=config.process_options(), fetch=config.fetch_options(),
                       samples_per_shard=config.samples_per_shard, max_shard_bytes=config.max_shard_bytes,
                       caption_field=config.caption_field, keep_empty_captions=config.keep_empty_captions,
-                      dedup=config.dedup, known_sha256=frozenset(known_sha), read_threads=config.read_threads)
+                      dedup=config.dedup, known_sha256=frozenset(known_sha),
+                      known_keys=frozenset(known_keys) if plan.shards else frozenset(),
+                      read_threads=config.read_threads)
     tasks = _tasks(plan, items, config)
     total_items = sum(t.size for t in tasks) if not plan.shards else plan.expected_items
     try:
         results = _run(tasks, ctx, config, total_items, progress)
         records, shards, skipped, examples = _merge(results, ctx, skips)
+        existing += sum(r.existing for r in results)
         written = len(records)
-        if written == 0:
+        handled = len(plan.skips) + sum(r.items for r in results)
+        if written == 0:  # every new item was skipped: no part (and an error if there is no dataset either)
             storage.storage_for(part_uri).delete_prefix(part_uri)
-            if previous:
-                return _nothing_new(config, previous, plan, skips, existing, started, skipped=skipped,
-                                    items=len(items), examples=examples)
-            raise DataPrepError(
-                f"no usable images in {config.source} (skipped: {_format_counts(skipped) or 'none found'}); "
-                "each image needs a non-empty caption and must be decodable"
-            )
-        samples_name, samples_sha = write_samples(part_uri, records)
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
-            shards=shards,
-            total_samples=sum(s.samples for s in shards),
-            total_bytes=sum(s.bytes for s in shards),
-            skipped=dict(sorted(skipped.items())),
-            config={"options": config.identity_options(), "source": config.source,
-                    "run": {k: v for k, v in asdict(config).items() if k not in config.identity_options()}},
-            created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-            stats={"items": len(items) + len(plan.skips), "written": written, "existing": existing,
-                   "bytes_read": sum(r.bytes_read for r in results),
-                   "duration_s": round(time.perf_counter() - started, 3)},
-            content_sum=content_sum(r.identity for r in records),
-            samples_file=samples_name,
-            samples_sha256=samples_sha,
-        )
-        manifest.stats["samples_per_s"] = round(written / max(manifest.stats["duration_s"], 1e-9), 1)
+            return _nothing_new(config, previous, plan, skips, existing, started, skipped=skipped,
+                                items=handled, examples=examples)
+        manifest = _part_manifest(config, part_uri, records, shards, skipped, started, handled=handled,
+                                  existing=existing, bytes_read=sum(r.bytes_read for r in results))
         write_manifest(part_uri, manifest)
         parts = ([] if config.overwrite else previous) + [Part(name=part_name, uri=part_uri, manifest=manifest)]
         index = write_index(config.output, parts, config.identity_options())
@@ -303,7 +286,7 @@ def build_shards(config: ShardConfig, *, progress: Callable[[int], None] | None 
             storage.storage_for(old.uri).delete_prefix(old.uri)
             log.info("removed replaced part %s (--overwrite)", old.name)
     report = ShardReport(
-        output=config.output, part=part_name, items=len(items) + len(plan.skips), written=written,
+        output=config.output, part=part_name, items=handled, written=written,
         skipped=dict(sorted(skipped.items())), existing=existing, shards=len(shards),
         bytes_written=manifest.total_bytes, bytes_read=manifest.stats["bytes_read"],
         duration_s=time.perf_counter() - started, dataset_samples=index["total_samples"],
@@ -313,6 +296,30 @@ def build_shards(config: ShardConfig, *, progress: Callable[[int], None] | None 
              config.output, part_name, written, len(shards), _format_counts(skipped) or "none",
              report.dataset_samples, report.content_id[:12])
     return report
+
+
+def _part_manifest(config: ShardConfig, part_uri: str, records: list[SampleRecord], shards: list[ShardInfo],
+                   skipped: Counter[str], started: float, *, handled: int, existing: int,
+                   bytes_read: int) -> Manifest:
+    """The new part's manifest, after writing its samples file (which the manifest names and hashes)."""
+    samples_name, samples_sha = write_samples(part_uri, records)
+    duration = round(time.perf_counter() - started, 3)
+    identity = config.identity_options()
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        shards=shards,
+        total_samples=sum(s.samples for s in shards),
+        total_bytes=sum(s.bytes for s in shards),
+        skipped=dict(sorted(skipped.items())),
+        config={"options": identity, "source": config.source,
+                "run": {k: v for k, v in asdict(config).items() if k not in identity}},
+        created_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        stats={"items": handled, "written": len(records), "existing": existing, "bytes_read": bytes_read,
+               "duration_s": duration, "samples_per_s": round(len(records) / max(duration, 1e-9), 1)},
+        content_sum=content_sum(r.identity for r in records),
+        samples_file=samples_name,
+        samples_sha256=samples_sha,
+    )
 
 
 # --- what the dataset already holds -------------------------------------------------------------------
@@ -397,7 +404,7 @@ def _nothing_new(config: ShardConfig, previous: list[Part], plan: SourcePlan, sk
 
     dataset = Dataset(uri=config.output, parts=previous, options=config.identity_options())
     log.info("nothing new in %s: %d items already in %s, nothing written", config.source, existing, config.output)
-    return ShardReport(output=config.output, part=None, items=items + len(plan.skips), written=0,
+    return ShardReport(output=config.output, part=None, items=items or len(plan.skips), written=0,
                        skipped=dict(sorted(counts.items())), existing=existing, shards=0, bytes_written=0, bytes_read=0,
                        duration_s=time.perf_counter() - started, dataset_samples=dataset_samples,
                        content_id=dataset.content_id, examples=examples or _examples(skips))

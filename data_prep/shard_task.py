@@ -70,6 +70,9 @@ class TaskContext:
     dedup: bool = True
     known_sha256: frozenset[str] = frozenset()
     """Source sha256 of every sample already in the dataset's earlier parts."""
+    known_keys: frozenset[str] = frozenset()
+    """Keys already in the dataset's earlier parts. Item tasks arrive without them (dropped while
+    planning); shard tasks find keys only while reading, and count these as existing."""
     read_threads: int = 16
     """Concurrent remote reads (HTTP, S3) per task; local files are read inline."""
 
@@ -84,6 +87,8 @@ class TaskResult:
     examples: list[Skip] = field(default_factory=list)
     """The first few skips of each reason, for the log."""
     items: int = 0
+    existing: int = 0
+    """Items the dataset already holds (shard sources only: others are filtered while planning)."""
     bytes_read: int = 0
 
     def skip(self, item: Skip) -> None:
@@ -122,6 +127,9 @@ def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | Non
                              name_for=lambda n: shard_name(task.index, n), publish=publish)
         with writer:
             for loaded in _load(task, ctx):
+                if loaded.key in ctx.known_keys:
+                    result.existing += 1
+                    continue
                 result.items += 1
                 made = _sample(loaded, ctx, seen, result)
                 if made is not None:

@@ -168,6 +168,9 @@ def test_existing_shards_are_resized_and_resharded(tmp_path):
     assert small.options["resolution"] == 32 and verify_dataset(str(tmp_path / "small")).ok
     captions = sorted(r.caption for r in read_samples(small.parts[0].uri, small.parts[0].manifest))
     assert captions == sorted(f"photo number {i}" for i in range(14))
+    rerun = build_shards(ShardConfig(source=str(tmp_path / "big"), output=str(tmp_path / "small"), resolution=32,
+                                     samples_per_shard=10, processes=1, progress=False))
+    assert rerun.nothing_new and rerun.existing == 14 and rerun.skipped == {}
     # A plain folder of .tar files (no index) is a shards source too.
     plain = tmp_path / "plain"
     plain.mkdir()

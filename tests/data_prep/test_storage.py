@@ -68,7 +68,7 @@ def test_local_path_and_scheme_checks():
     assert local_path("/data/x") == "/data/x"
     assert local_path("file:///data/my%20x") == "/data/my x"
     assert local_path(Path("/data")) == "/data"
-    with pytest.raises(StorageError, match="is an S3 URI, not a local path"):
+    with pytest.raises(StorageError, match="is an S3 URI, but only a local path works here"):
         local_path("s3://bucket/key")
     with pytest.raises(StorageError, match="slash lost"):
         storage_for(Path("s3://bucket/key"))  # pathlib collapsed it to "s3:/bucket/key"
