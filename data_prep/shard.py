@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -51,8 +52,8 @@ from data_prep.sources import SourceOptions, SourcePlan, Skip, iter_shard_sample
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("processes", "ray")
-TASKS_PER_PROCESS = 4
-"""Tasks per worker when the input is small, so every process gets work and none waits on a straggler."""
+MIN_TASK_ITEMS = 16
+"""Smallest task the guided schedule cuts (see task_slices): below it, per-task costs would show."""
 
 
 @dataclass
@@ -418,14 +419,33 @@ def _tasks(plan: SourcePlan, items: list, config: ShardConfig) -> list[Task]:
         prefix = config.source.rstrip("/") + "/"
         return [Task(index=i, shard_uri=uri, shard_id=uri[len(prefix):] if uri.startswith(prefix) else uri)
                 for i, uri in enumerate(plan.shards)]
-    # Tasks of samples_per_shard items give full shards; with several workers a small input is cut
-    # finer so each has a few tasks (the shards are then smaller than the limit; readers do not mind).
-    workers = config.worker_count()
-    size = config.samples_per_shard
-    if workers > 1:
-        size = max(1, min(size, math.ceil(len(items) / (workers * TASKS_PER_PROCESS))))
     return [Task(index=i, items=tuple(items[start:start + size]))
-            for i, start in enumerate(range(0, len(items), size))]
+            for i, (start, size) in enumerate(task_slices(len(items), config.samples_per_shard,
+                                                          config.worker_count()))]
+
+
+def task_slices(n: int, samples_per_shard: int, workers: int) -> list[tuple[int, int]]:
+    """(start, size) of each task over n items: full shards first, then shrinking tasks.
+
+    Guided scheduling, as in OpenMP: while much work remains, tasks hold samples_per_shard items
+    (full shards); towards the end each task takes 1/(2 x workers) of what is left, down to
+    MIN_TASK_ITEMS, so no worker sits idle at the end while another finishes a big task. The
+    cost is a few small shards at the end of a part, which readers do not mind. Deterministic in
+    (n, samples_per_shard, workers), like the shard names that follow from it.
+    """
+    slices = []
+    start = 0
+    while start < n:
+        remaining = n - start
+        size = samples_per_shard
+        if workers > 1:
+            size = min(size, max(MIN_TASK_ITEMS, math.ceil(remaining / (2 * workers))))
+        if remaining - size < MIN_TASK_ITEMS and remaining <= samples_per_shard:
+            size = remaining  # no sliver of a task at the very end
+        size = min(size, remaining)
+        slices.append((start, size))
+        start += size
+    return slices
 
 
 def _run(tasks: list[Task], ctx: TaskContext, config: ShardConfig, total: int | None,
@@ -443,10 +463,17 @@ def _run(tasks: list[Task], ctx: TaskContext, config: ShardConfig, total: int | 
     return sorted(results, key=lambda r: r.index)
 
 
-# Processes start from a fork server that has imported this module once: cheap to start (no
-# re-import per worker), and unlike a plain fork it never inherits the parent's threads and locks
-# (Prefect's event loop, boto3's connection pools), which a fork can deadlock on.
-_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+def start_method() -> str:
+    """How worker processes start: a plain fork when this process runs a single thread (the CLI),
+    which costs nothing; otherwise (inside a Prefect task, beside boto3's transfer threads) a fork
+    server that has imported this module once, because a fork copies other threads' held locks
+    and can deadlock on them, and spawning would re-import everything in every worker."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
 _worker_ctx: TaskContext | None = None
 _worker_counter: Any = None
 
@@ -454,7 +481,7 @@ _worker_counter: Any = None
 def _init_worker(ctx: TaskContext, counter: Any, environ: dict[str, str]) -> None:
     global _worker_ctx, _worker_counter
     _worker_ctx, _worker_counter = ctx, counter
-    # The fork server keeps the environment of the moment it started; workers must see today's
+    # A fork server keeps the environment of the moment it started; workers must see today's
     # (AWS credentials and endpoint above all), as a plain fork or spawn would.
     os.environ.clear()
     os.environ.update(environ)
@@ -472,8 +499,9 @@ def _run_in_worker(task: Task) -> TaskResult:
 
 
 def _run_in_processes(tasks: list[Task], ctx: TaskContext, processes: int, bar: _Progress) -> list[TaskResult]:
-    mp = multiprocessing.get_context(_START_METHOD)
-    if _START_METHOD == "forkserver":
+    method = start_method()
+    mp = multiprocessing.get_context(method)
+    if method == "forkserver":
         mp.set_forkserver_preload(["data_prep.shard"])
     counter = mp.Value("q", 0)
     results: list[TaskResult] = []

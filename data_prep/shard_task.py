@@ -103,7 +103,8 @@ _WHITESPACE = re.compile(r"\s+")
 def clean_caption(text: str) -> str:
     """NFC-normalised, control characters dropped, whitespace runs (newlines too) made single spaces."""
     text = unicodedata.normalize("NFC", text)
-    text = "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in text)
+    if not text.isprintable():  # rare: only then walk the characters
+        text = "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in text)
     return _WHITESPACE.sub(" ", text).strip()
 
 
@@ -229,7 +230,7 @@ def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:
 
 
 def _read_image(uri: str, ctx: TaskContext) -> bytes | Skip:
-    if uri.startswith(("http://", "https://", "file://")):
+    if uri.startswith(("http://", "https://")):
         got = fetch(uri, ctx.fetch)
         if isinstance(got, FetchFailure):
             return Skip(uri, got.reason, got.detail)
