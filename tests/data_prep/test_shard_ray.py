@@ -21,6 +21,8 @@ from tests.data_prep.inputs import write_folder
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,9 +31,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head():
-    """`ray start --head --block` in its own process group; stopping the group stops the node."""
-    import ray
+def ray_head(monkeypatch):
+    """`ray start --head --block` in its own process group; stopping the group stops the node.
+
+    Ray 2.60 clusters started this way require an auth token; the head and this test's driver share
+    one made here (not ~/.ray/auth_token, which another cluster on the machine may own).
+    """
+    import secrets
+
+    # Ray reads the mode when it is imported, so the driver must be a new process too (the CLI).
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
     beside = Path(sys.executable).parent / "ray"  # the venv's own, like the `weed` binary
     ray_bin = str(beside) if beside.exists() else shutil.which("ray")
@@ -53,7 +63,6 @@ def ray_head():
                 time.sleep(0.5)
         yield address
     finally:
-        ray.shutdown()
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
@@ -68,10 +77,16 @@ def test_ray_data_executor_matches_local_processes(tmp_path, ray_head):
     (tmp_path / "src" / "dup.txt").write_text("same bytes again")
     local = build_shards(ShardConfig(source=str(tmp_path / "src"), output=str(tmp_path / "local"), resolution=32,
                                      samples_per_shard=4, processes=2, progress=False))
-    on_ray = build_shards(ShardConfig(source=str(tmp_path / "src"), output=str(tmp_path / "ray"), resolution=32,
-                                      samples_per_shard=4, processes=2, executor="ray", ray_address=ray_head,
-                                      progress=False))
-    assert on_ray.written == local.written == 24 and on_ray.skipped == local.skipped == {"duplicate": 1}
+    # Through the CLI, as a user on a cluster node would run it.
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "shard", "--source", str(tmp_path / "src"),
+                           "--output", str(tmp_path / "ray"), "--resolution", "32", "--samples-per-shard", "4",
+                           "--processes", "2", "--ray-address", ray_head, "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    on_ray = read_dataset(str(tmp_path / "ray"))
+    assert "Ray" in proc.stderr  # the tasks ran there: the executor logs the cluster's CPUs
+    assert on_ray.total_samples == local.written == 24
+    assert on_ray.skipped() == local.skipped == {"duplicate": 1}
     assert on_ray.content_id == local.content_id
     assert verify_dataset(str(tmp_path / "ray")).ok
     assert [s.sha256 for s in read_dataset(str(tmp_path / "ray")).shards] == \
