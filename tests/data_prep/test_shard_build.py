@@ -40,7 +40,9 @@ def all_files(root: Path) -> list[str]:
 def test_folder_becomes_a_verified_part_with_index(tmp_path):
     names = write_folder(tmp_path / "src", 20)
     out = tmp_path / "out"
-    report = build_shards(config(tmp_path / "src", out))
+    seen: list[int] = []
+    report = build_shards(config(tmp_path / "src", out), progress=seen.append)
+    assert sum(seen) == 20  # every item reported to the progress callback once
 
     assert report.written == 20 and report.skipped == {} and report.existing == 0
     dataset = read_dataset(str(out))
