@@ -13,7 +13,7 @@ Groups:
   deepspeed (--deepspeed) - the real Ray Train + DeepSpeed loop, 2 workers, ZeRO stage 0 vs 2 vs 3
 
 Just the data-prep comparison (a few minutes on 2 cores):
-  .venv/bin/python -m bench.run --dataprep-only [--dataprep-samples 5000] [--dataprep-repeats 2]
+  .venv/bin/python -m bench.run --dataprep-only [--dataprep-samples 5000] [--dataprep-repeats 3]
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deepspeed", action="store_true", help="also time the Ray + DeepSpeed loop (minutes)")
     p.add_argument("--dataprep-samples", type=int, default=5000,
                    help="512x512 JPEGs for the ldmflow vs img2dataset group")
-    p.add_argument("--dataprep-repeats", type=int, default=2,
+    p.add_argument("--dataprep-repeats", type=int, default=3,
                    help="timed runs per tool and process count, interleaved; the best counts")
     p.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     p.add_argument("--no-dataprep", action="store_true", help="skip the ldmflow vs img2dataset group")

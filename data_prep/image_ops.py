@@ -31,6 +31,8 @@ IMAGE_FORMATS = ("jpg", "png", "webp")
 """Formats a shard can store images in; also the member extension in the tar."""
 
 RESIZE_MODES = ("center_crop", "pad", "none")
+JPEG_SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+"""Chroma subsampling names and Pillow's codes for them."""
 """How images are fitted to `ProcessOptions.resolution`: see ProcessOptions.resize_mode."""
 
 SKIP_REASONS = (
@@ -123,6 +125,10 @@ class ProcessOptions:
     """Encoding of the stored image: jpg, png or webp."""
     quality: int = 95
     """JPEG/WebP quality, 1-100 (ignored for png)."""
+    jpeg_subsampling: str = "4:4:4"
+    """JPEG chroma subsampling: 4:4:4 keeps full colour resolution (the colour edges of small objects stay
+    sharp at 64-256 px); 4:2:0, what most web images and img2dataset's OpenCV use, halves it for ~20% smaller
+    files and ~30% faster encoding."""
     min_size: int = 0
     """Skip images whose shorter side is below this many pixels (`too_small`); 0 keeps every size."""
     max_pixels: int = 89_478_485
@@ -145,6 +151,9 @@ class ProcessOptions:
                 f"process option `image_format` must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}"
             )
         _check_int("quality", self.quality, 1, 100)
+        if self.jpeg_subsampling not in JPEG_SUBSAMPLING:
+            raise DataPrepError(f"process option `jpeg_subsampling` must be one of {', '.join(JPEG_SUBSAMPLING)}, "
+                                f"got {self.jpeg_subsampling!r}")
         _check_int("min_size", self.min_size, 0, None)
         _check_int("max_pixels", self.max_pixels, 1, None)
         _check_int("max_bytes", self.max_bytes, 1, None)
@@ -207,7 +216,7 @@ def process_image(data: bytes, options: ProcessOptions) -> ProcessedImage:
     # resize() copies `info`, and encoders read some of it (a source JPEG comment, a PNG tRNS colour key).
     out.info = {}
     return ProcessedImage(
-        data=encode_image(out, options.image_format, options.quality),
+        data=encode_image(out, options.image_format, options.quality, subsampling=options.jpeg_subsampling),
         original_size=original_size,
         processed_size=out.size,
         aspect_bucket=aspect_bucket(*original_size, options.resolution),
@@ -468,8 +477,9 @@ def resize_pad(img: Image.Image, resolution: int, pad_color: tuple[int, int, int
     return canvas
 
 
-def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
-    """Encode an image as `fmt` ("jpg", "png" or "webp"); `quality` (1-100) is ignored for PNG.
+def encode_image(img: Image.Image, fmt: str, quality: int, *, subsampling: str = "4:4:4") -> bytes:
+    """Encode an image as `fmt` ("jpg", "png" or "webp"); `quality` (1-100) is ignored for PNG, `subsampling`
+    (see ProcessOptions.jpeg_subsampling) applies to JPEG only.
 
     No metadata is written, so the same pixels always give the same bytes.
     """
@@ -481,8 +491,7 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
         img.info = {}
     buf = io.BytesIO()
     if fmt == "jpg":
-        # 4:4:4 chroma: at 64-256 px, 4:2:0 subsampling visibly smears the colour edges of small objects.
-        img.save(buf, format="JPEG", quality=quality, subsampling=0)
+        img.save(buf, format="JPEG", quality=quality, subsampling=JPEG_SUBSAMPLING[subsampling])
     elif fmt == "webp":
         img.save(buf, format="WEBP", quality=quality, method=4)
     else:

@@ -74,6 +74,8 @@ class ShardConfig:
     """Image encoding inside the shards: jpg, png or webp."""
     quality: int = 95
     """JPEG/WebP quality, 1-100 (ignored for png)."""
+    jpeg_subsampling: str = "4:4:4"
+    """JPEG chroma subsampling: 4:4:4 (full colour resolution) or 4:2:0 (smaller, faster; what web images use)."""
     min_size: int = 0
     """Skip images whose shorter side is below this many pixels (0: keep all)."""
     max_pixels: int = 89_478_485
@@ -138,7 +140,8 @@ class ShardConfig:
 
     def process_options(self) -> ProcessOptions:
         return ProcessOptions(resolution=self.resolution, resize_mode=self.resize_mode,
-                              image_format=self.image_format, quality=self.quality, min_size=self.min_size,
+                              image_format=self.image_format, quality=self.quality,
+                              jpeg_subsampling=self.jpeg_subsampling, min_size=self.min_size,
                               max_pixels=self.max_pixels, max_bytes=self.max_image_bytes)
 
     def fetch_options(self) -> FetchOptions:
@@ -153,8 +156,8 @@ class ShardConfig:
     def identity_options(self) -> dict[str, Any]:
         """The options that change what the shards hold: part of the dataset's content id."""
         return {"resolution": self.resolution, "resize_mode": self.resize_mode, "image_format": self.image_format,
-                "quality": self.quality, "min_size": self.min_size, "keep_empty_captions": self.keep_empty_captions,
-                "dedup": self.dedup}
+                "quality": self.quality, "jpeg_subsampling": self.jpeg_subsampling, "min_size": self.min_size,
+                "keep_empty_captions": self.keep_empty_captions, "dedup": self.dedup}
 
     def worker_count(self) -> int:
         return self.processes or os.cpu_count() or 1

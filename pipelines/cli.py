@@ -56,7 +56,8 @@ def shard_config_from_args(args: argparse.Namespace):
         raise UsageError("shard needs --source and --output (or: ldmflow shard verify PATH)")
     return ShardConfig(
         source=args.source, output=args.output, resolution=args.resolution, resize_mode=args.resize_mode,
-        image_format=args.image_format, quality=args.quality, min_size=args.min_size, max_pixels=args.max_pixels,
+        image_format=args.image_format, quality=args.quality, jpeg_subsampling=args.jpeg_subsampling,
+        min_size=args.min_size, max_pixels=args.max_pixels,
         max_image_bytes=args.max_image_bytes, samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes or None, keep_empty_captions=args.keep_empty_captions,
         dedup=not args.no_dedup, source_format=args.source_format, url_column=args.url_column,
@@ -176,6 +177,8 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize-mode", default=d["resize_mode"].default, choices=["center_crop", "pad", "none"])
     g.add_argument("--image-format", default=d["image_format"].default, choices=["jpg", "png", "webp"])
     g.add_argument("--quality", type=int, default=d["quality"].default, help="JPEG/WebP quality 1-100")
+    g.add_argument("--jpeg-subsampling", default=d["jpeg_subsampling"].default, choices=["4:4:4", "4:2:2", "4:2:0"],
+                   help="JPEG chroma subsampling (default: %(default)s, full colour resolution)")
     g.add_argument("--min-size", type=int, default=d["min_size"].default, help="skip images smaller than this")
     g.add_argument("--max-pixels", type=int, default=d["max_pixels"].default,
                    help="skip images whose header claims more pixels (decompression bombs)")

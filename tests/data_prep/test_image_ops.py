@@ -618,3 +618,20 @@ def test_skip_reasons_are_the_documented_ones():
                             "corrupt_image", "too_small")
     assert IMAGE_FORMATS == ("jpg", "png", "webp")
     assert RESIZE_MODES == ("center_crop", "pad", "none")
+
+
+def test_jpeg_subsampling_option_is_applied_and_checked():
+    from PIL import JpegImagePlugin
+
+    from data_prep.errors import DataPrepError
+
+    src = io.BytesIO()
+    Image.effect_noise((300, 300), 60).convert("RGB").save(src, format="JPEG", quality=95)
+    sizes = {}
+    for name, code in (("4:4:4", 0), ("4:2:0", 2)):
+        out = process_image(src.getvalue(), ProcessOptions(resolution=128, jpeg_subsampling=name))
+        assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(out.data))) == code
+        sizes[name] = len(out.data)
+    assert sizes["4:2:0"] < sizes["4:4:4"]
+    with pytest.raises(DataPrepError, match="`jpeg_subsampling` must be one of"):
+        ProcessOptions(jpeg_subsampling="4:1:1")

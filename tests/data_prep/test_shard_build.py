@@ -243,3 +243,21 @@ def test_shard_cli_prints_a_summary_and_says_when_nothing_is_new(tmp_path, capsy
     assert "written" in out and "6 samples" in out and "empty_file" in out and "samples/s" in out
     assert main(args) == 0
     assert "nothing new" in capsys.readouterr().out
+
+
+def test_read_capped_files_and_streams(tmp_path):
+    import io
+
+    from data_prep.shard_task import read_capped
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 1000)
+    with open(path, "rb") as f:
+        assert read_capped(f, 1000) == b"x" * 1000
+    with open(path, "rb") as f:
+        assert read_capped(f, 999) is None
+    # A stream (as from S3) without a size: read in chunks, stopped just past the cap.
+    stream = io.BufferedReader(io.BytesIO(b"y" * 700_000))
+    assert read_capped(stream, 700_000) == b"y" * 700_000
+    stream = io.BufferedReader(io.BytesIO(b"y" * 700_000))
+    assert read_capped(stream, 300_000) is None and stream.tell() <= 300_001 + 256 * 1024
