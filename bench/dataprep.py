@@ -181,6 +181,16 @@ def _head_csv(csv_path: Path, rows: int, out: Path) -> Path:
     return _write_csv(out, head)
 
 
+def _split_csv(csv_path: Path, out_dir: Path) -> tuple[Path, Path]:
+    """The source CSV's rows in two halves, for the machine-ceiling run."""
+    with csv_path.open(newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        rows = [tuple(r) for r in reader]
+    half = len(rows) // 2
+    return _write_csv(out_dir / "half-1.csv", rows[:half]), _write_csv(out_dir / "half-2.csv", rows[half:])
+
+
 # --- the two tools -----------------------------------------------------------------------------------
 
 
@@ -318,6 +328,7 @@ def bench_dataprep(work: Path, n: int, *, repeats: int = 2, seed: int = 0,
     print(f"dataprep: generating {n} {SOURCE_SIZE}x{SOURCE_SIZE} JPEGs", flush=True)
     csv_path = make_source(work / "source", n, seed)
     warm_csv = _head_csv(csv_path, WARMUP_ROWS, work / "warmup.csv")
+    halves = _split_csv(csv_path, work)
     per_shard = max(1, math.ceil(n / SHARDS))
 
     commands: dict[str, Callable[[Path, Path, int], list[str]]] = {
@@ -347,6 +358,8 @@ def bench_dataprep(work: Path, n: int, *, repeats: int = 2, seed: int = 0,
             for tool in order:
                 if tool not in result.unavailable:
                     _measure(result, tool, commands[tool], csv_path, work / f"out-{tool}", processes)
+        if "ldmflow" not in result.unavailable:
+            _measure_ceiling(result, commands["ldmflow"], halves, work)
     result.busy_cores.append(busy_cores())
     result.best = {k: v for k, v in result.best.items() if k[0] not in result.unavailable}
     return result
@@ -370,6 +383,34 @@ def busy_cores(seconds: float = 1.0) -> float:
     except (OSError, ValueError, IndexError):
         return math.nan
     return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+CEILING = "2 x ldmflow 1 proc on halves"
+"""Two independent one-process runs at once, each on half the source: no shared pool, no shared parent,
+so their speed over the whole source is what this machine allows two processes; a parallel run can at
+best match it. It tells whether ldmflow's 2-process scaling is limited by ldmflow or by the machine."""
+
+
+def _measure_ceiling(result: DataprepResult, command: Callable[[Path, Path, int], list[str]],
+                     halves: tuple[Path, Path], work: Path) -> None:
+    outs = [work / f"out-half-{i}" for i in (1, 2)]
+    for out in outs:
+        shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    procs = [subprocess.Popen(command(src, out, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=_tool_env()) for src, out in zip(halves, outs)]
+    codes = [p.wait(timeout=TOOL_TIMEOUT_S) for p in procs]
+    seconds = time.perf_counter() - start
+    written = sum(count_images(out) for out in outs) if codes == [0, 0] else 0
+    for out in outs:
+        shutil.rmtree(out, ignore_errors=True)
+    if written == 0:
+        result.unavailable[CEILING] = f"exit codes {codes}"
+        return
+    run = Run(CEILING, 2, seconds, written)
+    result.runs.append(run)
+    result.best[(CEILING, 2)] = max(result.best.get((CEILING, 2), 0.0), run.images_per_s)
+    print(f"dataprep: {CEILING}: {written} images in {seconds:.2f}s ({run.images_per_s:.1f}/s)", flush=True)
 
 
 def _measure(result: DataprepResult, tool: str, command: Callable[[Path, Path, int], list[str]],

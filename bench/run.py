@@ -141,7 +141,7 @@ def bench_deepspeed(work: Path, steps: int) -> list[Row]:
 
 def bench_dataprep(work: Path, n: int, repeats: int) -> tuple[list[Row], dict]:
     """Rows for the data-prep group, and the details (every timed run, commands, derived ratios) for the JSON."""
-    from bench.dataprep import PROCESS_COUNTS, bench_dataprep as measure
+    from bench.dataprep import CEILING, PROCESS_COUNTS, bench_dataprep as measure
 
     def label(tool: str, processes: int) -> str:
         return f"{tool} {processes} proc{'s' if processes > 1 else ''}"
@@ -158,11 +158,16 @@ def bench_dataprep(work: Path, n: int, repeats: int) -> tuple[list[Row], dict]:
             ratio_to = label("img2dataset", p) if tool == "ldmflow" else label("img2dataset", PROCESS_COUNTS[0])
             rows.append(Row("dataprep", label(tool, p), result.best[(tool, p)], "images/s", ratio_to=ratio_to))
     lo, hi = PROCESS_COUNTS[0], PROCESS_COUNTS[-1]
+    if (CEILING, hi) in result.best:
+        rows.append(Row("dataprep", CEILING, result.best[(CEILING, hi)], "images/s", ratio_to=label("ldmflow", lo),
+                        note="the machine's ceiling for 2 processes"))
     ratios = {
         f"ldmflow/img2dataset at {lo} proc": result.ratio(("ldmflow", lo), ("img2dataset", lo)),
         f"ldmflow/img2dataset at {hi} procs": result.ratio(("ldmflow", hi), ("img2dataset", hi)),
         f"ldmflow {hi} procs/{lo} proc": result.ratio(("ldmflow", hi), ("ldmflow", lo)),
         f"img2dataset {hi} procs/{lo} proc": result.ratio(("img2dataset", hi), ("img2dataset", lo)),
+        f"machine ceiling ({CEILING})/ldmflow {lo} proc": result.ratio((CEILING, hi), ("ldmflow", lo)),
+        f"ldmflow {hi} procs/machine ceiling": result.ratio(("ldmflow", hi), (CEILING, hi)),
     }
     details = {
         "samples": result.samples,
@@ -204,7 +209,7 @@ def print_table(rows: list[Row]) -> None:
 def print_ratios(title: str, ratios: dict[str, float | None]) -> None:
     print(f"\n{title}")
     for name, value in ratios.items():
-        print(f"  {name:<34} {'n/a' if value is None else f'{value:.2f}x'}")
+        print(f"  {name:<52} {'n/a' if value is None else f'{value:.2f}x'}")
 
 
 def _json_safe(value):

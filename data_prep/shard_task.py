@@ -35,6 +35,9 @@ from data_prep.manifest import ShardInfo
 from data_prep.shard_writer import ShardWriter, shard_name
 from data_prep.sources import SHARD_IMAGE_EXTS, ItemRef, Skip, iter_shard_samples, key_for, read_sidecar_caption
 
+PROGRESS_EVERY = 16
+"""Items between progress calls: in a process pool each call takes a lock shared with the other workers."""
+
 SKIP_EXAMPLES_PER_REASON = 5
 """Skips per reason a task reports in detail; the rest are only counted."""
 
@@ -126,6 +129,7 @@ def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | Non
     """Process one task; its shards are published under ctx.part_uri as they complete."""
     result = TaskResult(index=task.index)
     seen: set[str] = set()
+    unreported = 0  # items handled since the last progress call
     with staging(ctx.part_uri) as (folder, publish):
         writer = ShardWriter(folder, ctx.samples_per_shard, max_bytes=ctx.max_shard_bytes,
                              name_for=lambda n: shard_name(task.index, n), publish=publish)
@@ -141,8 +145,12 @@ def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | Non
                     writer.write(sample)
                     result.records.append(SampleRecord(key=loaded.key, sha256=sha, source_id=loaded.source_id,
                                                        shard=writer.last_name, caption=loaded.caption or ""))
-                if progress is not None:
-                    progress(1)
+                unreported += 1
+                if progress is not None and unreported >= PROGRESS_EVERY:
+                    progress(unreported)
+                    unreported = 0
+        if progress is not None and unreported:
+            progress(unreported)
     result.shards = list(writer.shards)
     return result
 
