@@ -141,7 +141,8 @@ def bench_deepspeed(work: Path, steps: int) -> list[Row]:
 
 def bench_dataprep(work: Path, n: int, repeats: int) -> tuple[list[Row], dict]:
     """Rows for the data-prep group, and the details (every timed run, commands, derived ratios) for the JSON."""
-    from bench.dataprep import CEILING, PROCESS_COUNTS, bench_dataprep as measure
+    from bench.dataprep import CEILING, PROCESS_COUNTS
+    from bench.dataprep import bench_dataprep as measure
 
     def label(tool: str, processes: int) -> str:
         return f"{tool} {processes} proc{'s' if processes > 1 else ''}"

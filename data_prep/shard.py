@@ -47,7 +47,7 @@ from data_prep.image_ops import IMAGE_FORMATS, RESIZE_MODES, ProcessOptions
 from data_prep.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardInfo, write_manifest
 from data_prep.shard_task import SKIP_EXAMPLES_PER_REASON, Task, TaskContext, TaskResult, run_task, staging
 from data_prep.shard_writer import ShardWriter
-from data_prep.sources import SourceOptions, SourcePlan, Skip, iter_shard_samples, plan_source
+from data_prep.sources import Skip, SourceOptions, SourcePlan, iter_shard_samples, plan_source
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,9 @@ def _previous_parts(config: ShardConfig) -> list[Part]:
     if dataset.options != config.identity_options() and not config.overwrite:
         changed = sorted(k for k in set(dataset.options) | set(config.identity_options())
                          if dataset.options.get(k) != config.identity_options().get(k))
+        was = ", ".join(f"{k}={dataset.options.get(k)!r}" for k in changed)
         raise DataPrepError(
-            f"{config.output} was built with different options ({', '.join(f'{k}={dataset.options.get(k)!r}' for k in changed)}); "
+            f"{config.output} was built with different options ({was}); "
             "new items must be processed the same way: use the same options, pass --overwrite, "
             "or choose another --output"
         )

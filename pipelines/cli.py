@@ -11,11 +11,9 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from data_prep.errors import DataPrepError
-from training.config import ConfigError, RunConfig, load_config
-from training.errors import DataError
+from training.errors import ConfigError, DataError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -34,7 +32,9 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def build_run_config(args: argparse.Namespace) -> RunConfig:
+def build_run_config(args: argparse.Namespace):
+    from training.config import load_config  # imported here: `ldmflow shard` and `synth` do not need it
+
     return load_config(args.config, overrides_from_args(args))
 
 

@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names it and what is allowed."""
+from training.errors import ConfigError
 
 
 def _check(condition: bool, key: str, allowed: str, got: Any) -> None:

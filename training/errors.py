@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """The shards cannot feed this run (wrong resolution, too few samples, ...)."""
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it and what is allowed."""

@@ -27,9 +27,8 @@ def generate_from_registry(model_uri: str, prompt: str, out_dir: str | Path, *, 
     import mlflow.pyfunc
     import pandas as pd
 
-    from training.tracking import setup_mlflow
-
     from data_prep import storage
+    from training.tracking import setup_mlflow
 
     out_dir = Path(storage.local_path(out_dir))  # checked before the (slow) model load
     setup_mlflow()

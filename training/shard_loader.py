@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_prep import storage
 from data_prep.dataset import Dataset, ShardRef, read_dataset

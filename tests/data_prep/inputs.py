@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
-import struct
 import zlib
-from pathlib import Path
 from pathlib import Path
 
 import numpy as np

@@ -89,7 +89,8 @@ def test_shard_report_is_a_prefect_artifact(flow_result):
 
     async def read():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["shard-report"])))
+            key = ArtifactFilterKey(any_=["shard-report"])
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
 
     artifacts = anyio.run(read)
     assert artifacts and artifacts[-1].type == "markdown"
