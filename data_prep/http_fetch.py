@@ -7,7 +7,7 @@ the shard stage counts as a skip. Only bad options (DataPrepError) and bugs rais
 
 from __future__ import annotations
 
-import http.client
+import functools
 import math
 import os
 import random
@@ -17,13 +17,12 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from requests.cookies import extract_cookies_to_jar
+if TYPE_CHECKING:
+    import requests
 
 from data_prep.errors import DataPrepError
 
@@ -36,13 +35,19 @@ MAX_REDIRECTS = 10
 _CHUNK_BYTES = 64 * 1024
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _NON_IMAGE_OK_TYPES = ("application/octet-stream", "binary/octet-stream")
-_FINAL_ERRORS = (
-    requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
-    OSError,
-    ValueError,
-)
+
+
+@functools.cache
+def _final_errors() -> tuple[type[BaseException], ...]:
+    # requests (with urllib3) is imported on first use: a third of the shard CLI's start-up otherwise,
+    # paid by every run, though only sources with http(s) URLs need it.
+    import http.client
+
+    import requests
+    import urllib3
+
+    return (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, ValueError)
+
 # Backoff jitter exists to de-synchronise workers, so it must differ between forked worker processes;
 # a seeded or module-level random.Random would be copied by fork and every worker would sleep in step.
 _jitter = random.SystemRandom()
@@ -148,6 +153,8 @@ def _backoff_seconds(base: float, retry: int) -> float:
 
 def _attempt_http(url: str, options: FetchOptions, session: requests.Session) -> tuple[bytes | FetchFailure, bool]:
     """One attempt, following redirects: (result, whether the failure is worth retrying)."""
+    import requests
+
     try:
         for _ in range(MAX_REDIRECTS + 1):
             with _send_once(session, url, options) as resp:
@@ -164,7 +171,7 @@ def _attempt_http(url: str, options: FetchOptions, session: requests.Session) ->
         # ConnectionError covers DNS failures, refused and reset connections and connect timeouts;
         # Timeout covers read timeouts; ChunkedEncodingError is a connection broken mid-body.
         return FetchFailure("fetch_failed", _describe(e)), True
-    except _FINAL_ERRORS as e:
+    except _final_errors() as e:
         # Invalid URLs and headers, undecodable gzip, protocol oddities urllib3 lets through: final.
         return FetchFailure("fetch_failed", _describe(e)), False
 
@@ -178,6 +185,9 @@ def _send_once(session: requests.Session, url: str, options: FetchOptions) -> re
     fill Response.next. A redirect with a huge body would bypass max_bytes. Closing an unread response
     drops its connection instead.
     """
+    import requests
+    from requests.cookies import extract_cookies_to_jar
+
     request = session.prepare_request(requests.Request("GET", url, headers={"User-Agent": options.user_agent}))
     # Proxies from the environment, CA bundle and client certificate, as Session.send would use.
     settings = session.merge_environment_settings(request.url, {}, True, None, None)
@@ -272,6 +282,9 @@ class _ThreadSessions:
     def get(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
             session = requests.Session()
             # max_retries=0: retries are counted in `fetch` alone, so their number is exact. More pools
             # than the default 10 because one thread's URLs span many hosts; one connection per host
