@@ -363,7 +363,11 @@ def _known_samples(parts: list[Part]) -> tuple[set[str], set[str]]:
 
 
 def _remove_orphans(output: str, parts: list[Part]) -> None:
-    """Delete part folders no index lists: what a killed run left behind (never visible to readers)."""
+    """Delete part folders no index lists: what a killed run left behind (never visible to readers).
+
+    This assumes one writer per dataset at a time (README): a concurrent run's part in progress is
+    unlisted too. A lock would need conditional writes, which not every S3-compatible store has.
+    """
     listed = {p.name for p in parts}
     store = storage.storage_for(output)
     orphans = sorted({o.name.split("/", 1)[0] for o in store.list(output)
