@@ -186,13 +186,20 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 (bf16/fp16 want GPUs)."""
+    """fp32, bf16 or fp16. bf16/fp16 need train.use_gpu=true (or train.allow_cpu_half_precision)."""
     caption_dropout: float = 0.1
     """Probability a caption is replaced by the empty string, for classifier-free guidance."""
     num_workers: int = 2
     """Ray Train workers (one DeepSpeed rank each)."""
-    use_gpu: bool | None = None
-    """Give each worker a GPU; None means yes when the Ray cluster has GPUs."""
+    use_gpu: bool = False
+    """Give each worker one GPU. The GPU presets set true: Ray then asks for num_workers GPUs, which
+    an autoscaling cluster (RAY_ADDRESS) provides by adding GPU nodes, and a local Ray with fewer
+    GPUs refuses before training. Never inferred from the GPUs present at launch: an autoscaling
+    cluster starts with none, and the run would silently train on CPU."""
+    allow_cpu_half_precision: bool = False
+    """Allow bf16/fp16 with train.use_gpu=false. It exists for CPU smoke tests of the bf16 code path
+    (DeepSpeed's bf16 engine, ZeRO-3 partitions, export to fp32); a real run in half precision on
+    CPU is slow and almost always a mistake, so it must be asked for by name."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves per worker; also torch's thread count in the worker."""
     seed: int = 0
@@ -216,6 +223,14 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0-3", self.zero_stage)
         _check(self.precision in PRECISIONS, "train.precision", f"one of {', '.join(PRECISIONS)}",
                self.precision)
+        # Half precision is a GPU setting: without a GPU it is a forgotten train.use_gpu, unless the
+        # run says it wants to exercise that path on CPU.
+        if self.precision in ("bf16", "fp16") and not self.use_gpu and not self.allow_cpu_half_precision:
+            raise ConfigError(
+                f"config key `train.precision` is {self.precision} but `train.use_gpu` is false: "
+                "set train.use_gpu=true for a GPU run, train.precision=fp32 for a CPU run, or "
+                f"train.allow_cpu_half_precision=true to run {self.precision} on CPU on purpose"
+            )
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
                f"one of {', '.join(LR_SCHEDULES)}", self.lr_schedule)
         _check(self.lr > 0, "train.lr", "> 0", self.lr)

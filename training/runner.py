@@ -49,13 +49,14 @@ def train(cfg: RunConfig, data_dir: str) -> TrainOutcome:
     final checkpoint."""
     import mlflow
 
-    from training.launcher import launch
+    from training.launcher import launch, prepare_cluster
     from training.models import build_frozen, frozen_hashes
 
     if not storage.is_s3(data_dir):
         data_dir = str(Path(storage.local_path(data_dir)).resolve())
     dataset = check_data(cfg, data_dir)
     vae, text = build_frozen(cfg.model)  # a wrong model path fails here, before any run exists
+    prepare_cluster(cfg)  # and a request Ray cannot place fails here, also before any run exists
     frozen = frozen_hashes(vae, text)
     uri = setup_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment)

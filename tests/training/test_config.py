@@ -48,6 +48,8 @@ def test_hash_changes_with_any_value():
     ("train.max_steps=1.5", "`train.max_steps` must be an integer"),
     ("train.ema.enabled=maybe", "`train.ema.enabled` must be true or false"),
     ("train.precision=fp8", "`train.precision` must be one of fp32, bf16, fp16"),
+    ("train.precision=bf16", "`train.precision` is bf16 but `train.use_gpu` is false"),
+    ("train.use_gpu=auto", "`train.use_gpu` must be true or false, got 'auto'"),
     ("model.resolution=60", "`model.resolution` must be a multiple of 16"),
     ("model.unet.down_block_types=[DownBlock2D]", "`model.unet.down_block_types` must be a list of 3"),
     ("nonsense", "must look like key=value"),

@@ -28,7 +28,8 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
     generate_synthetic(tmp_path / "raw", 16, seed=2)
     build_shards(ShardConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "shards"), samples_per_shard=4))
     cfg = load_config(ROOT / "configs/tiny.yaml", [
-        "train.zero_stage=3", "train.precision=bf16", "train.ema.enabled=false", "train.max_steps=3",
+        "train.zero_stage=3", "train.precision=bf16", "train.allow_cpu_half_precision=true",
+        "train.ema.enabled=false", "train.max_steps=3",
         "train.batch_size=4", "tracking.run_name=zero3-bf16",
     ])
     try:
