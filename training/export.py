@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from training.checkpointing import DEEPSPEED_DIR, EMA_FILE, read_state
+from training.checkpointing import EMA_FILE, consolidated_weights, load_ema, read_state
 from training.config import RunConfig, config_from_dict
 from training.models import build_components, frozen_hashes, sampling_scheduler
 
@@ -23,18 +23,16 @@ log = logging.getLogger(__name__)
 
 def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Module, *, use_ema: bool) -> str:
     """Load the checkpoint's UNet weights into `unet`; returns which weights were used."""
-    state = read_state(checkpoint_dir)
+    state = read_state(checkpoint_dir, verify_hashes=True)
     if use_ema and (checkpoint_dir / EMA_FILE).is_file():
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(unet.parameters(), decay=cfg.train.ema.decay)
-        ema.load_state_dict(torch.load(checkpoint_dir / EMA_FILE, map_location="cpu", weights_only=False))
+        load_ema(checkpoint_dir, ema)
         ema.copy_to(unet.parameters())
         return "ema"
     # Consolidates any ZeRO stage (partitioned fp32 master weights) into one state dict.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=state.tag)
+    weights = consolidated_weights(checkpoint_dir, state.tag)
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RuntimeError(

@@ -20,14 +20,18 @@ import torch.distributed as dist
 
 from training.checkpointing import (
     DEEPSPEED_DIR,
-    EMA_FILE,
+    CheckpointError,
     TrainState,
+    load_deepspeed_checkpoint,
+    load_ema,
     load_rank_files,
     mark_committed,
     read_state,
     restore_rng,
     rng_state,
+    save_ema,
     save_rank_files,
+    write_file_list,
 )
 from training.config import RunConfig, TrainConfig, config_from_dict
 from training.models import Components, build_components, frozen_hashes
@@ -242,8 +246,10 @@ def make_metric_logger(payload: dict, ctx: WorkerContext):
 
 def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
                     ctx: WorkerContext, metrics: dict) -> None:
-    """Every rank saves its part into a local folder; Ray merges the folders into one checkpoint
-    and registers it only once every rank has reported."""
+    """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
+    rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
+    each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
+    has reported; readers verify the lists (see training.checkpointing), not the upload order."""
     import ray.train
 
     local = Path(tempfile.mkdtemp(prefix=f"ldm-ckpt-{state.step}-r{ctx.rank}-"))
@@ -252,11 +258,15 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
         engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=state.tag)
         save_rank_files(local, ctx.rank, loader=loader.to_dict(), rng=rng_state(generator))
         if ctx.rank == 0 and ema is not None:
-            torch.save(ema.state_dict(), local / EMA_FILE)
+            save_ema(local, ema)
+        digest = write_file_list(local, ctx.rank)
+        file_lists = [digest]
         if dist.is_initialized():
-            dist.barrier()  # every rank's part is on disk before the marker says so
+            # Also the barrier: no rank's list is missing when rank 0 writes the marker.
+            file_lists = [""] * ctx.world_size
+            dist.all_gather_object(file_lists, digest)
         if ctx.rank == 0:
-            mark_committed(local, state)
+            mark_committed(local, state, file_lists)
         ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -264,19 +274,19 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
 
 def restore(directory: Path, engine, ema, generator: torch.Generator, ctx: WorkerContext,
             frozen: dict) -> tuple[TrainState, LoaderState]:
-    state = read_state(directory)
+    # Every rank hashes every listed file (the whole checkpoint) before loading any of it: a resume
+    # reads seconds per GB more, and never starts from a corrupt or partly uploaded checkpoint.
+    state = read_state(directory, verify_hashes=True)
     if state.world_size != ctx.world_size:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {directory} was written by {state.world_size} workers but this run has "
             f"{ctx.world_size}; resume with train.num_workers={state.world_size}"
         )
     if state.frozen != frozen:
-        raise RuntimeError(f"checkpoint {directory} was trained against different frozen weights")
-    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=state.tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {directory / DEEPSPEED_DIR}/{state.tag}")
+        raise CheckpointError(f"checkpoint {directory} was trained against different frozen weights")
+    load_deepspeed_checkpoint(engine, directory, state.tag)
     if ema is not None:
-        ema.load_state_dict(torch.load(directory / EMA_FILE, map_location=ctx.device, weights_only=False))
+        load_ema(directory, ema, ctx.device)
     loader, rng = load_rank_files(directory, ctx.rank)
     restore_rng(rng, generator)
     return state, LoaderState.from_dict(loader)
