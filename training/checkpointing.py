@@ -4,6 +4,8 @@ One checkpoint directory holds everything a resume needs, saved together and res
 
     deepspeed/<tag>/...      DeepSpeed engine: UNet, optimizer, LR schedule (each rank its part)
     ema.safetensors          EMA of the UNet (rank 0), scalars in the safetensors metadata
+    unet.safetensors         final checkpoint only: the full UNet state dict in the engine's training
+                             dtype, gathered by every rank (a collective under ZeRO-3), written by rank 0
     loader/rank-<r>.json     each rank's stream position (epoch, samples consumed)
     rng/rank-<r>.pt          each rank's generators, as tensors and plain numbers only
     files/rank-<r>.json      every file rank r wrote above, with its size and sha256
@@ -48,6 +50,7 @@ import torch
 COMMITTED = "COMMITTED"
 DEEPSPEED_DIR = "deepspeed"
 EMA_FILE = "ema.safetensors"
+UNET_FILE = "unet.safetensors"
 FILES_DIR = "files"
 STATE_FILE = "train_state.json"
 FORMAT = 2
@@ -146,6 +149,27 @@ def save_ema(directory: Path, ema) -> None:
     tmp = directory / f".{EMA_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"ema": json.dumps(scalars), "count": str(len(tensors))})
     os.replace(tmp, directory / EMA_FILE)
+
+
+def save_unet_weights(directory: Path, weights: dict[str, torch.Tensor], *, step: int) -> None:
+    """The gathered UNet state dict (rank 0, final checkpoint) as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    tmp = directory / f".{UNET_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"step": str(step), "format": "ldmflow-unet"})
+    os.replace(tmp, directory / UNET_FILE)
+
+
+def load_unet_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / UNET_FILE), device="cpu")
+
+
+def listed_files(directory: Path, rank: int) -> dict[str, dict]:
+    """The files rank `rank` listed (call after read_state, which checks the list's digest)."""
+    return json.loads(file_list_path(Path(directory), rank).read_text())["files"]
 
 
 def write_file_list(directory: Path, rank: int) -> str:

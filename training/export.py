@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from training.checkpointing import EMA_FILE, consolidated_weights, load_ema, read_state
+from training.checkpointing import (
+    EMA_FILE,
+    UNET_FILE,
+    consolidated_weights,
+    listed_files,
+    load_ema,
+    load_unet_weights,
+    read_state,
+)
 from training.config import RunConfig, config_from_dict
 from training.models import build_components, frozen_hashes, sampling_scheduler
 
@@ -22,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Module, *, use_ema: bool) -> str:
-    """Load the checkpoint's UNet weights into `unet`; returns which weights were used."""
+    """Load the checkpoint's UNet weights into `unet`; returns which weights were used: "ema" (rank
+    0's EMA), "gathered" (unet.safetensors, the full UNet the workers gathered at the final step) or
+    "deepspeed" (older or intermediate checkpoints: DeepSpeed's partitions consolidated here)."""
     state = read_state(checkpoint_dir, verify_hashes=True)
     if use_ema and (checkpoint_dir / EMA_FILE).is_file():
         from diffusers.training_utils import EMAModel
@@ -31,14 +41,23 @@ def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Modul
         load_ema(checkpoint_dir, ema)
         ema.copy_to(unet.parameters())
         return "ema"
-    # Consolidates any ZeRO stage (partitioned fp32 master weights) into one state dict.
-    weights = consolidated_weights(checkpoint_dir, state.tag)
+    if UNET_FILE in listed_files(checkpoint_dir, 0):  # listed, so read_state checked its sha256
+        # Training dtype (bf16/fp16/fp32); load_state_dict upcasts into the fp32 export UNet.
+        _load_exact(unet, load_unet_weights(checkpoint_dir))
+        return "gathered"
+    # Consolidates any ZeRO stage's partitioned fp32 master weights into one state dict on this
+    # machine: the whole optimizer state passes through memory, so only for checkpoints without
+    # the gathered file.
+    _load_exact(unet, consolidated_weights(checkpoint_dir, state.tag))
+    return "deepspeed"
+
+
+def _load_exact(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise RuntimeError(
             f"checkpoint UNet does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    return "deepspeed"
 
 
 def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[StableDiffusionPipeline, RunConfig]:

@@ -31,6 +31,7 @@ from training.checkpointing import (
     rng_state,
     save_ema,
     save_rank_files,
+    save_unet_weights,
     write_file_list,
 )
 from training.config import RunConfig, TrainConfig, config_from_dict
@@ -116,7 +117,7 @@ def train_loop_per_worker(payload: dict) -> None:
         if state.step % cfg.train.checkpoint_every == 0 or last:
             if metrics_log is not None:
                 metrics_log.flush()
-            save_and_report(engine, ema, state, loader_state, generator, ctx, metrics)
+            save_and_report(engine, ema, state, loader_state, generator, ctx, metrics, final=last)
 
     if metrics_log is not None and not metrics_log.flush():
         log.warning("%d metrics could not reach MLflow", len(metrics_log.pending))
@@ -244,12 +245,66 @@ def make_metric_logger(payload: dict, ctx: WorkerContext):
     return BufferedMetricLogger(payload["mlflow_run_id"], payload["tracking_uri"], flush_every=200)
 
 
+GATHER_CHUNK_BYTES = 256 << 20
+"""ZeRO-3 export gathers parameters in groups of about this many bytes (full size, all ranks)."""
+
+
+def gather_unet_weights(engine, ctx: WorkerContext) -> dict[str, torch.Tensor] | None:
+    """The engine's full UNet state dict, on CPU, in the module's own (training) dtype; every rank
+    must call it (under ZeRO-3 it is a series of collectives), only rank 0 gets the dict.
+
+    Stages 0-2 keep the full module on every rank, so rank 0 just copies it. ZeRO-3 partitions each
+    parameter across ranks: they are all-gathered a group at a time (GATHER_CHUNK_BYTES), copied to
+    CPU on rank 0 and released, so no rank ever holds more than one group beyond its partition."""
+    module = engine.module
+    if not engine.zero_optimization_partition_weights():
+        if ctx.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    import deepspeed
+
+    keys = list(module.state_dict().keys())  # parameters are placeholders here, names are right
+    params = list(module.named_parameters())
+    weights: dict[str, torch.Tensor] = {}
+    group: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def gather(group) -> None:
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            if ctx.rank == 0:
+                for name, p in group:
+                    weights[name] = p.detach().to("cpu", copy=True)
+
+    for name, p in params:
+        group.append((name, p))
+        size += getattr(p, "ds_numel", p.numel()) * p.element_size()
+        if size >= GATHER_CHUNK_BYTES:
+            gather(group)
+            group, size = [], 0
+    if group:
+        gather(group)
+    if ctx.rank != 0:
+        return None
+    # Buffers are not partitioned; keep only persistent ones (those in the state dict).
+    for name, b in module.named_buffers():
+        if name in keys and name not in weights:
+            weights[name] = b.detach().to("cpu", copy=True)
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise RuntimeError(f"gathered UNet weights miss {missing[:3]}")
+    return {k: weights[k] for k in keys}
+
+
 def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
-                    ctx: WorkerContext, metrics: dict) -> None:
+                    ctx: WorkerContext, metrics: dict, *, final: bool = False) -> None:
     """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
     rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
     each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
-    has reported; readers verify the lists (see training.checkpointing), not the upload order."""
+    has reported; readers verify the lists (see training.checkpointing), not the upload order.
+
+    The final checkpoint also holds unet.safetensors: the full UNet gathered by the workers (every
+    rank takes part, rank 0 writes and lists it), so the export never consolidates optimizer shards."""
     import ray.train
 
     local = Path(tempfile.mkdtemp(prefix=f"ldm-ckpt-{state.step}-r{ctx.rank}-"))
@@ -259,6 +314,11 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
         save_rank_files(local, ctx.rank, loader=loader.to_dict(), rng=rng_state(generator))
         if ctx.rank == 0 and ema is not None:
             save_ema(local, ema)
+        if final:
+            weights = gather_unet_weights(engine, ctx)  # a collective under ZeRO-3: every rank
+            if ctx.rank == 0:
+                save_unet_weights(local, weights, step=state.step)
+            del weights
         digest = write_file_list(local, ctx.rank)
         file_lists = [digest]
         if dist.is_initialized():

@@ -1,0 +1,184 @@
+"""Export at every ZeRO stage, EMA on and off: a real single-process DeepSpeed engine over the tiny
+UNet is trained by the worker's own functions and saved by worker.save_and_report (Ray's report
+replaced by a copy into storage), then exported and sampled. The final checkpoint carries the UNet
+the workers gathered; the export must use it (or the EMA) and never consolidate optimizer shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import export as export_module
+from training.checkpointing import UNET_FILE, CheckpointError, TrainState, read_state
+from training.config import load_config
+from training.models import build_components, frozen_hashes
+from training.shard_loader import Batch, LoaderState
+from training.worker import WorkerContext, build_ema, build_engine, forward_backward, save_and_report
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One gloo group of 1 for the module. DeepSpeed caches its groups: forget those an earlier
+    module's (destroyed) group left behind, and release ours through deepspeed.comm at the end."""
+    import deepspeed.comm
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    groups._release_process_group_references(None)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if deepspeed.comm.comm.cdb is not None:  # DeepSpeed ran here: release its references too
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def ray_report_copies(monkeypatch, tmp_path):
+    """ray.train.report(checkpoint=...) replaced by a copy of the rank's folder into storage."""
+    import ray.train
+
+    stored = []
+
+    def report(metrics, checkpoint=None):
+        target = tmp_path / f"checkpoint_{len(stored):06d}"
+        shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
+        stored.append(target)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    return stored
+
+
+def module_weights(engine) -> dict[str, torch.Tensor]:
+    """The engine's module weights as fp32, gathered here independently of the worker's gather."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_partition_weights():
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def train_and_save(tmp_path: Path, stored: list, stage: int, precision: str, ema_on: bool,
+                   save_steps: tuple[int, ...] = (STEPS,)):
+    overrides = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.allow_cpu_half_precision=true",
+                 f"train.ema.enabled={str(ema_on).lower()}", f"train.max_steps={STEPS}", "train.batch_size=2",
+                 "train.grad_accum=1", "train.warmup_steps=0", "train.num_workers=1"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
+    parts = build_components(cfg.model, seed=cfg.train.seed)
+    engine = build_engine(parts.unet, cfg.train, ctx)
+    ema = build_ema(engine.module, cfg.train)
+    generator = torch.Generator().manual_seed(0)
+    state = TrainState(world_size=1, config=cfg.to_dict(), frozen=frozen_hashes(parts.vae, parts.text))
+    loader = LoaderState()
+    data = torch.Generator().manual_seed(1)
+    while state.step < cfg.train.max_steps:
+        batch = Batch(pixels=torch.rand(2, 3, 64, 64, generator=data) * 2 - 1,
+                      captions=["a red circle", "a blue square"], keys=["a", "b"])
+        forward_backward(engine, parts, batch, cfg, generator, ctx)
+        engine.step()
+        if ema is not None:
+            ema.step(engine.module.parameters())
+        state.step += 1
+        state.samples_seen += 2
+        if state.step in save_steps:
+            save_and_report(engine, ema, state, loader, generator, ctx, {}, final=state.step == cfg.train.max_steps)
+    return engine, ema, stored[-1]
+
+
+def no_consolidation(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export consolidated the optimizer shards")
+
+    monkeypatch.setattr(export_module, "consolidated_weights", refuse)
+
+
+CASES = [
+    (0, "fp32", False), (0, "fp32", True), (0, "bf16", False),
+    (1, "fp32", False), (1, "fp32", True),
+    (2, "fp32", False), (2, "bf16", True),
+    (3, "fp32", False), (3, "bf16", False),
+]
+
+
+@pytest.mark.parametrize("stage,precision,ema_on", CASES, ids=[f"zero{s}-{p}-ema_{e}" for s, p, e in CASES])
+def test_trains_exports_and_generates(tmp_path, process_group, ray_report_copies, monkeypatch, caplog,
+                                      stage, precision, ema_on):
+    from training.pyfunc_model import generate_images
+
+    engine, ema, ckpt = train_and_save(tmp_path, ray_report_copies, stage, precision, ema_on)
+    read_state(ckpt, verify_hashes=True)
+    listed = json.loads((ckpt / "files/rank-0.json").read_text())["files"]
+    assert UNET_FILE in listed, "the gathered UNet must be covered by rank 0's file list"
+
+    # Written once, in the training dtype, equal to the engine's module at the last step.
+    from safetensors.torch import load_file
+
+    gathered = load_file(str(ckpt / UNET_FILE))
+    reference = module_weights(engine)
+    expected_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert gathered.keys() == reference.keys()
+    assert all(t.dtype == expected_dtype for t in gathered.values())
+
+    no_consolidation(monkeypatch)
+    with caplog.at_level("INFO", logger="training.export"):
+        pipe, _ = export_module.build_pipeline(ckpt)
+    exported = pipe.unet.state_dict()
+    assert pipe.unet.dtype == torch.float32
+    if ema_on:
+        assert "from ema" in caplog.text
+        shadows = [p.float() for p in ema.shadow_params]
+        assert all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), shadows))
+        # And without EMA, the same checkpoint exports the gathered raw weights.
+        pipe_raw, _ = export_module.build_pipeline(ckpt, use_ema=False)
+        exported = pipe_raw.unet.state_dict()
+    else:
+        assert "from gathered" in caplog.text
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+    images = generate_images(pipe, ["a red circle on a blue background"], steps=2, guidance=3.0, seed=0)
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_intermediate_checkpoint_falls_back_to_consolidation(tmp_path, process_group, ray_report_copies):
+    """A checkpoint before the last step has no gathered file: the export consolidates DeepSpeed's
+    fp32 master weights, as before."""
+    engine, _, ckpt = train_and_save(tmp_path, ray_report_copies, 2, "fp32", False, save_steps=(1,))
+    assert not (ckpt / UNET_FILE).exists()
+    pipe, _ = export_module.build_pipeline(ckpt)
+    assert all(torch.isfinite(t).all() for t in pipe.unet.state_dict().values())
+
+
+def test_corrupt_gathered_file_is_refused(tmp_path, process_group, ray_report_copies):
+    _, _, ckpt = train_and_save(tmp_path, ray_report_copies, 1, "fp32", False)
+    data = bytearray((ckpt / UNET_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / UNET_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=UNET_FILE):
+        export_module.build_pipeline(ckpt)
