@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,6 +89,11 @@ def train_loop_per_worker(payload: dict) -> None:
                          seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer, state=loader_state)
     batches = iter(stream)
     metrics_log = make_metric_logger(payload, ctx)
+    publish_worker_processes(metrics_log, ctx)
+    if checkpoint is not None and metrics_log is not None:
+        # A restart is part of the run's history: MLflow shows it beside the loss curve.
+        metrics_log.log({"resumed_from_step": state.step}, step=state.step)
+        metrics_log.flush()
     window = LossWindow()
     metrics: dict[str, float] = {}
 
@@ -243,6 +249,26 @@ def make_metric_logger(payload: dict, ctx: WorkerContext):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return BufferedMetricLogger(payload["mlflow_run_id"], payload["tracking_uri"], flush_every=200)
+
+
+def publish_worker_processes(metrics_log, ctx: WorkerContext) -> None:
+    """Tag the MLflow run with the process behind each rank, `worker.rank<N>` = "<host> <pid>"
+    (rewritten whenever the worker group restarts), so a rank's process can be found and signalled.
+    Every rank must call it (it is a collective); only rank 0, which holds the logger, writes."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    processes = [me]
+    if dist.is_initialized():
+        processes = [""] * ctx.world_size
+        dist.all_gather_object(processes, me)
+    if metrics_log is None:
+        return
+    from mlflow.entities import RunTag
+
+    try:
+        metrics_log.client.log_batch(metrics_log.run_id, synchronous=True,
+                                     tags=[RunTag(f"worker.rank{r}", p) for r, p in enumerate(processes)])
+    except Exception as e:  # like the metrics: a tracking outage never stops training
+        log.warning("could not tag the MLflow run with its worker processes: %s", e)
 
 
 GATHER_CHUNK_BYTES = 256 << 20

@@ -1,13 +1,18 @@
 """A worker killed mid-run: Ray restarts the group from the latest committed checkpoint and the run
-finishes with every step logged exactly once (a restart from scratch would repeat steps)."""
+finishes with every step logged exactly once (a restart from scratch would repeat steps).
+
+The test finds everything it needs in what its own run exposes: the MLflow run (found by its unique
+name) tags each rank's process (`worker.rank<N>`), checkpoints land under the run's own Ray storage
+folder (`runs/ray/train-<run id>/`), and a restore logs `resumed_from_step`."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -18,29 +23,75 @@ import torch
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 12
+CHECKPOINT_EVERY = 4
+STEPS = 40
+"""Long enough (about 10 s on 2 CPU cores after the first checkpoint) that the kill, which waits
+REGISTRATION_GRACE_S after one, lands well before the last step; the test fails if it does not."""
+REGISTRATION_GRACE_S = 5.0
+"""Ray's controller registers a checkpoint when it next polls the workers (every 2 s by default), after
+every rank has uploaded its part: the kill waits this long after the checkpoint is complete."""
 
 
-def registered_checkpoints(storage: Path) -> int:
-    """Checkpoints Ray's controller has registered (its snapshot is written after registration)."""
-    for snapshot in storage.glob("train-*/checkpoint_manager_snapshot.json"):
+def find_run_id(client, experiment: str, run_name: str) -> str | None:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    return runs[0].info.run_id if runs else None
+
+
+def complete_checkpoint_steps(run_storage: Path) -> set[int]:
+    """Steps of the run's checkpoints that are COMMITTED and whose listed files are all in place."""
+    from training.checkpointing import COMMITTED, CheckpointError, read_state
+
+    steps = set()
+    for marker in run_storage.glob(f"checkpoint_*/{COMMITTED}"):
         try:
-            return len(json.loads(snapshot.read_text())["checkpoint_results"])
-        except (OSError, ValueError, KeyError):
-            return 0
-    return 0
+            steps.add(read_state(marker.parent, verify_hashes=True).step)
+        except (CheckpointError, OSError, ValueError, KeyError):
+            pass  # still uploading, or deleted by Ray's retention meanwhile
+    return steps
 
 
-def kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event, killed: list) -> None:
+def own_worker(pid: int) -> psutil.Process:
+    """The process only if it is a Ray Train worker of the Ray this test process started."""
+    proc = psutil.Process(pid)
+    assert proc.pid in {p.pid for p in psutil.Process().children(recursive=True)}, \
+        f"pid {pid} is not a descendant of this test process"
+    assert "RayTrainWorker" in " ".join(proc.cmdline()), proc.cmdline()
+    return proc
+
+
+def kill_rank_1_after_a_checkpoint(experiment: str, run_name: str, done: threading.Event, kill: dict) -> None:
+    from mlflow import MlflowClient
+
+    from training.tracking import runs_dir, tracking_uri
+
+    client = MlflowClient(tracking_uri())
     deadline = time.monotonic() + 600
-    while not done.is_set() and time.monotonic() < deadline:
-        if registered_checkpoints(storage) >= 1:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
-                    return
-        time.sleep(0.1)
+    run_id = None
+    try:
+        while not done.is_set() and time.monotonic() < deadline:
+            run_id = run_id or find_run_id(client, experiment, run_name)
+            storage = runs_dir() / "ray" / f"train-{run_id}"
+            if run_id and complete_checkpoint_steps(storage) - {STEPS}:
+                break
+            time.sleep(0.1)
+        else:
+            return
+        if done.wait(REGISTRATION_GRACE_S):
+            return
+        host, pid = client.get_run(run_id).data.tags["worker.rank1"].split()
+        assert host == socket.gethostname(), host
+        proc = own_worker(int(pid))
+        kill["committed"] = complete_checkpoint_steps(storage)
+        if STEPS in kill["committed"] or done.is_set():
+            return  # too late: the run is finishing; the test fails on `kill` having no pid
+        os.kill(proc.pid, signal.SIGKILL)
+        kill["pid"] = proc.pid
+        print(f"killed rank 1 (pid {proc.pid}) with checkpoints at steps {sorted(kill['committed'])}")
+    except Exception as e:  # reported by the test, not lost in the thread
+        kill["error"] = repr(e)
 
 
 def test_training_survives_a_killed_worker(tmp_path):
@@ -52,24 +103,31 @@ def test_training_survives_a_killed_worker(tmp_path):
     from training.checkpointing import read_state
     from training.config import load_config
     from training.runner import train
-    from training.tracking import runs_dir
 
+    run_name = f"worker-loss-{uuid.uuid4().hex[:12]}"
     generate_synthetic(tmp_path / "raw", 32, seed=1)
     build_shards(ShardConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "shards"), samples_per_shard=8))
     cfg = load_config(ROOT / "configs/tiny.yaml", [
-        f"train.max_steps={STEPS}", "train.checkpoint_every=4", "train.log_every=1", "train.max_failures=1",
-        "train.ema.enabled=false", "tracking.run_name=worker-loss",
+        f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1",
+        "train.max_failures=1", "train.ema.enabled=false", f"tracking.run_name={run_name}",
     ])
-    done, killed = threading.Event(), []
-    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint,
-                               args=(runs_dir() / "ray", done, killed), daemon=True)
+    done, kill = threading.Event(), {}
+    watcher = threading.Thread(target=kill_rank_1_after_a_checkpoint,
+                               args=(cfg.tracking.experiment, run_name, done, kill), daemon=True)
     watcher.start()
     try:
         outcome = train(cfg, str(tmp_path / "shards"))
     finally:
         done.set()
+        watcher.join(timeout=30)
         ray.shutdown()
-    assert killed, "the test never killed a worker"
+    assert "error" not in kill, kill["error"]
+    assert "pid" in kill, f"the test never killed rank 1 before the last step: {kill}"
+    # The restart shows in the run: restored from a checkpoint committed when rank 1 died, not the last.
+    resumed = MlflowClient().get_metric_history(outcome.run_id, "resumed_from_step")
+    assert len(resumed) == 1, resumed
+    assert resumed[0].value == resumed[0].step, resumed
+    assert resumed[0].step in kill["committed"] and resumed[0].step < STEPS, (resumed, kill)
 
     state = read_state(outcome.checkpoint_dir)
     assert state.step == STEPS
@@ -79,7 +137,7 @@ def test_training_survives_a_killed_worker(tmp_path):
     assert set(steps) == set(range(1, STEPS + 1)), steps
     # Steps up to the first checkpoint ran once: the restart resumed from it rather than from zero.
     # (Later steps may repeat if the kill landed after a metric flush but before its checkpoint.)
-    assert all(steps[s] == 1 for s in range(1, 5)), steps
+    assert all(steps[s] == 1 for s in range(1, CHECKPOINT_EVERY + 1)), steps
 
     # EMA is off here, so export consolidates the ZeRO-2 partitions with DeepSpeed's zero_to_fp32.
     from training.export import build_pipeline
