@@ -202,7 +202,7 @@ def read_sidecar_caption(data: bytes, uri: str, caption_field: str) -> str:
 
 def _table_kind(source: str) -> str | None:
     lower = source.lower()
-    for suffix in (".gz", ".zst", ""):
+    for suffix in (".gz", ""):
         if suffix and not lower.endswith(suffix):
             continue
         stem = lower[: len(lower) - len(suffix)] if suffix else lower

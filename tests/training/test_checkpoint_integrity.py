@@ -5,10 +5,8 @@ Ray's upload does. No Ray; one test runs a real single-process DeepSpeed engine.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -217,29 +215,6 @@ def test_ema_round_trips_through_safetensors(tmp_path: Path):
 
 
 # --- DeepSpeed's own files, loaded with weights_only=True --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """One gloo group of 1 for the module: DeepSpeed caches its groups, so it must not be rebuilt."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
