@@ -173,8 +173,9 @@ class Storage(ABC):
         """Size in bytes; NoSuchObjectError if missing."""
 
     @abstractmethod
-    def open_read(self, uri: str) -> BinaryIO:
-        """A streaming binary reader (close it, or use `with`); NoSuchObjectError if missing."""
+    def open_read(self, uri: str, start: int = 0) -> BinaryIO:
+        """A streaming binary reader (close it, or use `with`) from byte `start` on (a seek for files, a
+        ranged GET for S3); NoSuchObjectError if missing."""
 
     def read_bytes(self, uri: str) -> bytes:
         """The whole object; NoSuchObjectError if missing."""
@@ -241,12 +242,15 @@ class LocalStorage(Storage):
         except OSError as e:
             raise _local_error(e, uri, "stat") from e
 
-    def open_read(self, uri: str) -> BinaryIO:
+    def open_read(self, uri: str, start: int = 0) -> BinaryIO:
         path = local_path(uri)
         try:
-            return open(path, "rb")
+            f = open(path, "rb")
         except OSError as e:
             raise _local_error(e, uri, "read") from e
+        if start:
+            f.seek(start)
+        return f
 
     def put_file(self, local_path: str, uri: str) -> None:
         _check_source(local_path, uri)
@@ -520,10 +524,11 @@ class S3Storage(Storage):
         except Exception as e:
             raise self._error(e, uri, "stat") from e
 
-    def open_read(self, uri: str) -> BinaryIO:
+    def open_read(self, uri: str, start: int = 0) -> BinaryIO:
         bucket, key = _split_s3(uri)
+        ranged = {"Range": f"bytes={start}-"} if start else {}
         try:
-            body = self.client().get_object(Bucket=bucket, Key=key)["Body"]
+            body = self.client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
         except Exception as e:
             raise self._error(e, uri, "read") from e
         return cast(BinaryIO, io.BufferedReader(_BodyReader(body), buffer_size=1 * MiB))
