@@ -97,11 +97,19 @@ def cmd_shard_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.runner import check_data, publish, train
+    from training.runner import check_data, publish, resume, train
 
-    cfg = build_run_config(args)
-    check_data(cfg, args.data)
-    outcome = train(cfg, args.data)
+    if args.resume:
+        if args.data or args.storage or args.config != DEFAULT_CONFIG:
+            raise UsageError("--resume continues a run with its own config, data and storage; "
+                             "give only --max-steps, --num-workers or --set train.<key> with it")
+        outcome, cfg = resume(args.resume, overrides_from_args(args))
+    else:
+        if not args.data:
+            raise UsageError("--data is required (or --resume RUN_ID to continue a run)")
+        cfg = build_run_config(args)
+        check_data(cfg, args.data)
+        outcome = train(cfg, args.data, storage_uri=args.storage)
     print(f"MLflow run {outcome.run_id}; final checkpoint {outcome.checkpoint_dir}")
     if not args.no_register:
         version = publish(outcome, cfg)
@@ -217,7 +225,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="Ray Train + DeepSpeed training, tracked and registered in MLflow")
     add_train_args(p)
-    p.add_argument("--data", required=True, help="dataset folder or s3:// prefix written by `ldmflow shard`")
+    p.add_argument("--data", help="dataset folder or s3:// prefix written by `ldmflow shard`")
+    p.add_argument("--storage", help="where Ray Train keeps checkpoints: a path every node sees or "
+                   "s3://bucket/prefix (default: $LDMFLOW_STORAGE, else runs/ray)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its latest verified "
+                   "checkpoint (after its driver died, or with a higher --max-steps)")
     p.add_argument("--no-register", action="store_true", help="train only; skip export and registration")
     p.set_defaults(func=cmd_train)
 

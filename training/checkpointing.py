@@ -39,7 +39,7 @@ import json
 import os
 import pickle
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -206,9 +206,14 @@ def mark_committed(directory: Path, state: TrainState, file_lists: list[str]) ->
 # --- reading ----------------------------------------------------------------------------------
 
 
-def read_state(directory: str | Path, *, verify_hashes: bool = False) -> TrainState:
+def read_state(directory: str | Path, *, verify_hashes: bool = False,
+               only: Callable[[str], bool] | None = None) -> TrainState:
     """Load train_state.json of a checkpoint after checking that it is committed and that every
-    file each rank listed is there with its size (and sha256 when `verify_hashes`)."""
+    file each rank listed is there with its size (and sha256 when `verify_hashes`).
+
+    `only` narrows the file check to the listed files it selects (a partial local copy, e.g. the
+    export's, which fetches the UNet weights but not the optimizer shards); the marker, state and
+    file lists are always checked."""
     directory = Path(directory)
     marker_path = directory / COMMITTED
     if not marker_path.is_file():
@@ -241,8 +246,9 @@ def read_state(directory: str | Path, *, verify_hashes: bool = False) -> TrainSt
             if required.as_posix() not in listed:
                 raise CheckpointError(f"{directory / list_name} does not list {required.as_posix()}")
         for rel, meta in listed.items():
-            _check_listed_file(directory, rel, meta, verify_hashes)
             deepspeed_files += rel.startswith(f"{DEEPSPEED_DIR}/{state.tag}/")
+            if only is None or only(rel):
+                _check_listed_file(directory, rel, meta, verify_hashes)
     if not deepspeed_files:
         raise CheckpointError(f"checkpoint {directory} lists no files under {DEEPSPEED_DIR}/{state.tag}/")
     return state
@@ -336,6 +342,16 @@ def consolidated_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
 
     with _module_torch_load(zero_to_fp32):
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag)
+
+
+def stage0_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full UNet state dict of a ZeRO stage-0 checkpoint (DeepSpeed's model file, training dtype):
+    stage 0 writes no ZeRO optimizer shards for zero_to_fp32 to consolidate."""
+    path = Path(directory) / DEEPSPEED_DIR / tag / "mp_rank_00_model_states.pt"
+    state = safe_torch_load(path, map_location="cpu")
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise CheckpointError(f"{path} holds no module state dict")
+    return state["module"]
 
 
 @contextmanager

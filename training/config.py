@@ -152,6 +152,7 @@ class ModelConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+CHECKPOINT_UPLOADS = ("async", "sync")
 
 
 @dataclass(kw_only=True)
@@ -190,7 +191,15 @@ class TrainConfig:
     caption_dropout: float = 0.1
     """Probability a caption is replaced by the empty string, for classifier-free guidance."""
     num_workers: int = 2
-    """Ray Train workers (one DeepSpeed rank each)."""
+    """Ray Train workers (one DeepSpeed rank each); the most an elastic run uses."""
+    min_workers: int | None = None
+    """Elastic training: Ray Train runs with as many workers between min_workers and num_workers as
+    the cluster can place, and restarts with a different count after a failure. A checkpoint
+    written by N workers resumes on M through DeepSpeed's universal checkpoint, with the data
+    re-split so that no sample of the epoch is skipped or repeated. None: always num_workers."""
+    loader_workers: int = 2
+    """DataLoader processes per worker that read and decode shards ahead of the step (0: in the
+    training process)."""
     use_gpu: bool = False
     """Give each worker one GPU. The GPU presets set true: Ray then asks for num_workers GPUs, which
     an autoscaling cluster (RAY_ADDRESS) provides by adding GPU nodes, and a local Ray with fewer
@@ -212,6 +221,9 @@ class TrainConfig:
     """Steps between checkpoints (a final one is always written)."""
     checkpoints_to_keep: int = 2
     """Checkpoints Ray keeps; older ones are deleted."""
+    checkpoint_upload: str = "async"
+    """async: Ray uploads a checkpoint to storage in the background while training goes on (it
+    counts once every rank's upload finished); sync: the step waits for the upload."""
     max_failures: int = 1
     """Worker-group restarts Ray attempts from the latest checkpoint before giving up."""
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -238,6 +250,12 @@ class TrainConfig:
         _check(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)",
                self.caption_dropout)
         _check(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
+        _check(self.loader_workers >= 0, "train.loader_workers", ">= 0", self.loader_workers)
+        _check(self.checkpoint_upload in CHECKPOINT_UPLOADS, "train.checkpoint_upload",
+               f"one of {', '.join(CHECKPOINT_UPLOADS)}", self.checkpoint_upload)
+        if self.min_workers is not None:
+            _check(1 <= self.min_workers <= self.num_workers, "train.min_workers",
+                   f"between 1 and train.num_workers ({self.num_workers})", self.min_workers)
         # ZeRO-3 partitions parameters across ranks, so no rank holds the full weights to average.
         _check(not (self.ema.enabled and self.zero_stage == 3), "train.ema.enabled",
                "false when train.zero_stage is 3 (EMA needs full parameters on each rank)", True)

@@ -6,6 +6,7 @@ model_index.json`` with safetensors weights, readable by ``StableDiffusionPipeli
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,13 +16,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from training.checkpointing import (
+    COMMITTED,
     EMA_FILE,
+    FILES_DIR,
+    STATE_FILE,
     UNET_FILE,
     consolidated_weights,
     listed_files,
     load_ema,
     load_unet_weights,
     read_state,
+    stage0_weights,
 )
 from training.config import RunConfig, config_from_dict
 from training.models import build_components, frozen_hashes, sampling_scheduler
@@ -29,11 +34,33 @@ from training.models import build_components, frozen_hashes, sampling_scheduler
 log = logging.getLogger(__name__)
 
 
+EXPORT_FILES = (COMMITTED, STATE_FILE, FILES_DIR + "/", EMA_FILE, UNET_FILE)
+"""What an export reads from a final checkpoint; DeepSpeed's optimizer shards only when neither
+weights file is there."""
+
+
+def fetch_for_export(uri: str, local_dir: Path) -> Path:
+    """The checkpoint at `uri` (local path or s3://) as a local folder the export can read: a local
+    checkpoint as it is; from S3 its markers, file lists and UNet/EMA weights, and DeepSpeed's
+    partitions only for a checkpoint that has neither weights file (a stage-0 model file or the
+    optimizer shards to consolidate)."""
+    from training.run_storage import download_checkpoint
+
+    def exported(rel: str) -> bool:
+        return rel in (COMMITTED, STATE_FILE, EMA_FILE, UNET_FILE) or rel.startswith(FILES_DIR + "/")
+
+    local = download_checkpoint(uri, Path(local_dir), only=exported)
+    listed = {rel for rank in range(read_state(local, only=exported).world_size) for rel in listed_files(local, rank)}
+    if EMA_FILE in listed or UNET_FILE in listed:
+        return local
+    return download_checkpoint(uri, Path(local_dir))
+
+
 def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Module, *, use_ema: bool) -> str:
     """Load the checkpoint's UNet weights into `unet`; returns which weights were used: "ema" (rank
     0's EMA), "gathered" (unet.safetensors, the full UNet the workers gathered at the final step) or
     "deepspeed" (older or intermediate checkpoints: DeepSpeed's partitions consolidated here)."""
-    state = read_state(checkpoint_dir, verify_hashes=True)
+    state = read_state(checkpoint_dir, verify_hashes=True, only=_weights_needed(checkpoint_dir, use_ema))
     if use_ema and (checkpoint_dir / EMA_FILE).is_file():
         from diffusers.training_utils import EMAModel
 
@@ -45,11 +72,28 @@ def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Modul
         # Training dtype (bf16/fp16/fp32); load_state_dict upcasts into the fp32 export UNet.
         _load_exact(unet, load_unet_weights(checkpoint_dir))
         return "gathered"
+    if cfg.train.zero_stage == 0:
+        # Stage 0 partitions nothing and writes no ZeRO optimizer shards to consolidate; the model
+        # file holds the full UNet in the training dtype.
+        _load_exact(unet, stage0_weights(checkpoint_dir, state.tag))
+        return "deepspeed"
     # Consolidates any ZeRO stage's partitioned fp32 master weights into one state dict on this
     # machine: the whole optimizer state passes through memory, so only for checkpoints without
     # the gathered file.
     _load_exact(unet, consolidated_weights(checkpoint_dir, state.tag))
     return "deepspeed"
+
+
+def _weights_needed(checkpoint_dir: Path, use_ema: bool):
+    """Which listed files load_trained_unet needs present: the EMA or gathered weights when the
+    checkpoint has them (an export fetched from S3 has only those), else everything."""
+    lists = list((Path(checkpoint_dir) / FILES_DIR).glob("rank-*.json"))
+    listed = {rel for path in lists for rel in json.loads(path.read_text())["files"]}
+    if use_ema and EMA_FILE in listed:
+        return lambda rel: rel == EMA_FILE
+    if UNET_FILE in listed:
+        return lambda rel: rel == UNET_FILE
+    return None
 
 
 def _load_exact(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -62,7 +106,7 @@ def _load_exact(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None
 
 def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[StableDiffusionPipeline, RunConfig]:
     """Rebuild the components from the checkpoint's own config and load the trained UNet."""
-    state = read_state(checkpoint_dir)
+    state = read_state(checkpoint_dir, only=_weights_needed(checkpoint_dir, use_ema))
     cfg = config_from_dict(state.config)
     parts = build_components(cfg.model, seed=cfg.train.seed)
     frozen = frozen_hashes(parts.vae, parts.text)

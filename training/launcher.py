@@ -19,10 +19,14 @@ from training.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+SAMPLE_LOG_ENV = "LDMFLOW_SAMPLE_LOG"
+"""A folder where every rank logs the keys of each batch it trains on (see training.worker.SampleLog)."""
+
+
 @dataclass
 class LaunchResult:
-    checkpoint_dir: Path
-    """The final committed checkpoint (a local path for a local storage path)."""
+    checkpoint: str
+    """The final committed checkpoint: a local path, or an s3:// URI for S3 storage."""
     metrics: dict
 
 
@@ -31,16 +35,16 @@ def ensure_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
+    quiet = {"worker_process_setup_hook": "training.launcher.quiet_ray_internals"}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=quiet)
         return
     # A local Ray gets enough logical CPUs for the requested workers even on a 2-core machine:
     # the workers share the cores, which is what a CPU smoke run wants. (So check_resources' CPU
     # check never fires for a Ray started here; GPUs are whatever Ray detects on this machine.)
     wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": "training.launcher.quiet_ray_internals"})
+    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, runtime_env=quiet)
 
 
 def quiet_ray_internals() -> None:
@@ -75,19 +79,20 @@ def check_local_resources(cfg: RunConfig, *, gpus: float, cpus: float) -> None:
     process had already started a smaller local Ray itself (`ray.init(num_cpus=...)`).
     """
     train = cfg.train
+    workers = train.min_workers or train.num_workers  # an elastic run starts with what it can place
     problems = []
-    if train.use_gpu and gpus < train.num_workers:
+    if train.use_gpu and gpus < workers:
         cpu_run = "set train.use_gpu=false for a CPU run"
         if train.precision != "fp32":
             cpu_run += (f" (with train.precision=fp32, or train.allow_cpu_half_precision=true to keep "
                         f"{train.precision})")
         fewer = f", lower train.num_workers to {int(gpus)} to use the GPUs here" if gpus >= 1 else ""
         problems.append(
-            f"train.use_gpu=true asks for {train.num_workers} GPU workers (train.num_workers={train.num_workers}) "
+            f"train.use_gpu=true asks for {workers} GPU workers (train.num_workers={train.num_workers}) "
             f"but the local Ray has {int(gpus)} GPUs: {cpu_run}{fewer}, "
             "or set RAY_ADDRESS to a Ray cluster with (or autoscaling to) GPU nodes"
         )
-    wanted_cpus = train.num_workers * train.cpus_per_worker
+    wanted_cpus = workers * train.cpus_per_worker
     if cpus < wanted_cpus:
         problems.append(
             f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker} "
@@ -105,46 +110,77 @@ def prepare_cluster(cfg: RunConfig) -> None:
     check_resources(cfg)
 
 
-def launch(cfg: RunConfig, data_dir: str, *, storage_dir: Path, name: str, mlflow_run_id: str | None,
+def scaling_config(cfg: RunConfig):
+    """Workers ask for GPUs exactly when the config says so (never from the GPUs present now: an
+    autoscaling cluster starts with none). With train.min_workers the group is elastic: Ray Train
+    starts it with as many workers as it can place between min and max, and resizes it on failure;
+    each (re)start resumes through a universal checkpoint when the count changed."""
+    import ray.train
+
+    train = cfg.train
+    gpu = train.use_gpu
+    workers = train.num_workers if train.min_workers is None else (train.min_workers, train.num_workers)
+    return ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=gpu,
+        resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+    )
+
+
+def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow_run_id: str | None,
            tracking_uri: str | None, frozen: dict) -> LaunchResult:
-    """Run training to cfg.train.max_steps and return the final checkpoint."""
+    """Run training to cfg.train.max_steps and return the final checkpoint.
+
+    Ray keeps the run under `storage_uri`/`name` (local or s3://; on a cluster it must be storage
+    every node reaches). A launch under the name of an earlier one (`ldmflow train --resume`)
+    continues from that run's latest checkpoint: see training.worker.checkpoint_directory.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from training.run_storage import ray_storage
     from training.worker import train_loop_per_worker
 
     prepare_cluster(cfg)
-    # From the config, never from the GPUs present now: an autoscaling cluster starts with none.
-    gpu = cfg.train.use_gpu
+    storage_path, filesystem = ray_storage(storage_uri)
     payload = {
         "config": cfg.to_dict(),
         "data": str(data_dir),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "frozen": frozen,
-        # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data).
+        # Where Ray keeps this run: the workers look there for the latest verified checkpoint.
+        "run_location": storage.join(storage_uri, name),
+        "sample_log": os.environ.get(SAMPLE_LOG_ENV),
+        # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data and storage).
         "storage_env": storage.env_for_workers(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if gpu else {})},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage_dir),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    log.info("training %s on %d %s workers (ZeRO-%d)", name, cfg.train.num_workers, "GPU" if gpu else "CPU",
-             cfg.train.zero_stage)
+    log.info("training %s on %s %s workers (ZeRO-%d), checkpoints in %s", name, cfg.train.num_workers
+             if cfg.train.min_workers is None else f"{cfg.train.min_workers}-{cfg.train.num_workers}",
+             "GPU" if cfg.train.use_gpu else "CPU", cfg.train.zero_stage, storage.join(storage_uri, name))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return LaunchResult(checkpoint_dir=Path(result.checkpoint.path), metrics=dict(result.metrics or {}))
+    return LaunchResult(checkpoint=checkpoint_uri(storage_uri, storage_path, result.checkpoint.path),
+                        metrics=dict(result.metrics or {}))
+
+
+def checkpoint_uri(storage_uri: str, storage_path: str, path: str) -> str:
+    """Ray's checkpoint path (relative to its filesystem) as the URI the rest of ldmflow reads."""
+    if not storage.is_s3(storage_uri):
+        return str(path)
+    return "s3://" + str(path).lstrip("/")

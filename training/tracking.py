@@ -103,6 +103,14 @@ class BufferedMetricLogger:
         if len(self.pending) >= self.flush_every:
             self.flush()
 
+    def last_logged_step(self, key: str) -> int:
+        """The highest step of `key` already in the run (0 if none or the store is unreachable)."""
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception as e:  # an outage: the worst case is a step logged twice, never a stall
+            log.warning("could not read %s's history from MLflow: %s", key, e)
+            return 0
+
     def flush(self) -> bool:
         while self.pending:
             chunk = self.pending[:1000]  # MLflow's log_batch limit

@@ -6,6 +6,7 @@ log -> checkpoint. Each phase is a function below the loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,6 +14,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from training.checkpointing import (
+    COMMITTED,
     DEEPSPEED_DIR,
     CheckpointError,
     TrainState,
@@ -38,7 +42,7 @@ from training.checkpointing import (
 from training.config import RunConfig, TrainConfig, config_from_dict
 from training.models import Components, build_components, frozen_hashes
 from training.objective import diffusion_loss, drop_captions, encode_latents
-from training.shard_loader import LoaderState, ShardStream
+from training.shard_loader import LoaderState, ShardStream, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ def train_loop_per_worker(payload: dict) -> None:
     if ctx.device.type == "cpu":
         # DeepSpeed picks its accelerator once, on first use; without a GPU it must be told.
         os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(payload.get("storage_env", {}))
     torch.set_num_threads(cfg.train.cpus_per_worker)
 
     # --- build -----------------------------------------------------------------------------
@@ -69,39 +74,48 @@ def train_loop_per_worker(payload: dict) -> None:
     frozen = check_frozen(parts, payload["frozen"])
     parts.vae.to(ctx.device)
     parts.text.model.to(ctx.device)
-    engine = build_engine(parts.unet, cfg.train, ctx)
-    ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + ctx.rank)
     state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen)
-    loader_state = LoaderState()
+    loader_state = None
 
-    # --- restore (Ray hands back the latest committed checkpoint after a worker failure) ---
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, loader_state = restore(Path(directory), engine, ema, generator, ctx, frozen)
-        log.info("rank %d resumed at step %d (epoch %d, %d samples in)", ctx.rank, state.step,
-                 loader_state.epoch, loader_state.consumed)
+    # --- restore: Ray's latest checkpoint of this launch (after a worker failure), else the
+    # checkpoint `ldmflow train --resume` chose; a different worker count goes through a universal
+    # checkpoint, which the engine must be configured to load before it is built.
+    with checkpoint_directory(payload, ctx) as directory:
+        saved = read_state(directory, verify_hashes=True) if directory is not None else None
+        elastic = saved is not None and saved.world_size != ctx.world_size
+        engine = build_engine(parts.unet, cfg.train, ctx, load_universal=elastic)
+        ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
+        if saved is not None:
+            state, loader_state = restore(directory, saved, engine, ema, generator, ctx, frozen, cfg)
+            log.info("rank %d resumed at step %d (written by %d workers, now %d)", ctx.rank, state.step,
+                     saved.world_size, ctx.world_size)
 
-    os.environ.update(payload.get("storage_env", {}))
     stream = ShardStream(payload["data"], rank=ctx.rank, world_size=ctx.world_size,
-                         batch_size=cfg.train.batch_size, resolution=cfg.model.resolution,
-                         seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer, state=loader_state)
+                         batch_size=cfg.train.batch_size, resolution=cfg.model.resolution, seed=cfg.train.seed,
+                         state=loader_state, loader_workers=cfg.train.loader_workers,
+                         shuffle_buffer=cfg.train.shuffle_buffer, pin_memory=ctx.device.type == "cuda")
     batches = iter(stream)
     metrics_log = make_metric_logger(payload, ctx)
     publish_worker_processes(metrics_log, ctx)
-    if checkpoint is not None and metrics_log is not None:
+    logged_through = 0
+    if saved is not None and metrics_log is not None:
+        # Steps between the checkpoint and the failure may have reached MLflow already; the resumed
+        # run recomputes them exactly, so they are not logged twice.
+        logged_through = metrics_log.last_logged_step("loss")
         # A restart is part of the run's history: MLflow shows it beside the loss curve.
         metrics_log.log({"resumed_from_step": state.step}, step=state.step)
         metrics_log.flush()
     window = LossWindow()
     metrics: dict[str, float] = {}
+    sample_log = SampleLog(payload.get("sample_log"), ctx.rank)
 
     # --- train -----------------------------------------------------------------------------
     while state.step < cfg.train.max_steps:
         started = time.perf_counter()
         for _ in range(cfg.train.grad_accum):
-            batch = next(batches)  # load batch
+            batch = next(batches)  # load batch (decoded ahead by the loader's processes)
+            sample_log.add(state.step + 1, batch.keys, batch.epochs)
             loss = forward_backward(engine, parts, batch, cfg, generator, ctx)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add(loss, len(batch.captions))
@@ -109,24 +123,108 @@ def train_loop_per_worker(payload: dict) -> None:
             ema.step(engine.module.parameters())
         state.step += 1
         state.samples_seen += cfg.train.batch_size * cfg.train.grad_accum * ctx.world_size
-        window.elapsed += time.perf_counter() - started
+        window.end_step(time.perf_counter() - started)
 
         last = state.step == cfg.train.max_steps
         if state.step % cfg.train.log_every == 0 or last:
-            metrics = window.reduce(ctx, engine, state, loader_state)
-            if metrics_log is not None:
+            metrics = window.reduce(ctx, engine, state, stream.state)
+            if metrics_log is not None and state.step > logged_through:
                 metrics_log.log(metrics, step=state.step)
             if ctx.rank == 0:
                 log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", state.step, cfg.train.max_steps,
                          metrics["loss"], metrics["lr"], metrics["samples_per_sec"])
             window = LossWindow()
         if state.step % cfg.train.checkpoint_every == 0 or last:
-            if metrics_log is not None:
+            began = time.perf_counter()
+            save_and_report(engine, ema, state, stream.state, generator, ctx, metrics, cfg.train, final=last)
+            if metrics_log is not None and state.step > logged_through:
+                # The step's stall: saving, listing and (sync mode) uploading the checkpoint.
+                metrics_log.log({"checkpoint_seconds": time.perf_counter() - began}, step=state.step)
                 metrics_log.flush()
-            save_and_report(engine, ema, state, loader_state, generator, ctx, metrics, final=last)
 
+    batches.close()  # stops the loader processes
+    sample_log.close()
     if metrics_log is not None and not metrics_log.flush():
         log.warning("%d metrics could not reach MLflow", len(metrics_log.pending))
+
+
+@contextmanager
+def checkpoint_directory(payload: dict, ctx: WorkerContext) -> Iterator[Path | None]:
+    """The checkpoint this (re)start of the worker group resumes from, as a local directory
+    (downloaded from S3), or None for a fresh run.
+
+    Rank 0 picks the later of Ray's latest registered checkpoint and the latest verified one in the
+    run's storage, and every rank takes its pick. The two differ when a checkpoint was fully
+    uploaded but not yet registered when a worker or the driver died (Ray registers a checkpoint
+    only after every rank's asynchronous upload finished and its controller next polled): resuming
+    from it instead of the older one saves up to checkpoint_every steps."""
+    import ray.train
+
+    from training.run_storage import ray_storage
+
+    choice = None
+    if ctx.rank == 0:
+        choice = _latest_checkpoint(ray.train.get_checkpoint(), payload.get("run_location"))
+    if dist.is_initialized() and ctx.world_size > 1:
+        picked = [choice]
+        dist.broadcast_object_list(picked, src=0)
+        choice = picked[0]
+    if choice is None:
+        yield None
+        return
+    path, filesystem = ray_storage(choice)
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as directory:
+        yield Path(directory)
+
+
+def _latest_checkpoint(registered, run_location: str | None) -> str | None:
+    """URI of the later of Ray's registered checkpoint and the run's latest verified one."""
+    from training.run_storage import latest_verified_checkpoint
+
+    candidates = []
+    if registered is not None:
+        uri = registered.path if registered.filesystem.type_name == "local" else "s3://" + registered.path.lstrip("/")
+        candidates.append((_committed_step(registered), uri))
+    if run_location:
+        latest = latest_verified_checkpoint(run_location)
+        if latest is not None:
+            candidates.append((latest.step, latest.uri))
+    if not candidates:
+        return None
+    step, uri = max(candidates, key=lambda c: c[0])  # max keeps the first (Ray's) on a tie
+    log.info("resuming from the step-%d checkpoint %s", step, uri)
+    return uri
+
+
+def _committed_step(checkpoint) -> int:
+    """The step in a checkpoint's COMMITTED marker, read through its filesystem; -1 if unreadable."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{COMMITTED}") as f:
+            return int(json.loads(f.read())["step"])
+    except Exception as e:  # missing or partial: never preferred, and verified again when loaded
+        log.warning("checkpoint %s has no readable %s: %s", checkpoint.path, COMMITTED, e)
+        return -1
+
+
+class SampleLog:
+    """With LDMFLOW_SAMPLE_LOG set on the driver (a folder every worker can write), each rank appends
+    the keys of every batch it trains on to <folder>/rank-<r>-<pid>.jsonl, one line per micro-batch:
+    an audit of which samples a run saw, and in what order, across restarts."""
+
+    def __init__(self, folder: str | None, rank: int):
+        self.file = None
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(folder) / f"rank-{rank}-{os.getpid()}.jsonl", "a", buffering=1)
+        self.rank = rank
+
+    def add(self, step: int, keys: list[str], epochs: list[int]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "rank": self.rank, "keys": keys, "epochs": epochs}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 # --- phases -------------------------------------------------------------------------------
@@ -172,7 +270,9 @@ def lr_lambda(train: TrainConfig):
     return factor
 
 
-def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext):
+def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, *, load_universal: bool = False):
+    """The DeepSpeed engine around `unet`; `load_universal` configures it to load a universal
+    checkpoint (a resume on a different number of workers), which must be known before it is built."""
     import deepspeed
 
     unet.to(ctx.device)
@@ -181,8 +281,13 @@ def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext):
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
                                   fused=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    config = deepspeed_config(train)
+    if load_universal:
+        from training.elastic import deepspeed_universal_config
+
+        config = deepspeed_universal_config(config)
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train), dist_init_required=False)
+                                           config=config, dist_init_required=False)
     return engine
 
 
@@ -199,7 +304,7 @@ def build_ema(module: torch.nn.Module, train: TrainConfig):
 
 def forward_backward(engine, parts: Components, batch, cfg: RunConfig, generator: torch.Generator,
                      ctx: WorkerContext) -> float:
-    pixels = batch.pixels.to(ctx.device)
+    pixels = to_model_input(batch.pixels, ctx.device)  # uint8 over the bus, normalised on the device
     captions = drop_captions(batch.captions, cfg.train.caption_dropout, generator)
     latents = encode_latents(parts.vae, pixels, generator)
     text_states = parts.text.encode(captions, ctx.device)
@@ -213,12 +318,16 @@ class LossWindow:
     """Loss and throughput since the last log line."""
 
     def __init__(self) -> None:
-        self.loss_sum, self.count, self.samples, self.elapsed = 0.0, 0, 0, 0.0
+        self.loss_sum, self.count, self.samples, self.elapsed, self.steps = 0.0, 0, 0, 0.0, 0
 
     def add(self, loss: float, samples: int) -> None:
         self.loss_sum += loss
         self.count += 1
         self.samples += samples
+
+    def end_step(self, seconds: float) -> None:
+        self.elapsed += seconds
+        self.steps += 1
 
     def reduce(self, ctx: WorkerContext, engine, state: TrainState, loader: LoaderState) -> dict[str, float]:
         # Mean loss over all ranks; throughput of the slowest rank (the step waits for it anyway).
@@ -234,6 +343,7 @@ class LossWindow:
             "loss": loss_sum / max(count, 1),
             "lr": float(engine.get_lr()[0]),
             "samples_per_sec": samples / max(float(elapsed.item()), 1e-9),
+            "step_seconds": float(elapsed.item()) / max(self.steps, 1),
             "epoch": float(loader.epoch),
             "samples_seen": float(state.samples_seen),
         }
@@ -323,20 +433,26 @@ def gather_unet_weights(engine, ctx: WorkerContext) -> dict[str, torch.Tensor] |
 
 
 def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
-                    ctx: WorkerContext, metrics: dict, *, final: bool = False) -> None:
+                    ctx: WorkerContext, metrics: dict, train: TrainConfig, *, final: bool = False) -> None:
     """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
     rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
     each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
     has reported; readers verify the lists (see training.checkpointing), not the upload order.
+    With train.checkpoint_upload=async, report returns once Ray has taken the folder: the upload
+    runs beside the next steps and Ray deletes the local folder when it is done.
 
     The final checkpoint also holds unet.safetensors: the full UNet gathered by the workers (every
     rank takes part, rank 0 writes and lists it), so the export never consolidates optimizer shards."""
     import ray.train
 
+    from training.elastic import UNIVERSAL_CLIENT_STATE
+
     local = Path(tempfile.mkdtemp(prefix=f"ldm-ckpt-{state.step}-r{ctx.rank}-"))
+    handed_over = False
     try:
         state.tag = f"step-{state.step:08d}"
-        engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=state.tag)
+        # The universal-checkpoint entry lets a different number of workers resume from it.
+        engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=state.tag, client_state=UNIVERSAL_CLIENT_STATE)
         save_rank_files(local, ctx.rank, loader=loader.to_dict(), rng=rng_state(generator))
         if ctx.rank == 0 and ema is not None:
             save_ema(local, ema)
@@ -353,26 +469,56 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
             dist.all_gather_object(file_lists, digest)
         if ctx.rank == 0:
             mark_committed(local, state, file_lists)
-        ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
+        upload = ray.train.CheckpointUploadMode.ASYNC if train.checkpoint_upload == "async" else \
+            ray.train.CheckpointUploadMode.SYNC
+        ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+        handed_over = True
     finally:
-        shutil.rmtree(local, ignore_errors=True)
+        if not handed_over:
+            shutil.rmtree(local, ignore_errors=True)
 
 
-def restore(directory: Path, engine, ema, generator: torch.Generator, ctx: WorkerContext,
-            frozen: dict) -> tuple[TrainState, LoaderState]:
-    # Every rank hashes every listed file (the whole checkpoint) before loading any of it: a resume
-    # reads seconds per GB more, and never starts from a corrupt or partly uploaded checkpoint.
-    state = read_state(directory, verify_hashes=True)
-    if state.world_size != ctx.world_size:
-        raise CheckpointError(
-            f"checkpoint {directory} was written by {state.world_size} workers but this run has "
-            f"{ctx.world_size}; resume with train.num_workers={state.world_size}"
-        )
-    if state.frozen != frozen:
+def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Generator, ctx: WorkerContext,
+            frozen: dict, cfg: RunConfig) -> tuple[TrainState, LoaderState]:
+    """Load a verified checkpoint (`saved` is its read_state, hashes checked) into this rank.
+
+    Written by as many workers as now: each rank loads its own DeepSpeed partition, loader position
+    and RNG. Written by a different number: the DeepSpeed state goes through a universal checkpoint
+    (converted by each rank into its own temp folder), the loader positions of all old ranks are
+    re-split over the new ranks, and the RNG is re-seeded from (seed, step, rank): the data and the
+    optimizer continue exactly, the noise draws cannot (they depended on the old rank layout)."""
+    if saved.frozen != frozen:
         raise CheckpointError(f"checkpoint {directory} was trained against different frozen weights")
-    load_deepspeed_checkpoint(engine, directory, state.tag)
+    _check_same_model(directory, saved, cfg)
+    state = TrainState(step=saved.step, samples_seen=saved.samples_seen, world_size=ctx.world_size,
+                       config=cfg.to_dict(), frozen=frozen)
     if ema is not None:
         load_ema(directory, ema, ctx.device)
-    loader, rng = load_rank_files(directory, ctx.rank)
-    restore_rng(rng, generator)
-    return state, LoaderState.from_dict(loader)
+    # Every old rank's position: unchanged for this rank when the layout (workers x loader workers)
+    # is the same, re-split over the new streams when it is not.
+    positions = [load_rank_files(directory, r)[0] for r in range(saved.world_size)]
+    loader = LoaderState.resplit(positions, world_size=ctx.world_size, rank=ctx.rank,
+                                 loader_workers=cfg.train.loader_workers)
+    if saved.world_size == ctx.world_size:
+        load_deepspeed_checkpoint(engine, directory, saved.tag)
+        restore_rng(load_rank_files(directory, ctx.rank)[1], generator)
+        return state, loader
+
+    from training.elastic import convert_to_universal, load_universal_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix=f"ldm-universal-r{ctx.rank}-") as tmp:
+        tag = convert_to_universal(directory / DEEPSPEED_DIR, saved.tag, Path(tmp))
+        load_universal_checkpoint(engine, Path(tmp), tag)
+    generator.manual_seed(cfg.train.seed * 1000 + saved.step * 7919 + ctx.rank)
+    return state, loader
+
+
+def _check_same_model(directory: Path, saved: TrainState, cfg: RunConfig) -> None:
+    """A checkpoint of another model (other UNet shape, latent size, text width) fails here with the
+    keys that differ, not deep inside DeepSpeed with a tensor size mismatch."""
+    theirs, ours = saved.config.get("model", {}), cfg.to_dict()["model"]
+    differ = sorted(f"model.{k}" for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise CheckpointError(f"checkpoint {directory} is of a different model ({', '.join(differ)} differ); "
+                              "resume it with its own config or start a new run")

@@ -31,7 +31,7 @@ def ray_report_copies(monkeypatch, tmp_path):
 
     stored = []
 
-    def report(metrics, checkpoint=None):
+    def report(metrics, checkpoint=None, **upload_options):
         target = tmp_path / f"checkpoint_{len(stored):06d}"
         shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
         stored.append(target)
@@ -66,7 +66,7 @@ def train_and_save(tmp_path: Path, stored: list, stage: int, precision: str, ema
     loader = LoaderState()
     data = torch.Generator().manual_seed(1)
     while state.step < cfg.train.max_steps:
-        batch = Batch(pixels=torch.rand(2, 3, 64, 64, generator=data) * 2 - 1,
+        batch = Batch(pixels=torch.randint(0, 256, (2, 3, 64, 64), generator=data, dtype=torch.uint8),
                       captions=["a red circle", "a blue square"], keys=["a", "b"])
         forward_backward(engine, parts, batch, cfg, generator, ctx)
         engine.step()
@@ -75,7 +75,8 @@ def train_and_save(tmp_path: Path, stored: list, stage: int, precision: str, ema
         state.step += 1
         state.samples_seen += 2
         if state.step in save_steps:
-            save_and_report(engine, ema, state, loader, generator, ctx, {}, final=state.step == cfg.train.max_steps)
+            save_and_report(engine, ema, state, loader, generator, ctx, {}, cfg.train,
+                            final=state.step == cfg.train.max_steps)
     return engine, ema, stored[-1]
 
 
@@ -133,13 +134,27 @@ def test_trains_exports_and_generates(tmp_path, process_group, ray_report_copies
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
 
 
-def test_intermediate_checkpoint_falls_back_to_consolidation(tmp_path, process_group, ray_report_copies):
-    """A checkpoint before the last step has no gathered file: the export consolidates DeepSpeed's
-    fp32 master weights, as before."""
-    engine, _, ckpt = train_and_save(tmp_path, ray_report_copies, 2, "fp32", False, save_steps=(1,))
+@pytest.mark.parametrize("stage", [0, 2])
+def test_intermediate_checkpoint_without_ema_exports(tmp_path, process_group, ray_report_copies, stage):
+    """A checkpoint before the last step has no gathered file and (EMA off) no EMA: ZeRO-1-3 exports
+    consolidate DeepSpeed's fp32 master weights; stage 0, which writes no optimizer shards to
+    consolidate, takes its model file. Either way the weights are the engine's at that step."""
+    engine, _, ckpt = train_and_save(tmp_path, ray_report_copies, stage, "fp32", False, save_steps=(1,))
     assert not (ckpt / UNET_FILE).exists()
+    at_step_1 = {k: v.clone() for k, v in load_trained_weights(ckpt).items()}
     pipe, _ = export_module.build_pipeline(ckpt)
-    assert all(torch.isfinite(t).all() for t in pipe.unet.state_dict().values())
+    exported = pipe.unet.state_dict()
+    assert all(torch.isfinite(t).all() for t in exported.values())
+    assert all(torch.equal(exported[k], at_step_1[k].float()) for k in exported)
+
+
+def load_trained_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from training.checkpointing import consolidated_weights, read_state, stage0_weights
+
+    state = read_state(ckpt)
+    if state.config["train"]["zero_stage"] == 0:
+        return stage0_weights(ckpt, state.tag)
+    return consolidated_weights(ckpt, state.tag)
 
 
 def test_corrupt_gathered_file_is_refused(tmp_path, process_group, ray_report_copies):

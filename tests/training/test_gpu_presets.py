@@ -169,7 +169,7 @@ def test_launch_asks_ray_for_gpus_exactly_when_configured(monkeypatch, tmp_path,
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     cfg = load_config(preset)
     with pytest.raises(Asked) as asked:
-        launcher.launch(cfg, str(tmp_path), storage_dir=tmp_path, name="t", mlflow_run_id=None,
+        launcher.launch(cfg, str(tmp_path), storage_uri=str(tmp_path), name="t", mlflow_run_id=None,
                         tracking_uri=None, frozen={})
     scaling = asked.value.args[0]
     assert scaling.use_gpu is gpu

@@ -1,4 +1,6 @@
-"""`ldmflow train --data s3://...`: Ray workers stream shards from the real S3 server (SeaweedFS)."""
+"""`ldmflow train --data s3://... --storage s3://...`: Ray workers stream shards from the real S3 server
+(SeaweedFS), checkpoint to it with asynchronous uploads, and the model is exported and registered from
+there: nothing of the run lives on local disk."""
 
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ def test_train_streams_shards_from_s3(tmp_path, s3_bucket, capsys):
     assert main(["shard", "--source", str(tmp_path / "raw"), "--output", data, "--samples-per-shard", "8",
                  "--no-progress"]) == 0
     try:
-        code = main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", data, "--max-steps", "2",
-                     "--no-register", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2",
-                     "--set", "tracking.run_name=from-s3"])
+        code = main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", data, "--max-steps", "4",
+                     "--storage", f"s3://{s3_bucket}/ray", "--set", "train.log_every=1",
+                     "--set", "train.checkpoint_every=2", "--set", "tracking.run_name=from-s3",
+                     "--set", "tracking.sample_steps=2"])
     finally:
         ray.shutdown()
     out = capsys.readouterr().out
@@ -37,4 +40,13 @@ def test_train_streams_shards_from_s3(tmp_path, s3_bucket, capsys):
     assert run.data.tags["data"] == data
     assert run.data.tags["dataset_content_id"] == read_dataset(data).content_id
     assert run.data.params["data.total_samples"] == "32"
-    assert [m.step for m in MlflowClient().get_metric_history(run_id, "loss")] == [1, 2]
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert "registered ldm-tiny version" in out
+    # Both checkpoints are in the bucket, complete; the final one holds the gathered UNet.
+    from training.run_storage import latest_verified_checkpoint, list_checkpoints, run_uri
+
+    location = run_uri(f"s3://{s3_bucket}/ray", f"train-{run_id}")
+    assert sorted(c.step for c in list_checkpoints(location)) == [2, 4]
+    latest = latest_verified_checkpoint(location, verify_hashes=True)
+    assert latest.step == 4 and "unet.safetensors" in latest.files
+    assert MlflowClient().get_run(run_id).data.tags["checkpoint"] == latest.uri
