@@ -486,6 +486,7 @@ def test_secret_example_names_the_project_env_vars():
     for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                 "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL"):
         assert var in data
+    assert data["LDMFLOW_STORAGE"].startswith("s3://"), "checkpoints must go where every pod reaches"
 
 
 def test_rayjob_entrypoint_trains_on_s3_with_all_gpus():
