@@ -686,9 +686,10 @@ class ShardStream:
     Each stream mixes samples from `mix_shards` open shards, then through a `shuffle_buffer` of raw
     (undecoded) samples (0 or 1: none). `loader_workers` > 0 decodes in that many DataLoader worker
     processes (one stream each), with `prefetch_factor` batches prefetched per worker and pinned memory
-    if asked; 0 reads one stream in this process (tests, debugging). Workers start with `multiprocessing_context` ("forkserver" by
-    default: the trainer runs torch, gloo and DeepSpeed threads, which fork would copy mid-flight; each
-    worker then costs a fork of a server that has imported torch once, about a second the first time).
+    if asked; 0 reads one stream in this process (tests, debugging). Workers start with
+    `multiprocessing_context` ("forkserver" by default: the trainer runs torch, gloo and DeepSpeed
+    threads, which fork would copy mid-flight; each worker then costs a fork of a server that has
+    imported torch once, about a second the first time).
     """
 
     def __init__(self, data: str, *, rank: int, world_size: int, batch_size: int, resolution: int, seed: int,
