@@ -209,6 +209,9 @@ class TrainConfig:
     """Allow bf16/fp16 with train.use_gpu=false. It exists for CPU smoke tests of the bf16 code path
     (DeepSpeed's bf16 engine, ZeRO-3 partitions, export to fp32); a real run in half precision on
     CPU is slow and almost always a mistake, so it must be asked for by name."""
+    cluster_wait_s: float = 900.0
+    """On a cluster named by RAY_ADDRESS: how long its autoscaler may take to provide the workers'
+    resources (GPU nodes start with zero replicas) before the run is refused instead of waiting."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves per worker; also torch's thread count in the worker."""
     seed: int = 0
@@ -251,6 +254,7 @@ class TrainConfig:
                self.caption_dropout)
         _check(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
         _check(self.loader_workers >= 0, "train.loader_workers", ">= 0", self.loader_workers)
+        _check(self.cluster_wait_s >= 0, "train.cluster_wait_s", ">= 0", self.cluster_wait_s)
         _check(self.checkpoint_upload in CHECKPOINT_UPLOADS, "train.checkpoint_upload",
                f"one of {', '.join(CHECKPOINT_UPLOADS)}", self.checkpoint_upload)
         if self.min_workers is not None:

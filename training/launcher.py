@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from data_prep import storage
@@ -58,10 +59,14 @@ def quiet_ray_internals() -> None:
 
 
 def check_resources(cfg: RunConfig) -> None:
-    """Refuse, with one message, a request a fixed-size local Ray can never satisfy: Ray would wait
-    for it forever. A cluster named by RAY_ADDRESS may autoscale (the shipped specs start with zero
-    GPU nodes), so there the request stands and Ray waits for the autoscaler to add nodes."""
+    """Refuse, with one message, a request Ray cannot place instead of letting it wait forever.
+
+    A fixed-size local Ray is checked at once. A cluster named by RAY_ADDRESS may autoscale (the
+    shipped specs start with zero GPU nodes): it is asked for the workers' resources and given
+    train.cluster_wait_s to provide them, then the run is refused (a cluster without GPUs and
+    without an autoscaler, or an autoscaler that cannot add the node type)."""
     if os.environ.get("RAY_ADDRESS"):
+        wait_for_cluster(cfg, timeout_s=cfg.train.cluster_wait_s)
         return
     import ray
 
@@ -100,6 +105,51 @@ def check_local_resources(cfg: RunConfig, *, gpus: float, cpus: float) -> None:
         )
     if problems:
         raise ConfigError("; and ".join(problems))
+
+
+def worker_bundle(cfg: RunConfig) -> dict[str, float]:
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+
+
+def cluster_fits(have: dict[str, float], bundle: dict[str, float], workers: int) -> bool:
+    """Whether a cluster with `have` resources in total could hold `workers` workers of `bundle`
+    (by totals: nodes are not bin-packed here; Ray Train's placement does that)."""
+    return all(have.get(name, 0) >= amount * workers for name, amount in bundle.items())
+
+
+def wait_for_cluster(cfg: RunConfig, *, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Ask the cluster's autoscaler (if any) for the workers and wait until the cluster has them."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundle, workers = worker_bundle(cfg), cfg.train.min_workers or cfg.train.num_workers
+    if cluster_fits(ray.cluster_resources(), bundle, workers):
+        return
+    log.info("waiting up to %.0f s for the cluster to provide %d workers of %s", timeout_s, workers, bundle)
+    request_resources(bundles=[bundle] * workers)  # a hint an autoscaler acts on; nothing without one
+    deadline = time.monotonic() + timeout_s
+    poll_s = min(poll_s, max(timeout_s / 10, 0.05))
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(poll_s)
+            if cluster_fits(ray.cluster_resources(), bundle, workers):
+                return
+        cluster = ray.cluster_resources()
+        have = {k: cluster.get(k, 0) for k in bundle}
+        gpu_hint = (" (set train.use_gpu=false and train.precision=fp32 for a CPU run)"
+                    if cfg.train.use_gpu and not have.get("GPU") else "")
+        raise ConfigError(
+            f"the Ray cluster at {os.environ.get('RAY_ADDRESS')} has {_describe(have)} after "
+            f"{timeout_s:.0f} s but {workers} workers need {_describe({k: v * workers for k, v in bundle.items()})}"
+            f"{gpu_hint}; it has no autoscaler, or its autoscaler cannot add such nodes. Lower "
+            "train.num_workers, or raise train.cluster_wait_s for a slow autoscaler"
+        )
+    finally:
+        request_resources(bundles=[])  # Ray Train's own placement request takes over
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
 
 
 def prepare_cluster(cfg: RunConfig) -> None:

@@ -133,7 +133,7 @@ def test_both_problems_in_one_message():
     assert "0 GPUs" in message and "asks for 8 CPUs" in message and "\n" not in message
 
 
-def test_local_ray_is_checked_and_autoscaling_cluster_is_not(monkeypatch):
+def test_local_ray_is_checked_at_once(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
@@ -142,13 +142,35 @@ def test_local_ray_is_checked_and_autoscaling_cluster_is_not(monkeypatch):
         check_resources(load_config("sd15"))
     check_resources(load_config("tiny"))
 
-    # A cluster named by RAY_ADDRESS may autoscale GPU nodes in: the request stands, Ray waits.
-    def not_consulted():
-        raise AssertionError("check_resources must not judge an autoscaling cluster by its current size")
 
-    monkeypatch.setattr(ray, "cluster_resources", not_consulted)
+def test_autoscaling_cluster_is_asked_for_the_workers_and_waited_for(monkeypatch):
+    """A cluster named by RAY_ADDRESS starts without GPU nodes: the autoscaler is asked for the
+    workers' bundles, and the run goes on once the nodes joined (here, on the third look)."""
+    import ray
+    import ray.autoscaler.sdk
+
+    looks, requests = [], []
+    monkeypatch.setattr(ray, "cluster_resources",
+                        lambda: looks.append(1) or ({"CPU": 64.0, "GPU": 8.0} if len(looks) >= 3 else {"CPU": 4.0}))
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles=None, **kw: requests.append(bundles))
     monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
-    check_resources(load_config("sd15"))
+    cfg = load_config("sd15", ["train.cluster_wait_s=30"])
+    check_resources(cfg)
+    workers = cfg.train.num_workers
+    assert requests[0] == [{"CPU": cfg.train.cpus_per_worker, "GPU": 1}] * workers
+    assert requests[-1] == []  # the hint is withdrawn; Ray Train's placement group holds the nodes
+
+
+def test_cluster_that_never_provides_gpus_is_refused_after_the_wait(monkeypatch):
+    import ray
+    import ray.autoscaler.sdk
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **kw: None)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    with pytest.raises(ConfigError, match="no autoscaler") as e:
+        check_resources(load_config("sd15", ["train.cluster_wait_s=0.2"]))
+    assert "GPU" in str(e.value) and "train.use_gpu=false" in str(e.value)
 
 
 @pytest.mark.parametrize("preset, gpu", [("tiny", False), ("sd15", True)])
@@ -166,6 +188,7 @@ def test_launch_asks_ray_for_gpus_exactly_when_configured(monkeypatch, tmp_path,
 
     monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")  # an autoscaling cluster
     monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(launcher, "check_resources", lambda cfg: None)  # tested above
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     cfg = load_config(preset)
     with pytest.raises(Asked) as asked:

@@ -204,3 +204,34 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
     assert sum(1 for c in by_epoch.values() if sum(c.values()) == SAMPLES) >= 2
     print(f"lost the second node's {lose} after the step-{killed['after_step']} checkpoint; "
           f"resumed from step {start} on {state.world_size} worker(s)")
+
+
+def test_gpu_run_on_a_cluster_without_gpus_or_autoscaler_is_refused(tmp_path):
+    """A fixed cluster (a head started by hand, no GPUs, no autoscaler) and a run that wants GPU
+    workers: refused with one message once train.cluster_wait_s is up, before any MLflow run."""
+    from data_prep.shard import ShardConfig, build_shards
+    from data_prep.synth import generate_synthetic
+
+    generate_synthetic(tmp_path / "raw", 16, seed=1)
+    build_shards(ShardConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "shards"), progress=False))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    with ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                   "--num-gpus=0"], env) as head:
+        wait_for_port(port, head)
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "train", "--data", str(tmp_path / "shards"), "--no-register",
+             "--set", "train.use_gpu=true", "--set", "train.cluster_wait_s=5",
+             "--set", "tracking.experiment=never-created"],
+            cwd=ROOT, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no autoscaler" in proc.stderr and "has 1 CPU, 0 GPU" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 120
+    from mlflow import MlflowClient
+
+    from training.tracking import tracking_uri
+
+    assert MlflowClient(tracking_uri()).get_experiment_by_name("never-created") is None
