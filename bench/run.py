@@ -11,9 +11,14 @@ Groups:
              first use) on the same 512x512 JPEGs -> 256x256 centre-crop JPEG-95 tars, 1 and 2 processes each;
              each row's ratio is to the row named after it, and the scaling ratios print below the table
   deepspeed (--deepspeed) - the real Ray Train + DeepSpeed loop, 2 workers, ZeRO stage 0 vs 2 vs 3
+  checkpoint - the stall of a checkpoint step with train.checkpoint_upload=sync and =async (Ray Train to a
+             local SeaweedFS S3), in milliseconds; ratio: x a normal step of the same runs (see
+             bench/checkpoint_stall.py)
 
 Just the data-prep comparison (a few minutes on 2 cores):
   .venv/bin/python -m bench.run --dataprep-only [--dataprep-samples 5000] [--dataprep-repeats 3]
+Just the checkpoint stall:
+  .venv/bin/python -m bench.run --checkpoint-only [--checkpoint-steps 30] [--checkpoint-repeats 1]
 """
 
 from __future__ import annotations
@@ -186,6 +191,64 @@ def bench_dataprep(work: Path, n: int, repeats: int) -> tuple[list[Row], dict]:
     return rows, details
 
 
+def bench_checkpoint(work: Path, steps: int, every: int, repeats: int) -> tuple[list[Row], dict]:
+    """Rows for the checkpoint group (milliseconds; each ratio is to the normal step of the same mode's
+    runs, so "x a normal step"), and the details (every step's timing, sizes, medians) for the JSON."""
+    from bench.checkpoint_stall import measure
+
+    result = measure(work, steps=steps, every=every, repeats=repeats)
+    if result.unavailable:
+        return [Row("checkpoint", "checkpoint stall", math.nan, "ms", math.nan,
+                    note=f"not measured: {result.unavailable}")], {"unavailable": result.unavailable}
+    rows = []
+    summaries = {}
+    size = f"{result.checkpoint_bytes() / 2**20:.0f} MiB checkpoint"
+    for mode in ("sync", "async"):
+        s = summaries[mode] = result.summary(mode)
+        normal = f"normal step, {mode} run"
+        rows += [
+            # The async run's normal step against the sync run's: ~1.0 when both ran under the same load.
+            Row("checkpoint", normal, s.normal_s * 1e3, "ms", note=f"median of {s.normal_count} steps",
+                ratio_to=None if mode == "sync" else "normal step, sync run"),
+            Row("checkpoint", f"checkpoint step, {mode} upload", s.checkpoint_step_s * 1e3, "ms", ratio_to=normal,
+                note=f"x a normal step; step + save_and_report {s.save_and_report_s * 1e3:.0f} ms, "
+                     f"median of {s.checkpoint_count}; {size}"),
+            Row("checkpoint", f"step after a checkpoint, {mode} upload", s.after_s * 1e3, "ms", ratio_to=normal,
+                note=f"x a normal step; rank 0's own: {s.after_rank0_ratio:.2f}x"),
+        ]
+    details = {
+        "steps": result.steps,
+        "checkpoint_every": result.every,
+        "samples": result.samples,
+        "repeats": result.repeats,
+        "checkpoint_steps_counted": result.checkpoint_steps(),
+        "normal_steps_counted": result.normal_steps(),
+        "interval_starts_counted": result.interval_starts(),
+        "checkpoint_bytes": result.checkpoint_bytes(),
+        "final_checkpoint_bytes": result.final_checkpoint_bytes(),
+        "s3_startup_s": result.s3_startup_s,
+        "summary": {mode: s.to_dict() for mode, s in summaries.items()},
+        "runs": [asdict(r) for r in result.runs],
+    }
+    return rows, details
+
+
+def print_checkpoint(details: dict) -> None:
+    if "unavailable" in details:
+        return
+    every = details["checkpoint_every"]
+    print(f"\ncheckpoint stall ({details['steps']} steps, a checkpoint every {every}, {details['repeats']} run(s) per "
+          "mode; medians, the final checkpoint left out)")
+    for mode, s in details["summary"].items():
+        print(f"  {mode:<5} upload: checkpoint step {s['checkpoint_step_s']:.2f} s = {s['stall_ratio']:.2f}x a normal "
+              f"step ({s['normal_s']:.3f} s), of which save_and_report {s['save_and_report_s']:.2f} s")
+        print(f"               step after: {s['after_ratio']:.2f}x (rank 0's own {s['after_rank0_ratio']:.2f}x); "
+              f"all in, a checkpoint costs {s['checkpoint_cost_s']:.2f} s = {s['checkpoint_cost_steps']:.1f} normal "
+              f"steps (rank 0's clock over a checkpoint + {every} steps, mean of {s['interval_count']})")
+    print(f"  checkpoint size in S3: {details['checkpoint_bytes'] / 2**20:.1f} MiB (both ranks; the final one, "
+          f"with the gathered UNet: {details['final_checkpoint_bytes'] / 2**20:.1f} MiB)")
+
+
 def with_ratios(rows: list[Row]) -> list[Row]:
     baselines: dict[str, float] = {}
     values = {(row.group, row.case): row.value for row in rows}
@@ -233,28 +296,46 @@ def main(argv: list[str] | None = None) -> int:
                    help="512x512 JPEGs for the ldmflow vs img2dataset group")
     p.add_argument("--dataprep-repeats", type=int, default=3,
                    help="timed runs per tool and process count, interleaved; the best counts")
-    p.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     p.add_argument("--no-dataprep", action="store_true", help="skip the ldmflow vs img2dataset group")
+    p.add_argument("--checkpoint-steps", type=int, default=30, help="train steps per checkpoint-group run")
+    p.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints there")
+    p.add_argument("--checkpoint-repeats", type=int, default=1,
+                   help="sync + async run pairs in the checkpoint group, interleaved")
+    p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-stall group")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
+    only.add_argument("--checkpoint-only", action="store_true", help="run only the checkpoint-stall group")
     p.add_argument("--out", default="bench/results/latest.json")
     args = p.parse_args(argv)
+    run_checkpoint = args.checkpoint_only or not (args.dataprep_only or args.no_checkpoint)
+    if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
+        p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
+                "--checkpoint-every (a warm-up checkpoint, a counted one, the final one)")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     with tempfile.TemporaryDirectory(prefix="ldmflow-bench-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("LDMFLOW_RUNS_DIR", str(work / "runs"))
         rows: list[Row] = []
-        dataprep = None
-        if not args.dataprep_only:
+        dataprep = checkpoint = None
+        every_group = not (args.dataprep_only or args.checkpoint_only)
+        if every_group:
             rows += bench_shard(work, args.samples)
             rows += bench_loader(work, batches=args.samples // 8)
             rows += bench_step(args.steps)
-        if not args.no_dataprep:
+        if args.dataprep_only or (every_group and not args.no_dataprep):
             dataprep_rows, dataprep = bench_dataprep(work, args.dataprep_samples, args.dataprep_repeats)
             rows += dataprep_rows
-        if args.deepspeed and not args.dataprep_only:
+        if args.deepspeed and every_group:
             rows += bench_deepspeed(work, steps=max(10, args.steps * 4))
+        if run_checkpoint:
+            checkpoint_rows, checkpoint = bench_checkpoint(work, args.checkpoint_steps, args.checkpoint_every,
+                                                           args.checkpoint_repeats)
+            rows += checkpoint_rows
     rows = with_ratios(rows)
     print_table(rows)
+    if checkpoint is not None:
+        print_checkpoint(checkpoint)
     if dataprep is not None:
         print_ratios(f"dataprep ratios ({dataprep['samples']} images, best of {dataprep['repeats']} interleaved "
                      "runs each)", dataprep["ratios"])
@@ -276,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "rows": [asdict(r) for r in rows],
         "dataprep": dataprep,
+        "checkpoint": checkpoint,
     }), indent=2))
     print(f"\nwrote {out}")
     return 0
