@@ -21,6 +21,7 @@ from training.checkpointing import (
     FILES_DIR,
     STATE_FILE,
     UNET_FILE,
+    CheckpointError,
     consolidated_weights,
     listed_files,
     load_ema,
@@ -107,6 +108,11 @@ def _load_exact(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None
 def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[StableDiffusionPipeline, RunConfig]:
     """Rebuild the components from the checkpoint's own config and load the trained UNet."""
     state = read_state(checkpoint_dir, only=_weights_needed(checkpoint_dir, use_ema))
+    if "num_attention_heads" not in state.config.get("model", {}).get("unet", {}):
+        # Before that key existed, unet.attention_head_dim held diffusers' head *count*; read with
+        # today's meaning (head width) it would build a different model that still loads the weights.
+        raise CheckpointError(f"checkpoint {checkpoint_dir} was written by an older ldmflow whose UNet config "
+                              "meant another thing by attention_head_dim; export it with that version")
     cfg = config_from_dict(state.config)
     parts = build_components(cfg.model, seed=cfg.train.seed)
     frozen = frozen_hashes(parts.vae, parts.text)

@@ -1,10 +1,31 @@
-"""The latent diffusion training objective (DDPM noise prediction, as in Stable Diffusion)."""
+"""The latent diffusion training objective (DDPM noise prediction, as in Stable Diffusion).
+
+What the noise schedule defines (betas, prediction type, zero terminal SNR) comes with the
+DDPMScheduler built from `model.scheduler`; the options of the loss itself (min-SNR weighting,
+noise offset) come from `train` as an :class:`ObjectiveOptions`. Caption dropout acts on the
+captions before they are encoded (:func:`drop_captions`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
+
+from training.config import TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveOptions:
+    snr_gamma: float | None = None
+    """Min-SNR-gamma weighting of each sample's loss; None: unweighted (train.snr_gamma)."""
+    noise_offset: float = 0.0
+    """Scale of the per-(sample, channel) offset added to the noise (train.noise_offset)."""
+
+    @classmethod
+    def from_train(cls, train: TrainConfig) -> ObjectiveOptions:
+        return cls(snr_gamma=train.snr_gamma, noise_offset=train.noise_offset)
 
 
 @torch.no_grad()
@@ -25,16 +46,68 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of each timestep, in fp32."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023, as in diffusers' train_text_to_image.py): min(SNR, gamma)
+    is the weight of the x0 error; dividing by what the prediction's MSE already weighs it by
+    (SNR for epsilon, SNR + 1 for v) gives the weight of that MSE."""
+    ratio = snr(scheduler, timesteps)
+    clipped = ratio.clamp(max=gamma)
+    if scheduler.config.prediction_type == "epsilon":
+        return clipped / ratio
+    return clipped / (ratio + 1.0)
+
+
 def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
-                   text_states: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """MSE between the UNet's prediction and the target of the configured prediction type."""
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+                   text_states: torch.Tensor, generator: torch.Generator, *,
+                   options: ObjectiveOptions | None = None, timesteps: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the UNet's prediction and the target of the scheduler's prediction type, each
+    sample weighted by min-SNR-gamma when options.snr_gamma is set.
+
+    Noise, timesteps and (if not given) the noise offset are drawn from `generator`. Given
+    `timesteps` or `noise` (validation at fixed timesteps and noise) are used as they are, the
+    noise without an offset. Everything up to the UNet's input runs in fp32, whatever the UNet's
+    dtype: in bf16 the noise added at small t would be quantised by ~10% of its size, so the
+    target would not be the noise in the input. Only the UNet's inputs are cast to its dtype, and
+    the loss is computed in fp32.
+    """
+    options = options or ObjectiveOptions()
+    latents = latents.float()
+    b, c = latents.shape[:2]
+
+    # --- noise, timesteps, noisy input: fp32 ---
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+        if options.noise_offset > 0:
+            # One offset per (sample, channel), constant over H and W (the "offset noise" of
+            # Guttenberg 2023, as in diffusers' scripts): the mean of a noised image drifts too.
+            offset = torch.randn((b, c, 1, 1), generator=generator, dtype=torch.float32).to(latents.device)
+            noise = noise + options.noise_offset * offset
+    noise = noise.float()
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
+
+    # --- target and weighting: fp32 ---
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     else:
         target = scheduler.get_velocity(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, text_states).sample
-    return F.mse_loss(prediction.float(), target.float())
+    weights = None
+    if options.snr_gamma is not None:
+        weights = min_snr_weights(scheduler, timesteps, options.snr_gamma)
+
+    # --- prediction in the UNet's dtype, loss in fp32 ---
+    dtype = next(unet.parameters()).dtype
+    prediction = unet(noisy.to(dtype), timesteps, text_states.to(dtype)).sample.float()
+    per_sample = (prediction - target).square().mean(dim=tuple(range(1, prediction.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()

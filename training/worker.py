@@ -41,7 +41,7 @@ from training.checkpointing import (
 )
 from training.config import RunConfig, TrainConfig, config_from_dict
 from training.models import Components, build_components, frozen_hashes
-from training.objective import diffusion_loss, drop_captions, encode_latents
+from training.objective import ObjectiveOptions, diffusion_loss, drop_captions, encode_latents
 from training.shard_loader import LoaderState, ShardStream, to_model_input
 
 log = logging.getLogger(__name__)
@@ -297,9 +297,11 @@ def build_ema(module: torch.nn.Module, train: TrainConfig):
     from diffusers.training_utils import EMAModel
 
     # fp32 shadows even when the engine trains in bf16: a 0.999 decay moves weights by less than
-    # bf16's resolution, so a bf16 average would barely change.
+    # bf16's resolution, so a bf16 average would barely change. foreach: the update runs as
+    # multi-tensor ops over all parameters instead of a loop of small ops per parameter (torch falls
+    # back to per-tensor kernels for the fp32 - bf16 difference when the engine trains in bf16).
     return EMAModel([p.detach().float() for p in module.parameters()], decay=train.ema.decay,
-                    use_ema_warmup=False)
+                    use_ema_warmup=False, foreach=True)
 
 
 def forward_backward(engine, parts: Components, batch, cfg: RunConfig, generator: torch.Generator,
@@ -308,8 +310,9 @@ def forward_backward(engine, parts: Components, batch, cfg: RunConfig, generator
     captions = drop_captions(batch.captions, cfg.train.caption_dropout, generator)
     latents = encode_latents(parts.vae, pixels, generator)
     text_states = parts.text.encode(captions, ctx.device)
-    dtype = next(engine.module.parameters()).dtype
-    loss = diffusion_loss(engine, parts.noise_scheduler, latents.to(dtype), text_states.to(dtype), generator)
+    # fp32 latents: diffusion_loss noises them in fp32 and casts only the UNet's input to its dtype.
+    loss = diffusion_loss(engine, parts.noise_scheduler, latents, text_states, generator,
+                          options=ObjectiveOptions.from_train(cfg.train))
     engine.backward(loss)
     return float(loss.detach())
 
