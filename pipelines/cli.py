@@ -13,6 +13,7 @@ import os
 import sys
 
 from data_prep.errors import DataPrepError
+from pipelines.console import quiet_third_party
 from training.errors import ConfigError, DataError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -255,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     logging.basicConfig(level=os.environ.get("LDMFLOW_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)

@@ -12,7 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.flows import run_pipeline
+from pipelines.console import quiet_third_party
+
+quiet_third_party()  # before the flow module imports Prefect
+
+from pipelines.flows import run_pipeline  # noqa: E402
 
 
 def loss_trend(run_id: str) -> tuple[float, float]:

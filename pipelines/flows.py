@@ -52,20 +52,22 @@ def shard_task(source: str, output: str, resolution: int, samples_per_shard: int
 
 
 @task(retries=0, cache_policy=NO_CACHE)
-def train_task(config_path: str, overrides: list[str], data: str) -> dict:
-    from training.config import load_config
+def train_task(config: dict, data: str) -> dict:
+    """`config` is the resolved run config (plain data): the task never re-reads a preset file, which
+    a worker in another folder or on another machine might not find."""
+    from training.config import config_from_dict
     from training.runner import train
 
-    outcome = train(load_config(config_path, overrides), data)
+    outcome = train(config_from_dict(config), data)
     return outcome.__dict__
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def publish_task(config_path: str, overrides: list[str], outcome: dict) -> dict:
-    from training.config import load_config
+def publish_task(config: dict, outcome: dict) -> dict:
+    from training.config import config_from_dict
     from training.runner import TrainOutcome, publish
 
-    version = publish(TrainOutcome(**outcome), load_config(config_path, overrides))
+    version = publish(TrainOutcome(**outcome), config_from_dict(config))
     return {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@candidate"}
 
 
@@ -83,8 +85,8 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
         source = synth_task(str(work / "raw"), synth_n, cfg.train.seed)
     shards = shard_task(_absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
                         overwrite_shards)
-    outcome = train_task(str(Path(config_path).resolve()), overrides, shards["output"])
-    model = publish_task(str(Path(config_path).resolve()), overrides, outcome)
+    outcome = train_task(cfg.to_dict(), shards["output"])
+    model = publish_task(cfg.to_dict(), outcome)
     return {"shards": shards, "run_id": outcome["run_id"], "metrics": outcome["metrics"], "model": model}
 
 

@@ -23,12 +23,18 @@ def flow_result(tmp_path_factory):
     from pipelines.flows import run_pipeline
 
     work = tmp_path_factory.mktemp("flow")
-    summary = run_pipeline(
-        config_path=str(ROOT / "configs/tiny.yaml"),
-        overrides=[f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
-                   "train.checkpoints_to_keep=2", "tracking.model_name=ldm-e2e", "tracking.sample_steps=2"],
-        synth_n=40, work_dir=str(work), samples_per_shard=8, overwrite_shards=False,
-    )
+    # A bare preset name, from a folder that is not the project's: the tasks get the resolved config.
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        summary = run_pipeline(
+            config_path="tiny",
+            overrides=[f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
+                       "train.checkpoints_to_keep=2", "tracking.model_name=ldm-e2e", "tracking.sample_steps=2"],
+            synth_n=40, work_dir=str(work), samples_per_shard=8, overwrite_shards=False,
+        )
+    finally:
+        os.chdir(cwd)
     yield summary, work
     import ray
     from prefect.server.api.server import SubprocessASGIServer
