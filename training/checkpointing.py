@@ -344,6 +344,14 @@ def consolidated_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag)
 
 
+def model_differences(saved: TrainState, model_config: dict) -> list[str]:
+    """The `model.*` keys in which a checkpoint's model differs from `model_config` (a resolved
+    ModelConfig as a dict): resuming across any of them would load tensors of the wrong shape or
+    meaning."""
+    theirs = saved.config.get("model", {})
+    return sorted(f"model.{k}" for k in set(theirs) | set(model_config) if theirs.get(k) != model_config.get(k))
+
+
 def stage0_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
     """The full UNet state dict of a ZeRO stage-0 checkpoint (DeepSpeed's model file, training dtype):
     stage 0 writes no ZeRO optimizer shards for zero_to_fp32 to consolidate."""

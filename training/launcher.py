@@ -187,7 +187,7 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from training.run_storage import ray_storage
+    from training.run_storage import checkpoint_uri, ray_storage
     from training.worker import train_loop_per_worker
 
     prepare_cluster(cfg)
@@ -224,12 +224,4 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return LaunchResult(checkpoint=checkpoint_uri(storage_uri, storage_path, result.checkpoint.path),
-                        metrics=dict(result.metrics or {}))
-
-
-def checkpoint_uri(storage_uri: str, storage_path: str, path: str) -> str:
-    """Ray's checkpoint path (relative to its filesystem) as the URI the rest of ldmflow reads."""
-    if not storage.is_s3(storage_uri):
-        return str(path)
-    return "s3://" + str(path).lstrip("/")
+    return LaunchResult(checkpoint=checkpoint_uri(result.checkpoint), metrics=dict(result.metrics or {}))

@@ -390,6 +390,14 @@ def _download(store: storage.Storage, obj: storage.ObjectInfo, local_dir: Path) 
         tmp.unlink(missing_ok=True)
 
 
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """The URI (local path or s3://...) of a Ray checkpoint on the filesystem ray_storage gave Ray:
+    the inverse of as_checkpoint."""
+    if checkpoint.filesystem is None or checkpoint.filesystem.type_name == "local":
+        return str(checkpoint.path)
+    return "s3://" + str(checkpoint.path).lstrip("/")
+
+
 def as_checkpoint(ref: CheckpointRef | str) -> ray.train.Checkpoint:
     """A ``ray.train.Checkpoint`` for a checkpoint folder in storage (a CheckpointRef or its URI),
     on the same filesystem Ray would use, for a driver to hand to its workers."""

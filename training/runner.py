@@ -148,7 +148,7 @@ def check_resumable(checkpoint_uri: str, cfg: RunConfig, frozen: dict) -> None:
     """Refuse, before any worker starts, a checkpoint of another model: a different UNet, VAE or
     text encoder config, or frozen VAE/text weights that changed since (a model path whose files
     were replaced). Reads only the checkpoint's small state files."""
-    from training.checkpointing import COMMITTED, FILES_DIR, STATE_FILE, read_state
+    from training.checkpointing import COMMITTED, FILES_DIR, STATE_FILE, model_differences, read_state
     from training.run_storage import download_checkpoint
 
     def small(rel: str) -> bool:
@@ -156,8 +156,7 @@ def check_resumable(checkpoint_uri: str, cfg: RunConfig, frozen: dict) -> None:
 
     with tempfile.TemporaryDirectory(prefix="ldm-resume-") as tmp:
         saved = read_state(download_checkpoint(checkpoint_uri, Path(tmp), only=small), only=lambda rel: False)
-    theirs, ours = saved.config.get("model", {}), cfg.to_dict()["model"]
-    differ = sorted(f"model.{k}" for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    differ = model_differences(saved, cfg.to_dict()["model"])
     if differ:
         raise ConfigError(f"checkpoint {checkpoint_uri} is of a different model than the config ({', '.join(differ)} "
                           "differ); resume it with the config it was trained with")

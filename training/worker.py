@@ -31,6 +31,7 @@ from training.checkpointing import (
     load_ema,
     load_rank_files,
     mark_committed,
+    model_differences,
     read_state,
     restore_rng,
     rng_state,
@@ -179,12 +180,11 @@ def checkpoint_directory(payload: dict, ctx: WorkerContext) -> Iterator[Path | N
 
 def _latest_checkpoint(registered, run_location: str | None) -> str | None:
     """URI of the later of Ray's registered checkpoint and the run's latest verified one."""
-    from training.run_storage import latest_verified_checkpoint
+    from training.run_storage import checkpoint_uri, latest_verified_checkpoint
 
     candidates = []
     if registered is not None:
-        uri = registered.path if registered.filesystem.type_name == "local" else "s3://" + registered.path.lstrip("/")
-        candidates.append((_committed_step(registered), uri))
+        candidates.append((_committed_step(registered), checkpoint_uri(registered)))
     if run_location:
         latest = latest_verified_checkpoint(run_location)
         if latest is not None:
@@ -520,8 +520,7 @@ def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Ge
 def _check_same_model(directory: Path, saved: TrainState, cfg: RunConfig) -> None:
     """A checkpoint of another model (other UNet shape, latent size, text width) fails here with the
     keys that differ, not deep inside DeepSpeed with a tensor size mismatch."""
-    theirs, ours = saved.config.get("model", {}), cfg.to_dict()["model"]
-    differ = sorted(f"model.{k}" for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    differ = model_differences(saved, cfg.to_dict()["model"])
     if differ:
         raise CheckpointError(f"checkpoint {directory} is of a different model ({', '.join(differ)} differ); "
                               "resume it with its own config or start a new run")
