@@ -6,11 +6,12 @@ The keys come from the runs' sample logs (LDMFLOW_SAMPLE_LOG), written by the re
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+
+from tests.training.run_logs import sample_log
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ TOTAL_STEPS = 12
 
 
 def logged(folder: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    return [record for _, record in sample_log(folder)]
 
 
 def test_resume_on_fewer_workers_reads_every_sample_once_per_epoch(tmp_path, monkeypatch, capsys):

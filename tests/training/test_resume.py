@@ -7,7 +7,6 @@ GCS, raylet, workers), which is what losing the head node or the machine looks l
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+
+from tests.training.run_logs import find_run, last_trained_step
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +45,6 @@ def train_args(data: Path, run_name: str) -> list[str]:
     return ["train", "--data", str(data), "--no-register", *sets]
 
 
-def find_run(client, run_name: str):
-    exp = client.get_experiment_by_name("ldmflow")
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
-    return runs[0] if runs else None
-
-
 def verified_steps(run_storage: Path) -> set[int]:
     from training.checkpointing import CheckpointError, read_state
 
@@ -62,13 +55,6 @@ def verified_steps(run_storage: Path) -> set[int]:
         except (CheckpointError, OSError, ValueError, KeyError):
             pass
     return steps
-
-
-def trained_steps(sample_log: Path) -> int:
-    """The last step any rank started, from the runs' sample logs (written line by line)."""
-    steps = [json.loads(line)["step"] for f in sample_log.glob("*.jsonl") for line in f.read_text().splitlines()
-             if line.strip()]
-    return max(steps, default=0)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -115,7 +101,7 @@ def test_resume_after_driver_kill_matches_an_uninterrupted_run(tmp_path):
             run = run or find_run(client, name)
             if run is not None:
                 verified = verified_steps(runs_dir() / "ray" / f"train-{run.info.run_id}")
-                killed_at = trained_steps(tmp_path / "samples-killed")
+                killed_at = last_trained_step(tmp_path / "samples-killed")
                 if verified and killed_at > max(verified) + 1 and killed_at >= KILL_AFTER_STEP:
                     break
             time.sleep(0.2)

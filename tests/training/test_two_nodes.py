@@ -9,7 +9,6 @@ is shared between the nodes but the S3 server (SeaweedFS) and MLflow."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.training.run_logs import find_run, sample_log
 
 pytestmark = pytest.mark.slow
 
@@ -97,25 +98,10 @@ def train_workers_of(node: subprocess.Popen) -> set[int]:
             if "RayTrainWorker" in " ".join(p.cmdline())}
 
 
-def find_run(client, run_name: str):
-    exp = client.get_experiment_by_name("ldmflow")
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
-    return runs[0] if runs else None
-
-
 def read_sample_log(folder: Path, exclude_pids: set[int], after_step: int) -> list[dict]:
     """The sample log without what the killed attempt trained after the checkpoint it resumed from."""
-    records = []
-    for f in folder.glob("rank-*.jsonl"):
-        pid = int(f.stem.rsplit("-", 1)[1])
-        for line in f.read_text().splitlines():
-            record = json.loads(line)
-            if pid in exclude_pids and record["step"] > after_step:
-                continue  # redone after the restart
-            records.append(record)
-    return records
+    # What the killed attempt trained after that checkpoint was redone after the restart.
+    return [record for pid, record in sample_log(folder) if pid not in exclude_pids or record["step"] <= after_step]
 
 
 @pytest.mark.parametrize("lose", ["worker", "node"])

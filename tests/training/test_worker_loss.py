@@ -21,6 +21,8 @@ import psutil
 import pytest
 import torch
 
+from tests.training.run_logs import find_run, last_trained_step
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,14 +33,6 @@ REGISTRATION_GRACE_S after one, lands well before the last step; the test fails 
 REGISTRATION_GRACE_S = 5.0
 """Ray's controller registers a checkpoint when it next polls the workers (every 2 s by default), after
 every rank has uploaded its part: the kill waits this long after the checkpoint is complete."""
-
-
-def find_run_id(client, experiment: str, run_name: str) -> str | None:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
-    return runs[0].info.run_id if runs else None
 
 
 def complete_checkpoint_steps(run_storage: Path) -> set[int]:
@@ -63,14 +57,6 @@ def own_worker(pid: int) -> psutil.Process:
     return proc
 
 
-def trained_steps(sample_log: Path) -> int:
-    """The last step any rank started (the sample log is written line by line)."""
-    import json
-
-    return max((json.loads(line)["step"] for f in sample_log.glob("*.jsonl") for line in f.read_text().splitlines()
-                if line.strip()), default=0)
-
-
 def kill_rank_1_after_a_checkpoint(experiment: str, run_name: str, done: threading.Event, kill: dict,
                                    sample_log: Path) -> None:
     from mlflow import MlflowClient
@@ -82,7 +68,8 @@ def kill_rank_1_after_a_checkpoint(experiment: str, run_name: str, done: threadi
     run_id = None
     try:
         while not done.is_set() and time.monotonic() < deadline:
-            run_id = run_id or find_run_id(client, experiment, run_name)
+            run = find_run(client, run_name, experiment)
+            run_id = run_id or (run.info.run_id if run else None)
             storage = runs_dir() / "ray" / f"train-{run_id}"
             if run_id and complete_checkpoint_steps(storage) - {STEPS}:
                 break
@@ -95,7 +82,7 @@ def kill_rank_1_after_a_checkpoint(experiment: str, run_name: str, done: threadi
         assert host == socket.gethostname(), host
         proc = own_worker(int(pid))
         kill["committed"] = complete_checkpoint_steps(storage)
-        kill["trained"] = trained_steps(sample_log)
+        kill["trained"] = last_trained_step(sample_log)
         if STEPS in kill["committed"] or done.is_set():
             return  # too late: the run is finishing; the test fails on `kill` having no pid
         os.kill(proc.pid, signal.SIGKILL)
