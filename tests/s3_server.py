@@ -117,6 +117,10 @@ class S3Server:
             "-s3.autoCreateBucket=false",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false",
+            # Every bucket is a collection with volumes of its own, and by default the volume count is capped
+            # at free disk / volume size (17 on a disk with 17 GiB free): a session creating more buckets than
+            # that gets InternalError on writes. Volumes are sparse files, so a high cap costs nothing.
+            "-volume.max=2000", "-master.volumeSizeLimitMB=64",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
