@@ -14,7 +14,7 @@ import sys
 
 from data_prep.errors import DataPrepError
 from pipelines.console import quiet_third_party
-from training.errors import ConfigError, DataError
+from training.errors import ConfigError, DataError, EvaluationError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -98,21 +98,33 @@ def cmd_shard_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.runner import check_data, publish, resume, train
+    """`ldmflow train` (task ldm) and `ldmflow train-vae` (task vae): one loop, two tasks."""
+    from training.runner import check_data, publish, publish_vae, resume, train
 
+    want = "vae" if args.command == "train-vae" else "ldm"
     if args.resume:
-        if args.data or args.storage or args.config != DEFAULT_CONFIG:
+        if args.data or args.storage or args.config != args.default_config:
             raise UsageError("--resume continues a run with its own config, data and storage; "
                              "give only --max-steps, --num-workers or --set train.<key> with it")
         outcome, cfg = resume(args.resume, overrides_from_args(args))
+        if cfg.task != want:
+            print(f"note: run {args.resume} trained a `{cfg.task}` model; published as such", file=sys.stderr)
     else:
         if not args.data:
             raise UsageError("--data is required (or --resume RUN_ID to continue a run)")
         cfg = build_run_config(args)
+        if cfg.task != want:
+            other = "train-vae" if cfg.task == "vae" else "train"
+            raise UsageError(f"{args.config} is a `{cfg.task}` config: run it with `ldmflow {other}`")
         check_data(cfg, args.data)
         outcome = train(cfg, args.data, storage_uri=args.storage)
     print(f"MLflow run {outcome.run_id}; final checkpoint {outcome.checkpoint_dir}")
-    if not args.no_register:
+    if cfg.task == "vae":
+        vae = publish_vae(outcome, cfg)
+        psnr = f"{vae.psnr:.2f} dB held-out PSNR" if vae.psnr is not None else "no held-out split"
+        print(f"VAE saved to {vae.path} ({vae.uri}); scaling factor {vae.scaling_factor:.4f}; {psnr}")
+        print(f"train an LDM on it with --set model.vae.pretrained={vae.path}")
+    elif not args.no_register:
         version = publish(outcome, cfg)
         print(f"registered {version.name} version {version.version} with alias candidate")
     return 0
@@ -121,17 +133,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from training.sampling import generate_from_registry
 
-    if args.n < 1 or args.steps < 1:
+    if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--n and --steps must be >= 1")
     from mlflow.exceptions import MlflowException
 
     try:
         paths = generate_from_registry(args.model, args.prompt, args.out, n=args.n, seed=args.seed,
-                                       steps=args.steps, guidance=args.guidance)
+                                       steps=args.steps, guidance=args.guidance, sampler=args.sampler)
     except MlflowException as e:
         raise UsageError(f"cannot load {args.model} from MLflow: {e.message}") from None
     for path in paths:
         print(path)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import run_evaluation
+
+    if args.per_prompt < 1 or (args.steps is not None and args.steps < 1):
+        raise UsageError("--per-prompt and --steps must be >= 1")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        evaluation = run_evaluation(args.model, out_dir=args.out, prompts=args.prompts, per_prompt=args.per_prompt,
+                                    steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed)
+    except MlflowException as e:
+        raise UsageError(f"cannot evaluate {args.model} through MLflow: {e.message}") from None
+    print(evaluation.table())
+    print(f"images: {evaluation.grid_path} (a row per prompt)")
+    if evaluation.run_id:
+        tagged = evaluation.model_version and f"; tags eval.* on {evaluation.model_name} v{evaluation.model_version}"
+        print(f"recorded: metrics eval_* on MLflow run {evaluation.run_id}{tagged or ''}")
     return 0
 
 
@@ -205,6 +237,15 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from training.samplers import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the one the model's pipeline folder records")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's recorded default)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's recorded "
+                                                  "default)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ldmflow", description=__doc__.splitlines()[0])
     sub = root.add_subparsers(dest="command", required=True)
@@ -232,17 +273,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its latest verified "
                    "checkpoint (after its driver died, or with a higher --max-steps)")
     p.add_argument("--no-register", action="store_true", help="train only; skip export and registration")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, default_config=DEFAULT_CONFIG)
+
+    p = sub.add_parser("train-vae", help="train the first-stage AutoencoderKL (a `task: vae` config) through the "
+                                         "same Ray + DeepSpeed loop; saves a diffusers VAE folder")
+    add_train_args(p)
+    p.set_defaults(config="configs/shapes-vae.yaml", default_config="configs/shapes-vae.yaml")
+    p.add_argument("--data", help="dataset folder or s3:// prefix written by `ldmflow shard`")
+    p.add_argument("--storage", help="where Ray Train keeps checkpoints (as for `train`)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its latest verified checkpoint")
+    p.set_defaults(func=cmd_train, no_register=False)
 
     p = sub.add_parser("generate", help="load a registered model through MLflow and write PNGs")
     p.add_argument("--model", required=True, help="e.g. models:/ldm-tiny@candidate")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="score caption adherence (colour, shape, background) of a model on held-out "
+                                        "synthetic prompts; record it in MLflow")
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
+                                                   "or a pipeline folder")
+    p.add_argument("--prompts", type=int, default=12, help="held-out prompts (default: %(default)s)")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="chooses the prompts; image j starts from seed + j")
+    p.add_argument("--out", help="where grid.png and results.json go (default: runs/eval/<model>)")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("flow", help="run the whole chain as one Prefect flow: (synth) -> shard -> train -> register")
     add_train_args(p)
@@ -262,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataPrepError, DataError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, DataPrepError, DataError, EvaluationError, FileNotFoundError) as e:
         print(f"ldmflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

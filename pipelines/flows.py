@@ -28,10 +28,10 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def synth_task(out_dir: str, n: int, seed: int) -> str:
+def synth_task(out_dir: str, n: int, seed: int, image_size: int) -> str:
     from data_prep.synth import generate_synthetic
 
-    generate_synthetic(out_dir, n, seed=seed)
+    generate_synthetic(out_dir, n, seed=seed, image_size=image_size)
     return out_dir
 
 
@@ -62,6 +62,21 @@ def train_task(config: dict, data: str) -> dict:
     return outcome.__dict__
 
 
+@task(retries=0, cache_policy=NO_CACHE)
+def train_vae_task(config: dict, data: str) -> dict:
+    """`ldmflow train-vae` as a task: trains, exports and logs the VAE; returns its folder and scores."""
+    from dataclasses import asdict
+
+    from training.config import config_from_dict
+    from training.runner import publish_vae, train
+
+    cfg = config_from_dict(config)
+    published = publish_vae(train(cfg, data), cfg)
+    get_run_logger().info("VAE %s: scaling factor %.4f, held-out PSNR %s dB", published.path,
+                          published.scaling_factor, "-" if published.psnr is None else f"{published.psnr:.2f}")
+    return asdict(published)
+
+
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def publish_task(config: dict, outcome: dict) -> dict:
     from training.config import config_from_dict
@@ -74,20 +89,32 @@ def publish_task(config: dict, outcome: dict) -> dict:
 @flow(name="ldm-train-pipeline", log_prints=True)
 def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
                  source: str | None = None, synth_n: int = 64, work_dir: str = "runs/work",
-                 samples_per_shard: int = 16, overwrite_shards: bool = False) -> dict:
-    """(synthetic data) -> shards -> Ray/DeepSpeed training -> MLflow registration."""
+                 samples_per_shard: int = 16, overwrite_shards: bool = False, vae_config_path: str | None = None,
+                 vae_overrides: list[str] | None = None) -> dict:
+    """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
+
+    With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
+    first and the LDM is trained on it (model.vae.pretrained set to the exported folder)."""
     from training.config import load_config
 
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
+    vae_cfg = load_config(vae_config_path, list(vae_overrides or [])) if vae_config_path else None
+    if vae_cfg is not None and vae_cfg.model.resolution != cfg.model.resolution:
+        raise ValueError(f"{vae_config_path} trains at {vae_cfg.model.resolution}px but {config_path} at "
+                         f"{cfg.model.resolution}px")
     work = Path(storage.local_path(work_dir)).resolve()  # raw data and shards of a demo run: local
     if source is None:
-        source = synth_task(str(work / "raw"), synth_n, cfg.train.seed)
+        source = synth_task(str(work / "raw"), synth_n, cfg.train.seed, cfg.model.resolution)
     shards = shard_task(_absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
                         overwrite_shards)
+    result: dict = {"shards": shards}
+    if vae_cfg is not None:
+        result["vae"] = train_vae_task(vae_cfg.to_dict(), shards["output"])
+        cfg = load_config(config_path, [*overrides, f"model.vae.pretrained={result['vae']['path']}"])
     outcome = train_task(cfg.to_dict(), shards["output"])
     model = publish_task(cfg.to_dict(), outcome)
-    return {"shards": shards, "run_id": outcome["run_id"], "metrics": outcome["metrics"], "model": model}
+    return {**result, "run_id": outcome["run_id"], "metrics": outcome["metrics"], "model": model}
 
 
 def _absolute(uri: str) -> str:

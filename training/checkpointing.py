@@ -51,6 +51,8 @@ COMMITTED = "COMMITTED"
 DEEPSPEED_DIR = "deepspeed"
 EMA_FILE = "ema.safetensors"
 UNET_FILE = "unet.safetensors"
+VAE_FILE = "vae.safetensors"
+"""The final checkpoint's gathered weights of the trained module: the UNet (`ldm` task) or the VAE (`vae`)."""
 FILES_DIR = "files"
 STATE_FILE = "train_state.json"
 FORMAT = 2
@@ -151,20 +153,21 @@ def save_ema(directory: Path, ema) -> None:
     os.replace(tmp, directory / EMA_FILE)
 
 
-def save_unet_weights(directory: Path, weights: dict[str, torch.Tensor], *, step: int) -> None:
-    """The gathered UNet state dict (rank 0, final checkpoint) as safetensors, written atomically."""
+def save_unet_weights(directory: Path, weights: dict[str, torch.Tensor], *, step: int, name: str = UNET_FILE) -> None:
+    """The gathered state dict of the trained module (rank 0, final checkpoint) as safetensors,
+    written atomically; `name` is the task's weights file (UNET_FILE or VAE_FILE)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    tmp = directory / f".{UNET_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"step": str(step), "format": "ldmflow-unet"})
-    os.replace(tmp, directory / UNET_FILE)
+    tmp = directory / f".{name}.tmp"
+    save_file(tensors, str(tmp), metadata={"step": str(step), "format": f"ldmflow-{name.split('.')[0]}"})
+    os.replace(tmp, directory / name)
 
 
-def load_unet_weights(directory: Path) -> dict[str, torch.Tensor]:
+def load_unet_weights(directory: Path, name: str = UNET_FILE) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(directory) / UNET_FILE), device="cpu")
+    return load_file(str(Path(directory) / name), device="cpu")
 
 
 def listed_files(directory: Path, rank: int) -> dict[str, dict]:

@@ -316,6 +316,16 @@ class TrainConfig:
     counts once every rank's upload finished); sync: the step waits for the upload."""
     max_failures: int = 1
     """Worker-group restarts Ray attempts from the latest checkpoint before giving up."""
+    kl_weight: float = 1e-4
+    """`vae` task: weight of the KL term against the reconstruction MSE, both means per element
+    (the KL per latent value, the MSE per pixel value). Larger keeps the latents closer to N(0, 1)
+    and blurs more."""
+    cache_encodings: bool = False
+    """`ldm` task: each worker keeps the frozen VAE's posterior (mean, std) of every sample it has
+    seen, by key, and the text states of every caption, so later epochs skip the VAE encoder and the
+    text encoder (a fresh latent is still drawn from the cached posterior each time). Worth it when
+    the dataset is small enough to cache (about 2 x latent size x 4 bytes per sample); off for large
+    data, whose epochs are rarely repeated anyway."""
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
@@ -343,6 +353,7 @@ class TrainConfig:
             _check(self.snr_gamma > 0, "train.snr_gamma", "null or > 0 (5.0 is usual)", self.snr_gamma)
         _check(0.0 <= self.noise_offset <= 1.0, "train.noise_offset", "in [0, 1] (0.05-0.1 is usual)",
                self.noise_offset)
+        _check(self.kl_weight >= 0, "train.kl_weight", ">= 0", self.kl_weight)
         _check(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
         _check(self.loader_workers >= 0, "train.loader_workers", ">= 0", self.loader_workers)
         _check(self.cluster_wait_s >= 0, "train.cluster_wait_s", ">= 0", self.cluster_wait_s)
@@ -369,20 +380,73 @@ class TrackingConfig:
     )
     """Prompts of the sample grid logged with the final model."""
     sample_steps: int = 20
-    """Denoising steps for the logged samples."""
+    """Denoising steps of the logged samples, and the steps the exported pipeline records as its
+    default (sampler_defaults.json) for requests that name none."""
+    sampler: str = "ddim"
+    """Sampler of the logged samples and the exported pipeline's default: ddim or dpm++."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale of the logged samples and the exported pipeline's default."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model_name.strip()), "tracking.model_name", "a non-empty name", self.model_name)
         _check(self.sample_steps >= 1, "tracking.sample_steps", ">= 1", self.sample_steps)
+        _check(self.sampler in ("ddim", "dpm++"), "tracking.sampler", "ddim or dpm++", self.sampler)
+        _check(self.guidance >= 1.0, "tracking.guidance", ">= 1 (1: no guidance)", self.guidance)
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    holdout_fraction: float = 0.0
+    """Fraction of the dataset held out of training, chosen by a hash of each sample's key (so the
+    same samples whatever the shard layout, worker count or run): the training streams skip them,
+    validation and evaluation read only them. 0: nothing held out, no validation loss."""
+    every: int = 0
+    """Steps between validations (the validation loss on held-out samples, a sample grid of
+    tracking.sample_prompts for the `ldm` task); the final step always validates when there is a
+    held-out split. 0: only at the final step."""
+    max_samples: int = 64
+    """Held-out samples a validation uses (the first ones by shard order, the same every time)."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """`ldm` task: every held-out sample is noised at each of these timesteps with noise fixed by
+    validation.seed, so validation losses compare across steps and runs (MLPerf's text-to-image
+    benchmark evaluates the same way)."""
+    seed: int = 1234
+    """Seed of the validation noise and the sample grid's initial latents."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.holdout_fraction < 1.0, "validation.holdout_fraction", "in [0, 1)", self.holdout_fraction)
+        _check(self.every >= 0, "validation.every", ">= 0 (0: final step only)", self.every)
+        _check(self.max_samples >= 1, "validation.max_samples", ">= 1", self.max_samples)
+        _check(bool(self.timesteps) and all(t >= 0 for t in self.timesteps), "validation.timesteps",
+               "a non-empty list of timesteps >= 0", self.timesteps)
+
+
+TASKS = ("ldm", "vae")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
     name: str = "tiny"
     """Preset name, recorded with the run."""
+    task: str = "ldm"
+    """What the run trains: `ldm`, the latent diffusion UNet against a frozen VAE and text encoder
+    (`ldmflow train`), or `vae`, the first-stage AutoencoderKL that model.vae describes
+    (`ldmflow train-vae`). One training loop runs both; see training/tasks.py."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
+        if self.task == "ldm":
+            steps = self.model.scheduler.num_train_timesteps
+            _check(all(t < steps for t in self.validation.timesteps), "validation.timesteps",
+                   f"timesteps below model.scheduler.num_train_timesteps ({steps})", self.validation.timesteps)
+        if self.task == "vae":
+            _check(self.model.vae.pretrained is None, "model.vae.pretrained",
+                   "null for `train-vae` (the VAE it trains is built from model.vae's shape fields)",
+                   self.model.vae.pretrained)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

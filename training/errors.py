@@ -9,3 +9,7 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it and what is allowed."""
+
+
+class EvaluationError(ValueError):
+    """An evaluation cannot run as asked (a model URI of an unknown form, too many prompts, ...)."""

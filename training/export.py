@@ -21,6 +21,7 @@ from training.checkpointing import (
     FILES_DIR,
     STATE_FILE,
     UNET_FILE,
+    VAE_FILE,
     CheckpointError,
     consolidated_weights,
     listed_files,
@@ -31,37 +32,41 @@ from training.checkpointing import (
 )
 from training.config import RunConfig, config_from_dict
 from training.models import build_components, frozen_hashes, sampling_scheduler
+from training.samplers import SamplerDefaults, write_defaults
 
 log = logging.getLogger(__name__)
 
 
-EXPORT_FILES = (COMMITTED, STATE_FILE, FILES_DIR + "/", EMA_FILE, UNET_FILE)
+EXPORT_FILES = (COMMITTED, STATE_FILE, FILES_DIR + "/", EMA_FILE, UNET_FILE, VAE_FILE)
 """What an export reads from a final checkpoint; DeepSpeed's optimizer shards only when neither
 weights file is there."""
 
 
 def fetch_for_export(uri: str, local_dir: Path) -> Path:
     """The checkpoint at `uri` (local path or s3://) as a local folder the export can read: a local
-    checkpoint as it is; from S3 its markers, file lists and UNet/EMA weights, and DeepSpeed's
+    checkpoint as it is; from S3 its markers, file lists and UNet/VAE/EMA weights, and DeepSpeed's
     partitions only for a checkpoint that has neither weights file (a stage-0 model file or the
     optimizer shards to consolidate)."""
     from training.run_storage import download_checkpoint
 
     def exported(rel: str) -> bool:
-        return rel in (COMMITTED, STATE_FILE, EMA_FILE, UNET_FILE) or rel.startswith(FILES_DIR + "/")
+        return rel in (COMMITTED, STATE_FILE, EMA_FILE, UNET_FILE, VAE_FILE) or rel.startswith(FILES_DIR + "/")
 
     local = download_checkpoint(uri, Path(local_dir), only=exported)
     listed = {rel for rank in range(read_state(local, only=exported).world_size) for rel in listed_files(local, rank)}
-    if EMA_FILE in listed or UNET_FILE in listed:
+    if listed & {EMA_FILE, UNET_FILE, VAE_FILE}:
         return local
     return download_checkpoint(uri, Path(local_dir))
 
 
-def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Module, *, use_ema: bool) -> str:
-    """Load the checkpoint's UNet weights into `unet`; returns which weights were used: "ema" (rank
-    0's EMA), "gathered" (unet.safetensors, the full UNet the workers gathered at the final step) or
+def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Module, *, use_ema: bool,
+                      weights_file: str = UNET_FILE) -> str:
+    """Load the checkpoint's trained weights into `unet` (the task's trained module: the UNet, or the
+    VAE task's AutoencoderObjective); returns which weights were used: "ema" (rank 0's EMA),
+    "gathered" (`weights_file`, the full module the workers gathered at the final step) or
     "deepspeed" (older or intermediate checkpoints: DeepSpeed's partitions consolidated here)."""
-    state = read_state(checkpoint_dir, verify_hashes=True, only=_weights_needed(checkpoint_dir, use_ema))
+    state = read_state(checkpoint_dir, verify_hashes=True,
+                       only=_weights_needed(checkpoint_dir, use_ema, weights_file))
     if use_ema and (checkpoint_dir / EMA_FILE).is_file():
         from diffusers.training_utils import EMAModel
 
@@ -69,9 +74,9 @@ def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Modul
         load_ema(checkpoint_dir, ema)
         ema.copy_to(unet.parameters())
         return "ema"
-    if UNET_FILE in listed_files(checkpoint_dir, 0):  # listed, so read_state checked its sha256
+    if weights_file in listed_files(checkpoint_dir, 0):  # listed, so read_state checked its sha256
         # Training dtype (bf16/fp16/fp32); load_state_dict upcasts into the fp32 export UNet.
-        _load_exact(unet, load_unet_weights(checkpoint_dir))
+        _load_exact(unet, load_unet_weights(checkpoint_dir, weights_file))
         return "gathered"
     if cfg.train.zero_stage == 0:
         # Stage 0 partitions nothing and writes no ZeRO optimizer shards to consolidate; the model
@@ -85,15 +90,15 @@ def load_trained_unet(checkpoint_dir: Path, cfg: RunConfig, unet: torch.nn.Modul
     return "deepspeed"
 
 
-def _weights_needed(checkpoint_dir: Path, use_ema: bool):
+def _weights_needed(checkpoint_dir: Path, use_ema: bool, weights_file: str = UNET_FILE):
     """Which listed files load_trained_unet needs present: the EMA or gathered weights when the
     checkpoint has them (an export fetched from S3 has only those), else everything."""
     lists = list((Path(checkpoint_dir) / FILES_DIR).glob("rank-*.json"))
     listed = {rel for path in lists for rel in json.loads(path.read_text())["files"]}
     if use_ema and EMA_FILE in listed:
         return lambda rel: rel == EMA_FILE
-    if UNET_FILE in listed:
-        return lambda rel: rel == UNET_FILE
+    if weights_file in listed:
+        return lambda rel: rel == weights_file
     return None
 
 
@@ -136,15 +141,62 @@ def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[Stabl
     return pipe, cfg
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path) -> Path:
-    """Write the pipeline folder atomically: a half-written folder never sits at `out_dir`."""
+def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path, defaults: SamplerDefaults | None = None) -> Path:
+    """Write the pipeline folder atomically: a half-written folder never sits at `out_dir`. The folder
+    records `defaults` (sampler, steps, guidance; SamplerDefaults() when None) in sampler_defaults.json,
+    which the pyfunc model and its signature use for requests that do not name them."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    write_defaults(tmp, defaults or SamplerDefaults())
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
 
+
+
+def export_vae(checkpoint_dir: Path, *, use_ema: bool = True):
+    """The AutoencoderKL of a `train-vae` checkpoint (its EMA weights when it kept them), in eval mode,
+    and the run's config. Its scaling_factor is still the config's: see latent_scaling_factor."""
+    from training.models import new_vae
+    from training.tasks import AutoencoderObjective
+
+    state = read_state(checkpoint_dir, only=_weights_needed(checkpoint_dir, use_ema, VAE_FILE))
+    cfg = config_from_dict(state.config)
+    if cfg.task != "vae":
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is of a `{cfg.task}` run, not a `train-vae` one")
+    module = AutoencoderObjective(new_vae(cfg.model.vae, resolution=cfg.model.resolution, seed=cfg.train.seed))
+    source = load_trained_unet(checkpoint_dir, cfg, module, use_ema=use_ema and cfg.train.ema.enabled,
+                               weights_file=VAE_FILE)
+    log.info("exporting VAE weights from %s (step %d)", source, state.step)
+    vae = module.vae.eval().requires_grad_(False)
+    return vae, cfg
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, pixels: torch.Tensor, *, seed: int = 0, batch: int = 64) -> float:
+    """1 / std of the latents `vae` samples for `pixels` (in [-1, 1]): the factor that gives the
+    diffusion model unit-variance latents (SD's 0.18215 was computed the same way for its VAE)."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = []
+    for start in range(0, len(pixels), batch):
+        posterior = vae.encode(pixels[start:start + batch].float()).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator)
+        latents.append(posterior.mean + posterior.std * noise)
+    return float(1.0 / torch.cat(latents).float().std())
+
+
+def save_vae(vae, out_dir: Path) -> Path:
+    """A diffusers AutoencoderKL folder (config.json + safetensors), written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -3,14 +3,19 @@
 A config names each pretrained part (UNet, VAE, text encoder, tokenizer) by one string. Locally it is
 either the component's own folder (``config.json`` + weights, as ``save_pretrained`` writes it) or a
 whole pipeline folder (``model_index.json`` with ``unet/ vae/ text_encoder/ tokenizer/``), so one
-path to a Stable Diffusion folder serves every key. Anything that is not an existing folder and
-does not look like a path is passed on as a hub id. The errors name the config key, the path and
+path to a Stable Diffusion folder serves every key. An MLflow URI (`runs:/RUN_ID/vae`, the VAE
+`ldmflow train-vae` logs, or `models:/NAME@ALIAS` of a registered pipeline) is downloaded once into
+the runs folder's model cache and then read as a folder. Anything that is not an existing folder
+and does not look like a path is passed on as a hub id. The errors name the config key, the path and
 what is missing, and come before any weights are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +58,8 @@ def locate(name: str, component: str, key: str, *, expected_class: str | None = 
     component (its config.json, or for a tokenizer its tokenizer files). `expected_class`, when given,
     is checked against the ``_class_name`` diffusers writes into the component's config.json.
     """
+    if name.startswith(MLFLOW_SCHEMES):
+        name = fetch_mlflow_folder(name, key)
     folder = Path(name).expanduser()
     if not folder.exists():
         if looks_local(name):
@@ -84,6 +91,55 @@ def locate(name: str, component: str, key: str, *, expected_class: str | None = 
         if found is not None and found != expected_class:
             raise ConfigError(f"config key `{key}`: {location.folder} holds a {found}; expected {expected_class}")
     return location
+
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+
+
+def fetch_mlflow_folder(uri: str, key: str) -> str:
+    """The local folder of an MLflow artifact or registered model URI, downloaded into
+    <runs dir>/model-cache/ once per immutable source (a run's artifact; a model *version*, so an
+    alias that moves fetches the new version). A registered ldmflow pipeline resolves to its pipeline
+    folder (artifacts/pipeline/ inside the MLflow model)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking import runs_dir, setup_mlflow
+
+    setup_mlflow()
+    source = uri
+    try:
+        if uri.startswith("models:/"):
+            source = _model_version_source(uri)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+        folder = runs_dir() / "model-cache" / digest
+        if not folder.is_dir():
+            tmp = folder.with_name(f".{digest}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
+            try:
+                os.replace(tmp, folder)  # atomic: a half download is never taken for the model
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+    except MlflowException as e:
+        raise ModelPathError(f"config key `{key}`: {uri} could not be fetched from MLflow: {e.message}") from None
+    # download_artifacts puts a run's artifact folder under its own name inside dst_path.
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
+    pipeline = root / "artifacts" / "pipeline"
+    return str(pipeline if pipeline.is_dir() else root)
+
+
+def _model_version_source(uri: str) -> str:
+    """`models:/name@alias` -> `models:/name/version`: a fixed version, so the cache key is too."""
+    from mlflow import MlflowClient
+
+    name, _, ref = uri[len("models:/"):].partition("@")
+    client = MlflowClient()
+    if not ref:
+        return uri
+    return f"models:/{name}/{client.get_model_version_by_alias(name, ref).version}"
 
 
 def _class_name(config_file: Path) -> str | None:

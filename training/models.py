@@ -55,29 +55,36 @@ def build_unet(cfg: UNetConfig, *, sample_size: int, in_channels: int, cross_att
 
 
 def build_vae(cfg: VAEConfig, *, resolution: int) -> AutoencoderKL:
+    """The frozen VAE of an `ldm` run: the pretrained one it names, or one built from its shape
+    fields with model.vae.seed (random: only good for tests)."""
     if cfg.pretrained:
         vae = _from_pretrained(AutoencoderKL, cfg.pretrained, "vae", "model.vae.pretrained")
         if cfg.scaling_factor is not None:
             vae.register_to_config(scaling_factor=cfg.scaling_factor)
     else:
-        n = len(cfg.block_out_channels)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=("DownEncoderBlock2D",) * n,
-                up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=tuple(cfg.block_out_channels),
-                layers_per_block=cfg.layers_per_block,
-                latent_channels=cfg.latent_channels,
-                norm_num_groups=cfg.norm_num_groups,
-                sample_size=resolution,
-                scaling_factor=SD_SCALING_FACTOR if cfg.scaling_factor is None else cfg.scaling_factor,
-            )
+        vae = new_vae(cfg, resolution=resolution, seed=cfg.seed)
     vae.requires_grad_(False)
     vae.eval()
     return vae
+
+
+def new_vae(cfg: VAEConfig, *, resolution: int, seed: int) -> AutoencoderKL:
+    """An AutoencoderKL of the config's shape, initialised from `seed` (what `train-vae` trains)."""
+    n = len(cfg.block_out_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(cfg.block_out_channels),
+            layers_per_block=cfg.layers_per_block,
+            latent_channels=cfg.latent_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            sample_size=resolution,
+            scaling_factor=SD_SCALING_FACTOR if cfg.scaling_factor is None else cfg.scaling_factor,
+        )
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from training.samplers import SamplerDefaults, read_defaults
+
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
@@ -32,17 +34,22 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def signature():
+def signature(defaults: SamplerDefaults | None = None):
+    """Prompts in, uint8 images out; the params' defaults are the pipeline folder's recorded sampler
+    defaults, because MLflow fills a param a request leaves out with its signature default before
+    predict sees the request."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    defaults = defaults or SamplerDefaults()
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         params=ParamSchema([
-            ParamSpec("steps", "long", 25),
-            ParamSpec("guidance", "double", 5.0),
+            ParamSpec("sampler", "string", defaults.sampler),
+            ParamSpec("steps", "long", defaults.steps),
+            ParamSpec("guidance", "double", defaults.guidance),
             ParamSpec("seed", "long", 0),
         ]),
     )
@@ -75,7 +82,7 @@ def register_pipeline(run_id: str, pipeline_dir: Path, name: str, tags: dict[str
                 name=MODEL_ARTIFACT,
                 python_model=str(PYFUNC_CODE),
                 artifacts={"pipeline": str(pipeline_dir)},
-                signature=signature(),
+                signature=signature(read_defaults(pipeline_dir)),
                 pip_requirements=pip_requirements(),
             )
         mv = mlflow.register_model(info.model_uri, name, tags=tags)

@@ -28,6 +28,8 @@ class TrainOutcome:
     metrics: dict
     dataset_content_id: str
     config_hash: str
+    data: str = ""
+    """The dataset trained on (a `vae` run's export reads it to compute the latent scaling)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
@@ -75,6 +77,7 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None) -> T
         "dataset_content_id": dataset.content_id,
         "config_hash": cfg.hash,
         "preset": cfg.name,
+        "task": cfg.task,
         "data": data_dir,
         STORAGE_TAG: storage_uri,
     }
@@ -183,10 +186,9 @@ def _prepare(cfg: RunConfig, check=None) -> dict:
     """Load the frozen models and join or start Ray: every error they raise comes before a run exists
     or a worker starts. `check(frozen_hashes)` runs in between (resume's model check)."""
     from training.launcher import prepare_cluster
-    from training.models import build_frozen, frozen_hashes
+    from training.tasks import frozen_hashes_for
 
-    vae, text = build_frozen(cfg.model)  # a wrong model path fails here
-    frozen = frozen_hashes(vae, text)
+    frozen = frozen_hashes_for(cfg)  # a wrong model path fails here
     if check is not None:
         check(frozen)
     prepare_cluster(cfg)  # and a request Ray cannot place fails here
@@ -203,7 +205,7 @@ def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str,
                     tracking_uri=tracking_uri, frozen=frozen)
     mlflow.set_tag("checkpoint", result.checkpoint)
     return TrainOutcome(run_id=run_id, checkpoint_dir=result.checkpoint, metrics=result.metrics,
-                        dataset_content_id=content_id, config_hash=cfg.hash)
+                        dataset_content_id=content_id, config_hash=cfg.hash, data=data_dir)
 
 
 def _absolute(uri: str) -> str:
@@ -214,17 +216,23 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
     """Export the final checkpoint as a diffusers pipeline, log sample images, register the model."""
     import mlflow
 
+    if cfg.task == "vae":
+        raise ConfigError("a `train-vae` run is published with publish_vae, not registered as a pipeline")
+
     from training.export import build_pipeline, fetch_for_export, save_pipeline
     from training.pyfunc_model import generate_images
     from training.registry import register_pipeline
+    from training.samplers import SamplerDefaults
     from training.sampling import image_grid
 
     setup_mlflow()
     with tempfile.TemporaryDirectory(prefix="ldm-export-") as tmp:
         # From shared storage only what the export reads: the gathered (or EMA) UNet, not the optimizer.
         pipe, _ = build_pipeline(fetch_for_export(outcome.checkpoint_dir, Path(tmp)))
-    out_dir = save_pipeline(pipe, runs_dir() / "exports" / outcome.run_id / "pipeline")
-    images = generate_images(pipe, cfg.tracking.sample_prompts, steps=cfg.tracking.sample_steps, guidance=5.0,
+    t = cfg.tracking
+    defaults = SamplerDefaults(sampler=t.sampler, steps=t.sample_steps, guidance=t.guidance)
+    out_dir = save_pipeline(pipe, runs_dir() / "exports" / outcome.run_id / "pipeline", defaults=defaults)
+    images = generate_images(pipe, t.sample_prompts, steps=t.sample_steps, guidance=t.guidance, sampler=t.sampler,
                              seed=0)
     with mlflow.start_run(run_id=outcome.run_id):
         mlflow.log_image(image_grid(images), "samples/final.png")
@@ -235,6 +243,54 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
         **{f"metric.{k}": f"{v:.6g}" for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
     }
     return register_pipeline(outcome.run_id, out_dir, cfg.tracking.model_name, tags)
+
+
+@dataclass
+class PublishedVAE:
+    run_id: str
+    path: str
+    """The diffusers AutoencoderKL folder: what an LDM config names as model.vae.pretrained."""
+    uri: str
+    """The same folder as an MLflow artifact URI (runs:/RUN_ID/vae), for machines without the path."""
+    scaling_factor: float
+    psnr: float | None
+    """Mean reconstruction PSNR (dB) on the held-out split; None without one."""
+
+
+VAE_ARTIFACT = "vae"
+
+
+def publish_vae(outcome: TrainOutcome, cfg: RunConfig, *, scaling_samples: int = 512) -> PublishedVAE:
+    """Export a `train-vae` run's VAE as a diffusers folder, its latent scaling factor computed from the
+    training split (1 / std of the latents of up to `scaling_samples` samples), scored in PSNR on the
+    held-out split, logged to the run as the `vae` artifact."""
+    import mlflow
+
+    from training.export import export_vae, fetch_for_export, latent_scaling_factor, save_vae
+    from training.shard_loader import read_split, to_model_input
+    from training.tasks import reconstruction_metrics
+
+    setup_mlflow()
+    with tempfile.TemporaryDirectory(prefix="ldm-export-") as tmp:
+        vae, _ = export_vae(fetch_for_export(outcome.checkpoint_dir, Path(tmp)))
+    dataset = read_dataset(outcome.data)
+    fraction, resolution = cfg.validation.holdout_fraction, cfg.model.resolution
+    train_split = read_split(dataset, fraction, resolution, scaling_samples, held=False)
+    scaling = latent_scaling_factor(vae, to_model_input(train_split.pixels, "cpu"), seed=cfg.train.seed)
+    vae.register_to_config(scaling_factor=scaling)
+    metrics = {"scaling_factor": scaling}
+    if fraction > 0:
+        held = read_split(dataset, fraction, resolution, cfg.validation.max_samples)
+        metrics.update({f"export_{k}": v for k, v in reconstruction_metrics(vae, held, "cpu").items()})
+    out_dir = save_vae(vae, runs_dir() / "exports" / outcome.run_id / VAE_ARTIFACT)
+    with mlflow.start_run(run_id=outcome.run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out_dir), VAE_ARTIFACT)
+        mlflow.set_tags({"vae_path": str(out_dir), "scaling_factor": f"{scaling:.6g}"})
+    log.info("VAE of run %s: %s (scaling factor %.4f, held-out PSNR %s)", outcome.run_id, out_dir, scaling,
+             f"{metrics['export_val_psnr']:.2f} dB" if "export_val_psnr" in metrics else "not measured")
+    return PublishedVAE(run_id=outcome.run_id, path=str(out_dir), uri=f"runs:/{outcome.run_id}/{VAE_ARTIFACT}",
+                        scaling_factor=scaling, psnr=metrics.get("export_val_psnr"))
 
 
 def _param(value) -> str:

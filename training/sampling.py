@@ -21,9 +21,19 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid
 
 
+def request_params(*, seed: int, sampler: str | None = None, steps: int | None = None,
+                   guidance: float | None = None) -> dict:
+    """The pyfunc params of a request; what is None is left out, so the model uses the sampler
+    defaults its pipeline folder recorded."""
+    given = {"sampler": sampler, "steps": steps, "guidance": guidance}
+    return {"seed": seed, **{k: v for k, v in given.items() if v is not None}}
+
+
 def generate_from_registry(model_uri: str, prompt: str, out_dir: str | Path, *, n: int = 1, seed: int = 0,
-                           steps: int = 25, guidance: float = 5.0) -> list[Path]:
-    """Load `model_uri` (e.g. models:/ldm-tiny@candidate) as a pyfunc and write n PNGs."""
+                           steps: int | None = None, guidance: float | None = None,
+                           sampler: str | None = None) -> list[Path]:
+    """Load `model_uri` (e.g. models:/ldm-tiny@candidate) as a pyfunc and write n PNGs, one batched
+    request; steps, guidance and sampler left None take the model's recorded defaults."""
     import mlflow.pyfunc
     import pandas as pd
 
@@ -34,7 +44,7 @@ def generate_from_registry(model_uri: str, prompt: str, out_dir: str | Path, *, 
     setup_mlflow()
     model = mlflow.pyfunc.load_model(model_uri)
     images = model.predict(pd.DataFrame({"prompt": [prompt] * n}),
-                           params={"steps": steps, "guidance": guidance, "seed": seed})
+                           params=request_params(seed=seed, sampler=sampler, steps=steps, guidance=guidance))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):

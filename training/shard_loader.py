@@ -457,6 +457,55 @@ class ShardReader:
         self._file.close()
 
 
+# -------------------------------------------------------------------------------- held-out split
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Whether the sample `key` belongs to the held-out split of size `fraction`: by a hash of the key
+    alone, so the split is the same whatever the shards, their order, the worker count or the run."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"ldm-hold").digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def read_split(dataset: Dataset, fraction: float, resolution: int, limit: int, *, held: bool = True) -> Batch:
+    """The first `limit` samples of `dataset` in shard order (the same ones every time) in the held-out
+    split (`held`) or the training split, as one Batch; DataError when the split has none. Reads
+    shards front to back until it has enough."""
+    pixels: list[torch.Tensor] = []
+    captions: list[str] = []
+    keys: list[str] = []
+    for shard in dataset.shards:
+        reader = ShardReader(shard.uri, seek=(0, 0), first=0)
+        try:
+            for _ in range(shard.samples):
+                key, members, _, _ = reader.read()
+                if held_out(key, fraction) != held:
+                    continue
+                try:
+                    image, caption = decode_sample({"__key__": key, **members}, resolution)
+                except DataError:
+                    raise
+                except Exception as e:  # counted by the training streams; here just not used
+                    log.warning("held-out sample %s does not decode: %s", key, e)
+                    continue
+                pixels.append(image)
+                captions.append(caption)
+                keys.append(key)
+                if len(keys) == limit:
+                    break
+        finally:
+            reader.close()
+        if len(keys) == limit:
+            break
+    if not keys:
+        which = "holds out none" if held else "leaves none for training"
+        raise DataError(f"validation.holdout_fraction={fraction} {which} of the {dataset.total_samples} samples; "
+                        "change it or add data")
+    return Batch(pixels=torch.stack(pixels), captions=captions, keys=keys)
+
+
 # ----------------------------------------------------------------------------------------- decode
 
 
@@ -530,6 +579,7 @@ class _StreamConfig:
     resolution: int
     mix_shards: int
     shuffle_buffer: int
+    holdout_fraction: float = 0.0
 
 
 class _StreamReader:
@@ -617,6 +667,9 @@ class _StreamReader:
                 failures = 0
                 while len(keys) < cfg.batch_size:
                     epoch, sample = self._next()
+                    if held_out(sample["__key__"], cfg.holdout_fraction):
+                        st.skipped["held_out"] = st.skipped.get("held_out", 0) + 1
+                        continue
                     try:
                         image, caption = decode_sample(sample, cfg.resolution)
                     except DataError:
@@ -695,7 +748,7 @@ class ShardStream:
     def __init__(self, data: str, *, rank: int, world_size: int, batch_size: int, resolution: int, seed: int,
                  state: LoaderState | None = None, dataset: Dataset | None = None, loader_workers: int = 0,
                  prefetch_factor: int = 2, pin_memory: bool = False, mix_shards: int = 4, shuffle_buffer: int = 0,
-                 multiprocessing_context: str = "forkserver"):
+                 holdout_fraction: float = 0.0, multiprocessing_context: str = "forkserver"):
         for name, value, low in (("world_size", world_size, 1), ("batch_size", batch_size, 1),
                                  ("resolution", resolution, 1), ("loader_workers", loader_workers, 0),
                                  ("prefetch_factor", prefetch_factor, 1), ("mix_shards", mix_shards, 1),
@@ -723,7 +776,8 @@ class ShardStream:
                 "add data or lower train.batch_size / train.num_workers" + (" / loader_workers" if workers else "")
             )
         self.cfg = _StreamConfig(shards=shards, seed=seed, batch_size=batch_size, resolution=resolution,
-                                 mix_shards=mix_shards, shuffle_buffer=shuffle_buffer)
+                                 mix_shards=mix_shards, shuffle_buffer=shuffle_buffer,
+                                 holdout_fraction=holdout_fraction)
         self.state = state if state is not None else LoaderState()
         fitted = _fit_streams([StreamState.from_dict(d) for d in self.state.streams], mine=self.stream_ids,
                               num_streams=self.num_streams, shards=shards, seed=seed, rank=rank,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from training.checkpointing import (
     COMMITTED,
     DEEPSPEED_DIR,
+    UNET_FILE,
     CheckpointError,
     TrainState,
     load_deepspeed_checkpoint,
@@ -41,9 +42,8 @@ from training.checkpointing import (
     write_file_list,
 )
 from training.config import RunConfig, TrainConfig, config_from_dict
-from training.models import Components, build_components, frozen_hashes
-from training.objective import ObjectiveOptions, diffusion_loss, drop_captions, encode_latents
-from training.shard_loader import LoaderState, ShardStream, to_model_input
+from training.shard_loader import LoaderState, ShardStream, read_split
+from training.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,9 @@ def train_loop_per_worker(payload: dict) -> None:
     os.environ.update(payload.get("storage_env", {}))
     torch.set_num_threads(cfg.train.cpus_per_worker)
 
-    # --- build -----------------------------------------------------------------------------
-    parts = build_components(cfg.model, seed=cfg.train.seed)
-    frozen = check_frozen(parts, payload["frozen"])
-    parts.vae.to(ctx.device)
-    parts.text.model.to(ctx.device)
+    # --- build: the task (training/tasks.py) decides what is trained and its loss -----------
+    task = build_task(cfg, seed=cfg.train.seed, device=ctx.device)
+    frozen = check_frozen(task.frozen_hashes(), payload["frozen"])
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + ctx.rank)
     state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen)
     loader_state = None
@@ -85,7 +83,7 @@ def train_loop_per_worker(payload: dict) -> None:
     with checkpoint_directory(payload, ctx) as directory:
         saved = read_state(directory, verify_hashes=True) if directory is not None else None
         elastic = saved is not None and saved.world_size != ctx.world_size
-        engine = build_engine(parts.unet, cfg.train, ctx, load_universal=elastic)
+        engine = build_engine(task.module, cfg.train, ctx, load_universal=elastic)
         ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
         if saved is not None:
             state, loader_state = restore(directory, saved, engine, ema, generator, ctx, frozen, cfg)
@@ -95,7 +93,8 @@ def train_loop_per_worker(payload: dict) -> None:
     stream = ShardStream(payload["data"], rank=ctx.rank, world_size=ctx.world_size,
                          batch_size=cfg.train.batch_size, resolution=cfg.model.resolution, seed=cfg.train.seed,
                          state=loader_state, loader_workers=cfg.train.loader_workers,
-                         shuffle_buffer=cfg.train.shuffle_buffer, pin_memory=ctx.device.type == "cuda")
+                         shuffle_buffer=cfg.train.shuffle_buffer, pin_memory=ctx.device.type == "cuda",
+                         holdout_fraction=cfg.validation.holdout_fraction)
     batches = iter(stream)
     metrics_log = make_metric_logger(payload, ctx)
     publish_worker_processes(metrics_log, ctx)
@@ -110,6 +109,7 @@ def train_loop_per_worker(payload: dict) -> None:
     window = LossWindow()
     metrics: dict[str, float] = {}
     sample_log = SampleLog(payload.get("sample_log"), ctx.rank)
+    validation = Validation(task, engine, ema, stream, cfg, ctx)
 
     # --- train -----------------------------------------------------------------------------
     while state.step < cfg.train.max_steps:
@@ -117,9 +117,10 @@ def train_loop_per_worker(payload: dict) -> None:
         for _ in range(cfg.train.grad_accum):
             batch = next(batches)  # load batch (decoded ahead by the loader's processes)
             sample_log.add(state.step + 1, batch.keys, batch.epochs)
-            loss = forward_backward(engine, parts, batch, cfg, generator, ctx)
+            loss = task.loss(engine, batch, generator)
+            engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            window.add(loss, len(batch.captions))
+            window.add(float(loss.detach()), len(batch.captions))
         if ema is not None:
             ema.step(engine.module.parameters())
         state.step += 1
@@ -135,9 +136,13 @@ def train_loop_per_worker(payload: dict) -> None:
                 log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", state.step, cfg.train.max_steps,
                          metrics["loss"], metrics["lr"], metrics["samples_per_sec"])
             window = LossWindow()
+        if validation.due(state.step, last):
+            validation.run(state.step, metrics_log if state.step > logged_through else None)
+            metrics.update(validation.metrics)
         if state.step % cfg.train.checkpoint_every == 0 or last:
             began = time.perf_counter()
-            save_and_report(engine, ema, state, stream.state, generator, ctx, metrics, cfg.train, final=last)
+            save_and_report(engine, ema, state, stream.state, generator, ctx, metrics, cfg.train, final=last,
+                            weights_file=task.weights_file)
             if metrics_log is not None and state.step > logged_through:
                 # The step's stall: saving, listing and (sync mode) uploading the checkpoint.
                 metrics_log.log({"checkpoint_seconds": time.perf_counter() - began}, step=state.step)
@@ -230,9 +235,8 @@ class SampleLog:
 # --- phases -------------------------------------------------------------------------------
 
 
-def check_frozen(parts: Components, expected: dict) -> dict:
+def check_frozen(got: dict, expected: dict) -> dict:
     """Every worker must hold the exact VAE and text encoder the driver will export."""
-    got = frozen_hashes(parts.vae, parts.text)
     for name, digest in expected.items():
         if got.get(name) != digest:
             raise RuntimeError(
@@ -304,17 +308,55 @@ def build_ema(module: torch.nn.Module, train: TrainConfig):
                     use_ema_warmup=False, foreach=True)
 
 
-def forward_backward(engine, parts: Components, batch, cfg: RunConfig, generator: torch.Generator,
-                     ctx: WorkerContext) -> float:
-    pixels = to_model_input(batch.pixels, ctx.device)  # uint8 over the bus, normalised on the device
-    captions = drop_captions(batch.captions, cfg.train.caption_dropout, generator)
-    latents = encode_latents(parts.vae, pixels, generator)
-    text_states = parts.text.encode(captions, ctx.device)
-    # fp32 latents: diffusion_loss noises them in fp32 and casts only the UNet's input to its dtype.
-    loss = diffusion_loss(engine, parts.noise_scheduler, latents, text_states, generator,
-                          options=ObjectiveOptions.from_train(cfg.train))
-    engine.backward(loss)
-    return float(loss.detach())
+class Validation:
+    """Validation on the held-out split (validation.holdout_fraction) every validation.every steps and
+    at the final step: the task's validation metrics and, for the `ldm` task, a sample grid of
+    tracking.sample_prompts, both logged to MLflow. With EMA, the EMA weights are scored (they are
+    what is exported). Under ZeRO-3 every rank takes part (each forward gathers the parameters from
+    all ranks); otherwise rank 0 alone, while the others wait at the next step's collective."""
+
+    def __init__(self, task, engine, ema, stream: ShardStream, cfg: RunConfig, ctx: WorkerContext):
+        self.task, self.engine, self.ema, self.cfg, self.ctx = task, engine, ema, cfg, ctx
+        self.every = cfg.validation.every
+        self.enabled = cfg.validation.holdout_fraction > 0
+        self.partitioned = engine.zero_optimization_partition_weights()
+        self.takes_part = self.enabled and (self.partitioned or ctx.rank == 0)
+        self.held_out = None
+        if self.takes_part:
+            v = cfg.validation
+            self.held_out = read_split(stream.dataset, v.holdout_fraction, cfg.model.resolution, v.max_samples)
+        self.metrics: dict[str, float] = {}
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.enabled and (last or (self.every > 0 and step % self.every == 0))
+
+    def run(self, step: int, metrics_log) -> None:
+        if not self.takes_part:
+            return
+        began = time.perf_counter()
+        module = self.engine.module
+        params = list(module.parameters())
+        if self.ema is not None:
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            self.metrics = self.task.validate(module, self.held_out)
+            grid = self.task.sample_grid(module)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
+        self.metrics["validation_seconds"] = time.perf_counter() - began
+        if self.ctx.rank != 0:
+            return
+        log.info("step %d validation: %s", step, "  ".join(f"{k} {v:.4g}" for k, v in sorted(self.metrics.items())))
+        if metrics_log is None:
+            return
+        metrics_log.log(self.metrics, step=step)
+        if grid is not None:
+            try:
+                metrics_log.client.log_image(metrics_log.run_id, grid, artifact_file=f"samples/step-{step:06d}.png")
+            except Exception as e:  # like the metrics: a tracking outage never stops training
+                log.warning("could not log the step-%d sample grid: %s", step, e)
 
 
 class LossWindow:
@@ -436,7 +478,8 @@ def gather_unet_weights(engine, ctx: WorkerContext) -> dict[str, torch.Tensor] |
 
 
 def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
-                    ctx: WorkerContext, metrics: dict, train: TrainConfig, *, final: bool = False) -> None:
+                    ctx: WorkerContext, metrics: dict, train: TrainConfig, *, final: bool = False,
+                    weights_file: str = UNET_FILE) -> None:
     """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
     rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
     each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
@@ -444,8 +487,9 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
     With train.checkpoint_upload=async, report returns once Ray has taken the folder: the upload
     runs beside the next steps and Ray deletes the local folder when it is done.
 
-    The final checkpoint also holds unet.safetensors: the full UNet gathered by the workers (every
-    rank takes part, rank 0 writes and lists it), so the export never consolidates optimizer shards."""
+    The final checkpoint also holds `weights_file` (unet.safetensors or vae.safetensors): the trained
+    module's full weights gathered by the workers (every rank takes part, rank 0 writes and lists
+    it), so the export never consolidates optimizer shards."""
     import ray.train
 
     from training.elastic import UNIVERSAL_CLIENT_STATE
@@ -462,7 +506,7 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
         if final:
             weights = gather_unet_weights(engine, ctx)  # a collective under ZeRO-3: every rank
             if ctx.rank == 0:
-                save_unet_weights(local, weights, step=state.step)
+                save_unet_weights(local, weights, step=state.step, name=weights_file)
             del weights
         digest = write_file_list(local, ctx.rank)
         file_lists = [digest]

@@ -18,7 +18,8 @@ from training.checkpointing import UNET_FILE, CheckpointError, TrainState, read_
 from training.config import load_config
 from training.models import build_components, frozen_hashes
 from training.shard_loader import Batch, LoaderState
-from training.worker import WorkerContext, build_ema, build_engine, forward_backward, save_and_report
+from training.tasks import LatentDiffusionTask
+from training.worker import WorkerContext, build_ema, build_engine, save_and_report
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2
@@ -61,6 +62,7 @@ def train_and_save(tmp_path: Path, stored: list, stage: int, precision: str, ema
     parts = build_components(cfg.model, seed=cfg.train.seed)
     engine = build_engine(parts.unet, cfg.train, ctx)
     ema = build_ema(engine.module, cfg.train)
+    task = LatentDiffusionTask(cfg, parts, device=ctx.device)
     generator = torch.Generator().manual_seed(0)
     state = TrainState(world_size=1, config=cfg.to_dict(), frozen=frozen_hashes(parts.vae, parts.text))
     loader = LoaderState()
@@ -68,7 +70,7 @@ def train_and_save(tmp_path: Path, stored: list, stage: int, precision: str, ema
     while state.step < cfg.train.max_steps:
         batch = Batch(pixels=torch.randint(0, 256, (2, 3, 64, 64), generator=data, dtype=torch.uint8),
                       captions=["a red circle", "a blue square"], keys=["a", "b"])
-        forward_backward(engine, parts, batch, cfg, generator, ctx)
+        engine.backward(task.loss(engine, batch, generator))
         engine.step()
         if ema is not None:
             ema.step(engine.module.parameters())

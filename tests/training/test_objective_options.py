@@ -16,7 +16,8 @@ from training.errors import ConfigError
 from training.models import build_noise_scheduler, sampling_scheduler
 from training.objective import ObjectiveOptions, diffusion_loss, drop_captions
 from training.shard_loader import Batch
-from training.worker import WorkerContext, build_ema, forward_backward
+from training.tasks import LatentDiffusionTask
+from training.worker import build_ema
 
 SHAPE = (4, 4, 8, 8)
 
@@ -35,7 +36,7 @@ class StubUNet(torch.nn.Module):
         prediction = self.predict(sample, timestep).to(self.anchor.dtype)
         return SimpleNamespace(sample=prediction + self.anchor)
 
-    def backward(self, loss):  # what forward_backward asks of a DeepSpeed engine
+    def backward(self, loss):  # what the training loop asks of a DeepSpeed engine
         self.loss = loss
 
 
@@ -260,7 +261,14 @@ def test_noising_runs_in_fp32_for_a_bf16_unet():
 class StubVAE:
     config = SimpleNamespace(scaling_factor=0.5)
 
+    def __init__(self):
+        self.encoded = 0
+
+    def to(self, device):
+        return self
+
     def encode(self, pixels):
+        self.encoded += len(pixels)
         mean = torch.nn.functional.avg_pool2d(pixels, 4).repeat(1, 2, 1, 1)[:, :SHAPE[1]]  # (B, 4, R/4, R/4)
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.full_like(mean, 0.1)))
 
@@ -268,6 +276,7 @@ class StubVAE:
 class StubText:
     def __init__(self):
         self.captions: list[str] = []
+        self.model = torch.nn.Identity()
 
     def encode(self, captions, device="cpu"):
         self.captions += captions
@@ -276,12 +285,15 @@ class StubText:
 
 def run_forward_backward(unet_dtype: torch.dtype, overrides: list[str], seed: int = 0):
     cfg = config_from_dict({}, overrides)
-    parts = SimpleNamespace(vae=StubVAE(), text=StubText(), noise_scheduler=build_noise_scheduler(cfg.model.scheduler))
+    parts = SimpleNamespace(vae=StubVAE(), text=StubText(), unet=None,
+                            noise_scheduler=build_noise_scheduler(cfg.model.scheduler))
     batch = Batch(pixels=torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(1),
                                        dtype=torch.uint8), captions=[f"caption {i}" for i in range(8)], keys=[])
     engine = StubUNet(dtype=unet_dtype)
-    loss = forward_backward(engine, parts, batch, cfg, torch.Generator().manual_seed(seed),
-                            WorkerContext(rank=0, world_size=1, device=torch.device("cpu")))
+    task = LatentDiffusionTask(cfg, parts, device=torch.device("cpu"))
+    loss = task.loss(engine, batch, torch.Generator().manual_seed(seed))
+    engine.backward(loss)
+    loss = float(loss)
     return engine, parts, loss
 
 

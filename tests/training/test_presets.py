@@ -103,10 +103,13 @@ def test_sdxl_is_sdxl_base_without_the_micro_conditioning():
     assert count(narrower) == 2_562_218_244 - 2 * (10 * 640 + 60 * 1280) * (2048 - 1280) == 2_434_423_044
 
 
-def test_small_is_about_100m_and_tiny_is_what_it_says():
+def test_small_is_about_100m_and_tiny_and_shapes_are_what_they_say():
     small = count(meta_preset("small", MINILM_WIDTH))
     assert small == 100_105_604 and abs(small - 100e6) < 0.1 * 100e6
     assert count(meta_preset("tiny", MINILM_WIDTH)) == 6_285_572
+    shapes_unet = meta_preset("shapes", MINILM_WIDTH)  # the demo's: 8x8x8 latents of its 32px VAE
+    assert count(shapes_unet) == 4_648_072 and shapes_unet.config.sample_size == 8
+    assert shapes_unet.config.in_channels == 8
 
 
 def test_presets_follow_the_diffusers_head_naming():
@@ -136,5 +139,6 @@ def test_bad_unet_shapes_name_the_key(unet, message):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="config file sd3 does not exist .presets: sd15, sdxl, small, tiny"):
+    presets = "sd15, sdxl, shapes, shapes-vae, small, tiny"
+    with pytest.raises(ConfigError, match=f"config file sd3 does not exist .presets: {presets}"):
         load_config("sd3")

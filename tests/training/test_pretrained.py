@@ -159,7 +159,8 @@ def test_attention_mask_option_is_what_training_and_sampling_both_use(pipeline_d
 
 def test_fine_tuning_a_pretrained_unet_steps_through_the_worker_engine(pipeline_dir, process_group):
     from training.shard_loader import Batch
-    from training.worker import WorkerContext, build_engine, forward_backward
+    from training.tasks import LatentDiffusionTask
+    from training.worker import WorkerContext, build_engine
 
     cfg = model_cfg(pipeline_dir, pipeline_dir, pipeline_dir)
     parts = build_components(cfg.model, seed=cfg.train.seed)
@@ -170,7 +171,8 @@ def test_fine_tuning_a_pretrained_unet_steps_through_the_worker_engine(pipeline_
     batch = Batch(pixels=torch.randint(0, 256, (2, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8,
                                        generator=torch.Generator().manual_seed(0)),
                   captions=["a red circle", "a red square"], keys=["a", "b"])
-    loss = forward_backward(engine, parts, batch, cfg, torch.Generator().manual_seed(1), ctx)
+    loss = LatentDiffusionTask(cfg, parts, device=ctx.device).loss(engine, batch, torch.Generator().manual_seed(1))
+    engine.backward(loss)
     engine.step()
     after = engine.module.state_dict()
     assert loss > 0 and all(torch.isfinite(t).all() for t in after.values())
