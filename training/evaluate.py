@@ -264,6 +264,8 @@ class Evaluation:
         chance = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "background": 1 / len(COLOURS)}
         for a in ATTRIBUTES:
             lines.append(f"{a:<12}{self.metrics[f'{a}_adherence']:>10.3f}{chance[a]:>8.2f}")
+        if "val_loss" in self.metrics:
+            lines.append(f"held-out loss at fixed timesteps: {self.metrics['val_loss']:.4f}")
         return "\n".join(lines)
 
 
@@ -339,6 +341,46 @@ def _resolve(model_uri: str) -> _Source:
     return _Source(uri=f"models:/{name}/{mv.version}", run_id=mv.run_id, name=name, version=str(mv.version))
 
 
+def held_out_loss(evaluation: Evaluation) -> dict[str, float]:
+    """The evaluated model's fixed-timestep validation loss (validation.timesteps, noise fixed by
+    validation.seed: what training logged as val_loss, on the exported EMA weights) on the held-out
+    split of the data its run trained on; {} for a model without a run, or a run without a split."""
+    if evaluation.run_id is None:
+        return {}
+    import mlflow
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from data_prep.dataset import read_dataset
+    from training.config import config_from_dict
+    from training.model_folders import fetch_mlflow_folder
+    from training.models import Components, build_noise_scheduler
+    from training.runner import CONFIG_ARTIFACT
+    from training.shard_loader import read_split
+    from training.tasks import LatentDiffusionTask
+    from training.text_encoder import TextEncoder
+
+    run = mlflow.MlflowClient().get_run(evaluation.run_id)
+    data = run.data.tags.get("data")
+    try:
+        cfg = config_from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}"))
+    except Exception as e:  # a model logged by hand, without ldmflow's config artifact
+        log.info("run %s has no readable %s (%s): no validation loss", evaluation.run_id, CONFIG_ARTIFACT, e)
+        return {}
+    v = cfg.validation
+    if not data or v.holdout_fraction <= 0:
+        return {}
+    held = read_split(read_dataset(data), v.holdout_fraction, cfg.model.resolution, v.max_samples)
+    pipe = StableDiffusionPipeline.from_pretrained(fetch_mlflow_folder(evaluation.model_uri, "--model"),
+                                                   safety_checker=None, requires_safety_checker=False)
+    te = cfg.model.text_encoder
+    text = TextEncoder(tokenizer=pipe.tokenizer, model=pipe.text_encoder, max_length=te.max_length,
+                       use_attention_mask=te.use_attention_mask)
+    parts = Components(unet=pipe.unet, vae=pipe.vae, text=text,
+                       noise_scheduler=build_noise_scheduler(cfg.model.scheduler))
+    return LatentDiffusionTask(cfg, parts, device=torch.device("cpu")).validate(pipe.unet, held)
+
+
 def _is_pipeline_folder(uri: str) -> bool:
     return "://" not in uri and ":/" not in uri and (Path(uri) / "model_index.json").is_file()
 
@@ -387,7 +429,7 @@ def record(evaluation: Evaluation) -> None:
 
     setup_mlflow()
     client = MlflowClient()
-    scores = {k: v for k, v in evaluation.metrics.items() if k.endswith("_adherence")}
+    scores = {k: v for k, v in evaluation.metrics.items() if k.endswith("_adherence") or k.startswith("val_loss")}
     now = int(time.time() * 1000)
     client.log_batch(evaluation.run_id, metrics=[Metric(METRIC_PREFIX + k, v, now, 0) for k, v in scores.items()],
                      synchronous=True)
@@ -424,6 +466,7 @@ def run_evaluation(model_uri: str, *, out_dir: str | Path | None = None, **optio
     if out_dir is not None:
         out_dir = storage.local_path(out_dir)  # an s3:// URI refused before the (slow) generation
     evaluation = evaluate_model(model_uri, **options)
+    evaluation.metrics.update(held_out_loss(evaluation))
     if out_dir is None:
         from training.tracking import runs_dir
 

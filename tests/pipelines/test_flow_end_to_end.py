@@ -1,5 +1,6 @@
 """The whole chain as one Prefect flow on the embedded default, then the registered model consumed
-from a fresh process: synth -> shards -> Ray (2 workers) + DeepSpeed ZeRO-2 -> MLflow -> generate."""
+from a fresh process: synth -> shards -> VAE, then LDM, each on Ray (2 workers) + DeepSpeed ZeRO-2
+-> MLflow -> evaluate and generate. The demo's presets (shapes-vae, shapes), a few steps each."""
 
 from __future__ import annotations
 
@@ -27,11 +28,14 @@ def flow_result(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
+        small = ["train.batch_size=8", "validation.holdout_fraction=0.1", "validation.max_samples=4"]
         summary = run_pipeline(
-            config_path="tiny",
-            overrides=[f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
-                       "train.checkpoints_to_keep=2", "tracking.model_name=ldm-e2e", "tracking.sample_steps=2"],
-            synth_n=40, work_dir=str(work), samples_per_shard=8, overwrite_shards=False,
+            config_path="shapes",
+            overrides=[*small, f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
+                       "train.checkpoints_to_keep=2", "tracking.model_name=ldm-e2e", "tracking.sample_steps=2",
+                       "validation.every=3"],
+            vae_config_path="shapes-vae", vae_overrides=[*small, "train.max_steps=4", "train.log_every=2"],
+            synth_n=48, work_dir=str(work), samples_per_shard=8, overwrite_shards=False,
         )
     finally:
         os.chdir(cwd)
@@ -80,8 +84,8 @@ def test_shards_match_their_manifest(flow_result):
     report = verify_dataset(str(shards))
     assert report.ok and not report.orphans, (report.problems, report.orphans)
     dataset = read_dataset(str(shards))
-    assert dataset.total_samples == 40 and len(dataset.parts) == 1
-    assert all(s.samples <= 8 for s in dataset.shards) and sum(s.samples for s in dataset.shards) == 40
+    assert dataset.total_samples == 48 and len(dataset.parts) == 1 and dataset.resolution == 32
+    assert all(s.samples <= 8 for s in dataset.shards) and sum(s.samples for s in dataset.shards) == 48
     assert summary["shards"]["content_id"] == dataset.content_id
     assert not list(shards.rglob(".*tmp*"))
 
@@ -101,7 +105,7 @@ def test_shard_report_is_a_prefect_artifact(flow_result):
     artifacts = anyio.run(read)
     assert artifacts and artifacts[-1].type == "markdown"
     text = artifacts[-1].data
-    assert "| written | 40 samples in" in text and summary["shards"]["content_id"][:16] in text
+    assert "| written | 48 samples in" in text and summary["shards"]["content_id"][:16] in text
 
 
 def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
@@ -118,7 +122,50 @@ def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 4, 6], name
         assert all(m.value > 0 for m in history)
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "samples")}
-    assert "samples/final.png" in artifacts
+    # The final grid of the export, and the validation grids of steps 3 and 6 (validation.every=3).
+    assert {"samples/final.png", "samples/step-000003.png", "samples/step-000006.png"} <= artifacts
+    for name in ("val_loss", "val_loss_t100", "val_loss_t900"):
+        history = mlflow_client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [3, 6] and all(m.value > 0 for m in history), name
+
+
+def test_the_vae_stage_trains_exports_and_feeds_the_ldm(flow_result, mlflow_client):
+    from diffusers import AutoencoderKL
+
+    summary, _ = flow_result
+    vae = summary["vae"]
+    run = mlflow_client.get_run(vae["run_id"])
+    assert run.data.tags["task"] == "vae" and run.data.params["train.max_steps"] == "4"
+    assert sorted(m.step for m in mlflow_client.get_metric_history(vae["run_id"], "val_psnr")) == [4]
+    assert run.data.metrics["export_val_psnr"] == pytest.approx(vae["psnr"])
+    # The scaling factor is the data's (1 / std of the latents), saved into the VAE's config.
+    loaded = AutoencoderKL.from_pretrained(vae["path"])
+    assert loaded.config.scaling_factor == pytest.approx(vae["scaling_factor"]) != 0.18215
+    assert {a.path for a in mlflow_client.list_artifacts(vae["run_id"], "vae")} >= {"vae/config.json"}
+    # The LDM trained on exactly that VAE, and exported it.
+    ldm = mlflow_client.get_run(summary["run_id"])
+    assert ldm.data.params["model.vae.pretrained"] == vae["path"]
+    from training.tracking import runs_dir
+
+    exported = AutoencoderKL.from_pretrained(runs_dir() / "exports" / summary["run_id"] / "pipeline" / "vae")
+    assert exported.config.scaling_factor == pytest.approx(vae["scaling_factor"])
+
+
+def test_evaluate_scores_the_registered_model_and_records_it(flow_result, mlflow_client, tmp_path):
+    from training.evaluate import run_evaluation
+
+    summary, _ = flow_result
+    evaluation = run_evaluation("models:/ldm-e2e@candidate", prompts=2, per_prompt=2, steps=2, out_dir=tmp_path)
+    assert evaluation.grid_path.is_file() and len(evaluation.images) == 4
+    metrics = mlflow_client.get_run(summary["run_id"]).data.metrics
+    for key in ("colour_adherence", "shape_adherence", "background_adherence"):
+        assert 0.0 <= metrics[f"eval_{key}"] <= 1.0
+    # The held-out loss at fixed timesteps, recomputed from the registered model: what training
+    # logged at its final step (the same EMA weights, samples, timesteps and noise).
+    logged = [m for m in mlflow_client.get_metric_history(summary["run_id"], "val_loss") if m.step == STEPS]
+    assert metrics["eval_val_loss"] == pytest.approx(logged[0].value, rel=1e-3)
+    tags = mlflow_client.get_model_version("ldm-e2e", summary["model"]["version"]).tags
+    assert float(tags["eval.shape_adherence"]) == pytest.approx(metrics["eval_shape_adherence"], abs=1e-4)
 
 
 def test_checkpoints_are_committed_and_pruned(flow_result, mlflow_client):
@@ -188,4 +235,4 @@ def test_generate_from_registry_in_a_fresh_process(flow_result, tmp_path):
     assert [f.name for f in files] == ["image-00005.png", "image-00006.png"]
     for f in files:
         with Image.open(f) as im:
-            assert im.size == (64, 64) and im.mode == "RGB"
+            assert im.size == (32, 32) and im.mode == "RGB"
