@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 QUIET_ENV = {
     # transformers 5 draws a "Loading weights" bar for every model it loads, on every worker.
@@ -37,3 +38,11 @@ def quiet_third_party() -> None:
     # diffusers imports every pipeline's image processors; without torchvision (not needed for
     # text-to-image training) transformers says so once per processor class.
     logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision"))
+    # The pipeline's text encoder is whatever the config names (MiniLM in the presets), not the CLIP
+    # model StableDiffusionPipeline's annotations expect; it warns on every load, though it works.
+    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DropMessages("Expected types for text_encoder"))
+    # The registered pyfunc declares its signature explicitly (training/registry.py): MLflow's advice to
+    # infer one from type hints or an input example (which it would run through a full generation at
+    # logging time) does not apply.
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)

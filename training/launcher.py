@@ -56,6 +56,12 @@ def quiet_ray_internals() -> None:
     if the controller dies, still works: ray.shutdown() frees them too.
     """
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Each rank logs every ray.train.report with its full metrics dict at INFO ("Reporting training
+    # result N: TrainingReport(...)"); the loop logs its own progress line. That logger is named by
+    # its file's path.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def check_resources(cfg: RunConfig) -> None:
