@@ -4,6 +4,7 @@ only to servers it starts itself on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
 def pytest_configure(config):
     runs = Path(tempfile.mkdtemp(prefix="ldmflow-test-runs-"))
+    config._ldmflow_runs = runs
     os.environ["LDMFLOW_RUNS_DIR"] = str(runs)
     os.environ["PREFECT_HOME"] = str(runs / "prefect")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -25,6 +27,13 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def pytest_unconfigure(config):
+    # The session's MLflow store, checkpoints and exports: about 2 GB after a full run.
+    runs = getattr(config, "_ldmflow_runs", None)
+    if runs is not None:
+        shutil.rmtree(runs, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- S3

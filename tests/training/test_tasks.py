@@ -162,3 +162,35 @@ def test_validation_config_is_checked():
         config_from_dict({"task": "gan"})
     with pytest.raises(ConfigError, match="model.vae.pretrained"):
         config_from_dict({"task": "vae", "model": {"vae": {"pretrained": "/somewhere"}}})
+
+
+# --- a VAE named by an MLflow URI ----------------------------------------------------------------
+
+
+def test_a_vae_logged_to_mlflow_loads_by_runs_uri_once(tmp_path):
+    import mlflow
+
+    from training.export import save_vae
+    from training.model_folders import ModelPathError
+    from training.models import build_vae, new_vae
+    from training.tracking import runs_dir, setup_mlflow
+
+    cfg = load_config("shapes-vae")
+    vae = new_vae(cfg.model.vae, resolution=32, seed=5)
+    vae.register_to_config(scaling_factor=0.77)
+    folder = save_vae(vae, tmp_path / "vae")
+    setup_mlflow()
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), "vae")
+    uri = f"runs:/{run.info.run_id}/vae"
+    ldm = load_config("shapes", [f"model.vae.pretrained={uri}"])
+    loaded = build_vae(ldm.model.vae, resolution=32)
+    assert loaded.config.scaling_factor == pytest.approx(0.77)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+    cached = list((runs_dir() / "model-cache").iterdir())
+    build_vae(ldm.model.vae, resolution=32)  # the second load reads the cache
+    assert list((runs_dir() / "model-cache").iterdir()) == cached and len(cached) == 1
+
+    missing = load_config("shapes", [f"model.vae.pretrained=runs:/{run.info.run_id}/nothing"])
+    with pytest.raises(ModelPathError, match="model.vae.pretrained"):
+        build_vae(missing.model.vae, resolution=32)
