@@ -119,6 +119,8 @@ def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[Stabl
         raise CheckpointError(f"checkpoint {checkpoint_dir} was written by an older ldmflow whose UNet config "
                               "meant another thing by attention_head_dim; export it with that version")
     cfg = config_from_dict(state.config)
+    if cfg.task != "ldm":
+        raise CheckpointError(f"checkpoint {checkpoint_dir} is of a `{cfg.task}` run: export it with export_vae")
     parts = build_components(cfg.model, seed=cfg.train.seed)
     frozen = frozen_hashes(parts.vae, parts.text)
     if state.frozen and frozen != state.frozen:

@@ -108,3 +108,12 @@ def test_s3_uris_never_become_local_folders(capsys, tmp_path, monkeypatch):
     code, err = run(capsys, "generate", "--model", "models:/x@candidate", "--prompt", "p", "--out", "s3://b/gen")
     assert code == 2 and "s3://b/gen is an S3 URI" in err
     assert list(tmp_path.iterdir()) == []  # no folder named "s3:" anywhere
+
+
+def test_train_and_train_vae_refuse_each_others_configs(capsys, tmp_path):
+    code, err = run(capsys, "train-vae", "--config", TINY, "--data", str(tmp_path))
+    assert code == 2 and "is a `ldm` config: run it with `ldmflow train`" in err and len(err.splitlines()) == 1
+    code, err = run(capsys, "train", "--config", "shapes-vae", "--data", str(tmp_path))
+    assert code == 2 and "is a `vae` config: run it with `ldmflow train-vae`" in err
+    code, err = run(capsys, "train-vae", "--set", "model.vae.pretrained=/some/vae", "--data", str(tmp_path))
+    assert code == 2 and "model.vae.pretrained" in err and "null for `train-vae`" in err
