@@ -7,9 +7,9 @@ workers). Each setting is a default: an environment variable set by the user win
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
+
+from training.quiet import quiet_libraries
 
 QUIET_ENV = {
     # transformers 5 draws a "Loading weights" bar for every model it loads, on every worker.
@@ -22,27 +22,7 @@ QUIET_ENV = {
 }
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(f in message for f in self.fragments)
-
-
 def quiet_third_party() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    # diffusers imports every pipeline's image processors; without torchvision (not needed for
-    # text-to-image training) transformers says so once per processor class.
-    logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision"))
-    # The pipeline's text encoder is whatever the config names (MiniLM in the presets), not the CLIP
-    # model StableDiffusionPipeline's annotations expect; it warns on every load, though it works.
-    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DropMessages("Expected types for text_encoder"))
-    # The registered pyfunc declares its signature explicitly (training/registry.py): MLflow's advice to
-    # infer one from type hints or an input example (which it would run through a full generation at
-    # logging time) does not apply.
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
+    quiet_libraries()

@@ -348,8 +348,6 @@ def held_out_loss(evaluation: Evaluation) -> dict[str, float]:
     if evaluation.run_id is None:
         return {}
     import mlflow
-    import torch
-    from diffusers import StableDiffusionPipeline
 
     from data_prep.dataset import read_dataset
     from training.config import config_from_dict
@@ -371,14 +369,15 @@ def held_out_loss(evaluation: Evaluation) -> dict[str, float]:
     if not data or v.holdout_fraction <= 0:
         return {}
     held = read_split(read_dataset(data), v.holdout_fraction, cfg.model.resolution, v.max_samples)
-    pipe = StableDiffusionPipeline.from_pretrained(fetch_mlflow_folder(evaluation.model_uri, "--model"),
-                                                   safety_checker=None, requires_safety_checker=False)
+    from training.pyfunc_model import load_pipeline
+
+    pipe = load_pipeline(fetch_mlflow_folder(evaluation.model_uri, "--model"))
     te = cfg.model.text_encoder
     text = TextEncoder(tokenizer=pipe.tokenizer, model=pipe.text_encoder, max_length=te.max_length,
                        use_attention_mask=te.use_attention_mask)
     parts = Components(unet=pipe.unet, vae=pipe.vae, text=text,
                        noise_scheduler=build_noise_scheduler(cfg.model.scheduler))
-    return LatentDiffusionTask(cfg, parts, device=torch.device("cpu")).validate(pipe.unet, held)
+    return LatentDiffusionTask(cfg, parts, device=pipe.device).validate(pipe.unet, held)
 
 
 def _is_pipeline_folder(uri: str) -> bool:

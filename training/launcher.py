@@ -61,7 +61,10 @@ def quiet_ray_internals() -> None:
     # its file's path.
     from ray.train.v2._internal.execution import context
 
+    from training.quiet import quiet_libraries
+
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    quiet_libraries()
 
 
 def check_resources(cfg: RunConfig) -> None:

@@ -16,6 +16,7 @@ import os
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 
 PIPELINE_ARTIFACT = "pipeline"
@@ -42,8 +43,15 @@ def build_scheduler(name: str, config):
 
 def load_pipeline(path: str):
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    # A local folder of five components loads in well under a second: no "Loading pipeline
+    # components" bar in the consumer's output (diffusers' bars are one global switch).
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    finally:
+        diffusers_logging.enable_progress_bar()
     if torch.cuda.is_available():
         pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -102,7 +110,9 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
         self.pipe = load_pipeline(path)
         self.defaults = recorded_defaults(path)
 
-    def predict(self, context, model_input, params=None):
+    # Annotated as MLflow serves it (a DataFrame of prompts; a list or a string also work): with a
+    # DataFrame hint MLflow keeps the logged signature instead of inferring one, and says nothing.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         p = {**self.defaults, **(params or {})}
         prompts = _prompts(model_input)
         if not prompts:
