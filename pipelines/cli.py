@@ -169,6 +169,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_flow(args: argparse.Namespace) -> int:
     build_run_config(args)  # validate before Prefect is even imported
+    if args.vae_config:
+        from training.config import load_config
+
+        if load_config(args.vae_config).task != "vae":
+            raise UsageError(f"--vae-config {args.vae_config} is not a `task: vae` config")
     if args.source:
         from data_prep import storage
 
@@ -183,6 +188,7 @@ def cmd_flow(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         samples_per_shard=args.samples_per_shard,
         overwrite_shards=args.overwrite,
+        vae_config_path=args.vae_config,
     )
     print(json.dumps(summary, indent=2))
     return 0 if summary["state"] == "COMPLETED" else 1
@@ -311,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="runs/work", help="where raw data and shards go")
     p.add_argument("--samples-per-shard", type=int, default=16)
     p.add_argument("--overwrite", action="store_true", help="replace shards from an earlier run")
+    p.add_argument("--vae-config", help="a `task: vae` config (e.g. shapes-vae): train the VAE on the shards "
+                                        "first and the LDM on it")
     p.set_defaults(func=cmd_flow)
     return root
 

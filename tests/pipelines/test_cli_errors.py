@@ -84,6 +84,8 @@ def test_unreadable_config(capsys, tmp_path):
 def test_flow_and_generate_inputs(capsys, tmp_path):
     code, err = run(capsys, "flow", "--config", TINY, "--source", str(tmp_path / "nope"))
     assert code == 2 and str(tmp_path / "nope") in err and "does not exist" in err
+    code, err = run(capsys, "flow", "--config", "shapes", "--vae-config", "tiny")
+    assert code == 2 and "--vae-config tiny is not a `task: vae` config" in err
     code, err = run(capsys, "generate", "--model", "models:/x@candidate", "--prompt", "p", "--out", str(tmp_path),
                     "--n", "0")
     assert code == 2 and "--n and --steps must be >= 1" in err
