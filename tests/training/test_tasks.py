@@ -173,14 +173,15 @@ def test_a_vae_logged_to_mlflow_loads_by_runs_uri_once(tmp_path):
     from training.export import save_vae
     from training.model_folders import ModelPathError
     from training.models import build_vae, new_vae
-    from training.tracking import runs_dir, setup_mlflow
+    from training.tracking import ensure_experiment, runs_dir, setup_mlflow
 
     cfg = load_config("shapes-vae")
     vae = new_vae(cfg.model.vae, resolution=32, seed=5)
     vae.register_to_config(scaling_factor=0.77)
     folder = save_vae(vae, tmp_path / "vae")
     setup_mlflow()
-    with mlflow.start_run() as run:
+    # Our experiment, whose artifacts live in the runs folder (MLflow's Default one would use ./mlruns).
+    with mlflow.start_run(experiment_id=ensure_experiment("ldmflow-vae-uri-test")) as run:
         mlflow.log_artifacts(str(folder), "vae")
     uri = f"runs:/{run.info.run_id}/vae"
     ldm = load_config("shapes", [f"model.vae.pretrained={uri}"])
