@@ -125,9 +125,13 @@ class LatentDiffusionTask:
         latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
                                for i in range(len(prompts))]).to(self.device, next(module.parameters()).dtype)
         tracking = self.cfg.tracking
-        out = pipe(prompts, num_inference_steps=tracking.sample_steps, guidance_scale=tracking.guidance,
-                   latents=latents, output_type="np")
-        images = (np.clip(out.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        # A bf16/fp16 UNet (the GPU presets) is fed the fp32 text states of the frozen encoder: autocast
+        # runs each op in the UNet's dtype, as the training loss casts its inputs.
+        dtype = latents.dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = pipe(prompts, num_inference_steps=tracking.sample_steps, guidance_scale=tracking.guidance,
+                       latents=latents, output_type="np")
+        images = (np.clip(out.images.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
         return image_grid(images, columns=len(images))
 
     def _sampling_pipeline(self, module: torch.nn.Module):

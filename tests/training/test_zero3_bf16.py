@@ -31,6 +31,9 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
         "train.zero_stage=3", "train.precision=bf16", "train.allow_cpu_half_precision=true",
         "train.ema.enabled=false", "train.max_steps=3",
         "train.batch_size=4", "tracking.run_name=zero3-bf16",
+        # Validation under ZeRO-3 runs on every rank (each forward gathers the partitions).
+        "validation.holdout_fraction=0.25", "validation.every=2", "validation.max_samples=4",
+        "tracking.sample_steps=2",
     ])
     try:
         outcome = train(cfg, str(tmp_path / "shards"))
@@ -42,6 +45,11 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
     # ZeRO-3 writes one parameter partition per rank.
     assert len(list(ckpt.glob("deepspeed/*/zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
     assert np.isfinite(outcome.metrics["loss"])
+    assert np.isfinite(outcome.metrics["val_loss"]) and outcome.metrics["val_loss"] > 0
+    from mlflow import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "samples")}
+    assert {"samples/step-000002.png", "samples/step-000003.png"} <= artifacts
 
     pipe, _ = build_pipeline(ckpt)
     assert pipe.unet.dtype == torch.float32
