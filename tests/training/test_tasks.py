@@ -185,12 +185,15 @@ def test_a_vae_logged_to_mlflow_loads_by_runs_uri_once(tmp_path):
         mlflow.log_artifacts(str(folder), "vae")
     uri = f"runs:/{run.info.run_id}/vae"
     ldm = load_config("shapes", [f"model.vae.pretrained={uri}"])
+    cache = runs_dir() / "model-cache"
+    before = set(cache.iterdir()) if cache.is_dir() else set()  # other tests' models may be there
     loaded = build_vae(ldm.model.vae, resolution=32)
     assert loaded.config.scaling_factor == pytest.approx(0.77)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
-    cached = list((runs_dir() / "model-cache").iterdir())
+    cached = set(cache.iterdir())
+    assert len(cached - before) == 1  # downloaded once, into one folder
     build_vae(ldm.model.vae, resolution=32)  # the second load reads the cache
-    assert list((runs_dir() / "model-cache").iterdir()) == cached and len(cached) == 1
+    assert set(cache.iterdir()) == cached
 
     missing = load_config("shapes", [f"model.vae.pretrained=runs:/{run.info.run_id}/nothing"])
     with pytest.raises(ModelPathError, match="model.vae.pretrained"):
