@@ -115,12 +115,11 @@ def build_noise_scheduler(cfg: NoiseSchedulerConfig) -> DDPMScheduler:
 
 
 def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
-    """DDIM over the training schedule: the same model, a few dozen steps instead of a thousand.
-    A zero-terminal-SNR schedule is sampled with trailing spacing, so the first step is t = T-1,
-    the pure noise the model was trained to start from (Lin et al. 2023, section 3.3)."""
-    extra = {"timestep_spacing": "trailing"} if train_scheduler.config.get("rescale_betas_zero_snr") else {}
-    return DDIMScheduler.from_config(train_scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                     **extra)
+    """DDIM over the training schedule, what the export saves as the pipeline's scheduler: the
+    `ddim` sampler of training/samplers.py (trailing spacing for a zero-terminal-SNR schedule)."""
+    from training.samplers import build_scheduler
+
+    return build_scheduler("ddim", train_scheduler.config)
 
 
 @dataclass

@@ -114,24 +114,17 @@ class LatentDiffusionTask:
     def sample_grid(self, module: torch.nn.Module) -> np.ndarray:
         """tracking.sample_prompts drawn by `module` from latents fixed by validation.seed (with
         tracking's sampler, steps and guidance): one image per prompt, as one uint8 grid."""
+        from training.pyfunc_model import generate_images
         from training.sampling import image_grid
 
         pipe = self._sampling_pipeline(module)
-        prompts = self.cfg.tracking.sample_prompts
-        unet = pipe.unet.config
-        shape = (unet.in_channels, unet.sample_size, unet.sample_size)
-        # Prompt i starts from the noise of seed + i, as the registered model's predict does.
-        seed = self.cfg.validation.seed
-        latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                               for i in range(len(prompts))]).to(self.device, next(module.parameters()).dtype)
         tracking = self.cfg.tracking
         # A bf16/fp16 UNet (the GPU presets) is fed the fp32 text states of the frozen encoder: autocast
         # runs each op in the UNet's dtype, as the training loss casts its inputs.
-        dtype = latents.dtype
+        dtype = next(module.parameters()).dtype
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = pipe(prompts, num_inference_steps=tracking.sample_steps, guidance_scale=tracking.guidance,
-                       latents=latents, output_type="np")
-        images = (np.clip(out.images.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+            images = generate_images(pipe, tracking.sample_prompts, steps=tracking.sample_steps,
+                                     guidance=tracking.guidance, seed=self.cfg.validation.seed)
         return image_grid(images, columns=len(images))
 
     def _sampling_pipeline(self, module: torch.nn.Module):
@@ -219,8 +212,10 @@ class AutoencoderTask:
         return {}
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        from training.models import vae_downsample_factor
+
         vae = self.module.vae
-        side = self.cfg.model.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        side = self.cfg.model.resolution // vae_downsample_factor(vae)
         return (batch_size, vae.config.latent_channels, side, side)
 
     def loss(self, engine, batch: Batch, generator: torch.Generator) -> torch.Tensor:
