@@ -242,9 +242,10 @@ def _train_once(mode: str, shards: str, storage_uri: str, steps: int, every: int
     import mlflow
 
     from training.config import load_config
-    from training.run_storage import list_checkpoints, run_uri
-    from training.runner import ray_run_name, train
-    from training.tracking import setup_mlflow
+    from training.checkpoint.run_storage import run_uri
+    from training.checkpoint.verify import list_checkpoints
+    from training.runtime.driver import ray_run_name, train
+    from training.locations import setup_mlflow
 
     cfg = load_config("tiny", [
         f"train.max_steps={steps}", "train.log_every=1", f"train.checkpoint_every={every}",

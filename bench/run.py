@@ -75,7 +75,8 @@ def bench_loader(work: Path, batches: int) -> list[Row]:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from data_prep.dataset import read_dataset
-    from training.shard_loader import ShardStream, open_shards
+    from training.loader.stream import ShardStream
+    from training.loader.tar_reader import open_shards
 
     shards = str(work / "shards-jpg")
     dataset = read_dataset(shards)
@@ -101,8 +102,8 @@ def bench_step(steps: int) -> list[Row]:
     import torch
 
     from training.config import load_config
-    from training.models import build_components
-    from training.objective import diffusion_loss
+    from training.models.assembly import build_components
+    from training.tasks.diffusion_loss import diffusion_loss
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
@@ -128,7 +129,7 @@ def bench_step(steps: int) -> list[Row]:
 
 def bench_deepspeed(work: Path, steps: int) -> list[Row]:
     from training.config import load_config
-    from training.runner import train
+    from training.runtime.driver import train
 
     root = Path(__file__).resolve().parents[1]
     rows = []

@@ -8,7 +8,6 @@ the shard stage counts as a skip. Only bad options (DataPrepError) and bugs rais
 from __future__ import annotations
 
 import functools
-import math
 import os
 import random
 import threading
@@ -24,6 +23,7 @@ from urllib.request import url2pathname
 if TYPE_CHECKING:
     import requests
 
+from data_prep.checks import require, require_int, require_number
 from data_prep.errors import DataPrepError
 
 FAILURE_REASONS = ("fetch_failed", "http_error", "not_image_content", "too_large")
@@ -73,28 +73,14 @@ class FetchOptions:
     """User-Agent header sent with every request; hosts block anonymous or default library agents."""
 
     def __post_init__(self) -> None:
-        _check_number("timeout", self.timeout, allow_zero=False)
-        _check_int("retries", self.retries, 0)
-        _check_number("backoff", self.backoff, allow_zero=True)
-        _check_int("max_bytes", self.max_bytes, 1)
-        _check_int("threads", self.threads, 1)
+        require_number(self.timeout, "fetch option `timeout`", inclusive=False, note=" (seconds)")
+        require_int(self.retries, "fetch option `retries`", 0)
+        require_number(self.backoff, "fetch option `backoff`", note=" (seconds)")
+        require_int(self.max_bytes, "fetch option `max_bytes`", 1)
+        require_int(self.threads, "fetch option `threads`", 1)
         ua = self.user_agent
-        if not isinstance(ua, str) or not ua.strip() or "\r" in ua or "\n" in ua:
-            raise DataPrepError(
-                f"fetch option `user_agent` must be a non-empty single-line string, got {self.user_agent!r}"
-            )
-
-
-def _check_number(name: str, value: object, *, allow_zero: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        allowed = "a number >= 0" if allow_zero else "a number > 0"
-        raise DataPrepError(f"fetch option `{name}` must be {allowed} (seconds), got {value!r}")
-
-
-def _check_int(name: str, value: object, lo: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= lo):
-        raise DataPrepError(f"fetch option `{name}` must be an integer >= {lo}, got {value!r}")
+        ok = isinstance(ua, str) and bool(ua.strip()) and "\r" not in ua and "\n" not in ua
+        require(ok, "fetch option `user_agent`", "a non-empty single-line string", ua)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, features
 
+from data_prep.checks import is_int, require, require_choice, require_int
 from data_prep.errors import DataPrepError
 
 IMAGE_FORMATS = ("jpg", "png", "webp")
@@ -58,7 +59,6 @@ Pillow was built with it: `Image.open` raises KeyError for a format it does not 
 MAX_BUCKET_ASPECT = 4.0
 """Most elongated aspect bucket (long side / short side); more extreme images go to the 4:1 or 1:4 bucket."""
 
-_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _JPEG_FORMATS = ("JPEG", "MPO")
 _RESAMPLE = Image.Resampling.LANCZOS  # BICUBIC saves ~20% on full-size decodes, nothing after a draft: kept LANCZOS
 _REDUCING_GAP = 3.0
@@ -86,8 +86,7 @@ class ImageSkip(Exception):
     """
 
     def __init__(self, reason: str, detail: str) -> None:
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"skip reason must be one of {', '.join(SKIP_REASONS)}, got {reason!r}")
+        require_choice(reason, "skip reason", SKIP_REASONS, error=ValueError)
         # Both go to Exception.__init__ so the exception pickles (process pools and Ray send it back).
         super().__init__(reason, detail)
         self.reason = reason
@@ -141,39 +140,23 @@ class ProcessOptions:
     """RGB fill around the image in pad mode (any 3-item sequence; stored as a tuple)."""
 
     def __post_init__(self) -> None:
-        _check_int("resolution", self.resolution, 8, 4096)
-        if self.resize_mode not in RESIZE_MODES:
-            raise DataPrepError(
-                f"process option `resize_mode` must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
-            )
-        if self.image_format not in IMAGE_FORMATS:
-            raise DataPrepError(
-                f"process option `image_format` must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}"
-            )
-        _check_int("quality", self.quality, 1, 100)
-        if self.jpeg_subsampling not in JPEG_SUBSAMPLING:
-            raise DataPrepError(f"process option `jpeg_subsampling` must be one of {', '.join(JPEG_SUBSAMPLING)}, "
-                                f"got {self.jpeg_subsampling!r}")
-        _check_int("min_size", self.min_size, 0, None)
-        _check_int("max_pixels", self.max_pixels, 1, None)
-        _check_int("max_bytes", self.max_bytes, 1, None)
+        require_int(self.resolution, "process option `resolution`", 8, 4096)
+        require_choice(self.resize_mode, "process option `resize_mode`", RESIZE_MODES)
+        require_choice(self.image_format, "process option `image_format`", IMAGE_FORMATS)
+        require_int(self.quality, "process option `quality`", 1, 100)
+        require_choice(self.jpeg_subsampling, "process option `jpeg_subsampling`", tuple(JPEG_SUBSAMPLING))
+        require_int(self.min_size, "process option `min_size`", 0)
+        require_int(self.max_pixels, "process option `max_pixels`", 1)
+        require_int(self.max_bytes, "process option `max_bytes`", 1)
         color = self.pad_color
         ok = (
             isinstance(color, (tuple, list))
             and len(color) == 3
-            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
+            and all(is_int(c) and 0 <= c <= 255 for c in color)
         )
-        if not ok:
-            raise DataPrepError(f"process option `pad_color` must be 3 integers in 0..255 (R, G, B), got {color!r}")
+        require(ok, "process option `pad_color`", "3 integers in 0..255 (R, G, B)", color)
         # A list from YAML becomes a tuple, so options stay hashable and compare equal however they were written.
         object.__setattr__(self, "pad_color", tuple(color))
-
-
-def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    if not ok:
-        allowed = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-        raise DataPrepError(f"process option `{name}` must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -452,8 +435,7 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     resamples pixels that are cropped away. `reducing_gap` lets Pillow shrink big images by integer steps first,
     several times faster with no visible difference at the output size.
     """
-    if resolution < 1:
-        raise DataPrepError(f"resolution must be >= 1, got {resolution}")
+    require(resolution >= 1, "resolution", ">= 1", resolution)
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) / 2, (h - side) / 2
@@ -464,8 +446,7 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
 def resize_pad(img: Image.Image, resolution: int, pad_color: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Scale the longer side to `resolution` keeping the aspect ratio, then centre it on a `resolution` x
     `resolution` canvas of `pad_color` (an RGB image in, an RGB image out)."""
-    if resolution < 1:
-        raise DataPrepError(f"resolution must be >= 1, got {resolution}")
+    require(resolution >= 1, "resolution", ">= 1", resolution)
     w, h = img.size
     scale = resolution / max(w, h)
     size = (max(1, min(resolution, round(w * scale))), max(1, min(resolution, round(h * scale))))
@@ -483,8 +464,7 @@ def encode_image(img: Image.Image, fmt: str, quality: int, *, subsampling: str =
 
     No metadata is written, so the same pixels always give the same bytes.
     """
-    if fmt not in _PIL_FORMAT:
-        raise DataPrepError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {fmt!r}")
+    require_choice(fmt, "image format", IMAGE_FORMATS)
     if img.info:
         # Encoders fall back to img.info for some chunks (JPEG comment, PNG iCCP and tRNS); write none of them.
         img = img.copy()
@@ -511,8 +491,7 @@ def aspect_buckets(resolution: int) -> tuple[tuple[int, int], ...]:
     closer at larger sizes); aspect ratios run up to MAX_BUCKET_ASPECT both ways. The set is mirror-symmetric
     (W x H present iff H x W is) and always holds the square nearest to resolution x resolution.
     """
-    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 8:
-        raise DataPrepError(f"bucket resolution must be an integer >= 8, got {resolution!r}")
+    require_int(resolution, "bucket resolution", 8)
     step = 64 if resolution >= 256 else 8
     area = resolution * resolution
     square = max(step, round(resolution / step) * step)

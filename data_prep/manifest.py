@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep import storage
+from data_prep.checks import require_int
 from data_prep.errors import DataPrepError
 
 SCHEMA_VERSION = 2
@@ -45,9 +46,7 @@ class ShardInfo:
                 f"shard name must be a plain file name inside the manifest's directory, got {self.name!r}"
             )
         for attr in ("samples", "bytes"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise DataPrepError(f"shard {self.name}: `{attr}` must be an integer >= 0, got {value!r}")
+            require_int(getattr(self, attr), f"shard {self.name}: `{attr}`", 0)
         if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
             raise DataPrepError(f"shard {self.name}: `sha256` must be 64 lower-case hex digits, got {self.sha256!r}")
 

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from data_prep import storage
+from data_prep.checks import require_bool, require_choice, require_int
 from data_prep.dataset import (
     INDEX_NAME,
     PART_PREFIX,
@@ -119,18 +120,17 @@ class ShardConfig:
         self.source = os.fspath(self.source)
         self.output = os.fspath(self.output)
         self.image_format = str(self.image_format).lower()
-        _check_int("resolution", self.resolution, 8, 8192)
-        _check_int("samples_per_shard", self.samples_per_shard, 1, None)
-        _check_int("processes", self.processes, 0, 1024)
-        _check_int("read_threads", self.read_threads, 1, 256)
+        require_int(self.resolution, "shard config `resolution`", 8, 8192)
+        require_int(self.samples_per_shard, "shard config `samples_per_shard`", 1)
+        require_int(self.processes, "shard config `processes`", 0, 1024)
+        require_int(self.read_threads, "shard config `read_threads`", 1, 256)
         if self.max_shard_bytes is not None:
-            _check_int("max_shard_bytes", self.max_shard_bytes, 1 << 20, None)
-        _choice("image_format", self.image_format, IMAGE_FORMATS)
-        _choice("resize_mode", self.resize_mode, RESIZE_MODES)
-        _choice("executor", self.executor, EXECUTORS)
+            require_int(self.max_shard_bytes, "shard config `max_shard_bytes`", 1 << 20)
+        require_choice(self.image_format, "shard config `image_format`", IMAGE_FORMATS)
+        require_choice(self.resize_mode, "shard config `resize_mode`", RESIZE_MODES)
+        require_choice(self.executor, "shard config `executor`", EXECUTORS)
         for name in ("overwrite", "keep_empty_captions", "dedup", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise DataPrepError(f"shard config `{name}` must be true or false, got {getattr(self, name)!r}")
+            require_bool(getattr(self, name), f"shard config `{name}`")
         if self.executor == "ray" and not self.ray_address:
             raise DataPrepError("shard config `executor: ray` needs `ray_address` (e.g. auto, or host:6379)")
         # Built here so their own checks (quality range, fetch timeouts, ...) fail before any work.
@@ -161,18 +161,6 @@ class ShardConfig:
 
     def worker_count(self) -> int:
         return self.processes or os.cpu_count() or 1
-
-
-def _check_int(name: str, value: object, lo: int, hi: int | None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    if not ok:
-        allowed = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-        raise DataPrepError(f"shard config `{name}` must be {allowed}, got {value!r}")
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise DataPrepError(f"shard config `{name}` must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass

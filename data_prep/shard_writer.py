@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from data_prep.checks import require_int
 from data_prep.errors import DataPrepError
 from data_prep.manifest import ShardInfo
 
@@ -103,11 +104,9 @@ class ShardWriter:
                  max_bytes: int | None = None, name_for: Callable[[int], str] = shard_name,
                  publish: Callable[[Path, str], None] | None = None,
                  on_shard: Callable[[ShardInfo], None] | None = None):
-        if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-            raise DataPrepError(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
-                                      or max_bytes < _RECORD):
-            raise DataPrepError(f"max_shard_bytes must be an integer >= {_RECORD}, got {max_bytes!r}")
+        require_int(samples_per_shard, "samples_per_shard", 1)
+        if max_bytes is not None:
+            require_int(max_bytes, "max_shard_bytes", _RECORD)
         self.staging_dir = Path(staging_dir)
         self.samples_per_shard = samples_per_shard
         self.max_bytes = max_bytes

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from data_prep import storage
+from data_prep.checks import require_choice
 from data_prep.errors import DataPrepError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -103,10 +104,7 @@ class SourceOptions:
     """Keep table rows with an empty caption cell (otherwise skipped as missing_caption)."""
 
     def __post_init__(self) -> None:
-        if self.source_format not in SOURCE_FORMATS:
-            raise DataPrepError(
-                f"shard config `source_format` must be one of {', '.join(SOURCE_FORMATS)}, got {self.source_format!r}"
-            )
+        require_choice(self.source_format, "shard config `source_format`", SOURCE_FORMATS)
 
 
 def key_for(source_id: str) -> str:

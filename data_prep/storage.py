@@ -24,10 +24,11 @@ import shutil
 import threading
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
+from data_prep.checks import require_int, require_number
 from data_prep.errors import DataPrepError
 
 MiB = 1024 * 1024
@@ -110,6 +111,13 @@ def _dir_key(key: str) -> str:
     """The key prefix of everything "inside" `key`: "p" and "p/" -> "p/"; "" (whole bucket) stays ""."""
     key = key.rstrip("/")
     return f"{key}/" if key else ""
+
+
+def absolute(uri: str | os.PathLike[str]) -> str:
+    """`uri` with a local path made absolute and resolved (what another process, task or node is
+    handed); an s3:// URI as it is."""
+    uri = os.fspath(uri)
+    return uri if is_s3(uri) else os.path.realpath(local_path(uri))
 
 
 def join(base: str | os.PathLike[str], *names: str) -> str:
@@ -262,23 +270,11 @@ class LocalStorage(Storage):
 
     def _publish(self, uri: str, write: Callable[[BinaryIO], object]) -> None:
         """Write through `write(file)` to a hidden temp name next to the target, fsync, rename, fsync dir."""
-        path = local_path(uri)
-        parent = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
         try:
-            os.makedirs(parent, exist_ok=True)
-            with open(tmp, "wb") as dst:
+            with temporary_file(uri, durable=True) as tmp, open(tmp, "wb") as dst:
                 write(dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise _local_error(e, uri, "write") from e
-            raise
-        _fsync_dir(parent)  # make the rename itself durable
+        except OSError as e:
+            raise _local_error(e, uri, "write") from e
 
     def delete(self, uri: str) -> None:
         path = local_path(uri)
@@ -419,15 +415,11 @@ class S3Storage(Storage):
 
     def __post_init__(self) -> None:
         for attr in ("multipart_threshold", "multipart_chunksize"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int) or value < _S3_MIN_PART:
-                raise StorageError(f"S3Storage `{attr}` must be an integer >= {_S3_MIN_PART} (5 MiB), got {value!r}")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise StorageError(f"S3Storage `max_attempts` must be an integer >= 1, got {self.max_attempts!r}")
+            require_int(getattr(self, attr), f"S3Storage `{attr}`", _S3_MIN_PART, note=" (5 MiB)", error=StorageError)
+        require_int(self.max_attempts, "S3Storage `max_attempts`", 1, error=StorageError)
         for attr in ("connect_timeout", "read_timeout"):
-            value = getattr(self, attr)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise StorageError(f"S3Storage `{attr}` must be a number of seconds > 0, got {value!r}")
+            require_number(getattr(self, attr), f"S3Storage `{attr}`", inclusive=False, note=" (seconds)",
+                           error=StorageError)
 
     # -- client
 
@@ -751,3 +743,62 @@ def storage_for(uri: str | os.PathLike[str]) -> Storage:
         return _S3
     local_path(uri)  # refuses unknown schemes
     return _LOCAL
+
+
+# ------------------------------------------------------------------------------ atomic publication
+
+
+def put_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
+    """Publish `data` at `uri` (a local path or s3://) atomically, replacing what is there: the one
+    way the project writes a whole small file (markers, JSON, PNGs)."""
+    uri = os.fspath(uri)
+    storage_for(uri).put_bytes(uri, data)
+
+
+@contextlib.contextmanager
+def temporary_file(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[str]:
+    """A hidden temporary name beside the local file `path`, for a writer that wants a path (torch.save,
+    safetensors): when the block ends without an error it is renamed to `path`, replacing what is
+    there; otherwise it is removed. So `path` is never seen half written, and `list` never shows the
+    temporary. `durable` also syncs the file and the rename to disk (what put_bytes does)."""
+    path = local_path(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
+    os.makedirs(parent, exist_ok=True)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(parent)  # make the rename itself durable
+
+
+@contextlib.contextmanager
+def temporary_dir(path: str | os.PathLike[str], *, replace: bool = True) -> Iterator[str]:
+    """A hidden temporary folder beside the local folder `path`, renamed to `path` when the block ends
+    without an error (removed otherwise): a half-written folder never sits at `path`. An existing
+    `path` is replaced, or with `replace=False` kept (another process published it first: the
+    temporary one is dropped)."""
+    path = local_path(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if replace and os.path.isdir(path):
+            shutil.rmtree(path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if replace or not os.path.isdir(path):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # published by another process meanwhile: theirs stays
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from data_prep import storage
+from data_prep.checks import require_int
 from data_prep.errors import DataPrepError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -76,10 +76,8 @@ def generate_synthetic(out_dir: str | Path, n: int, *, seed: int = 0, image_size
     Deterministic in (n, seed, image_size): the same arguments give byte-identical files. Existing
     files with other keys in `out_dir` are left alone; metadata.jsonl describes only this call.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise DataPrepError(f"synthetic sample count n must be an integer >= 1, got {n!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
-        raise DataPrepError(f"synthetic image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
+    require_int(n, "synthetic sample count n", 1)
+    require_int(image_size, "synthetic image_size", _MIN_IMAGE_SIZE)
     out = Path(storage.local_path(out_dir))  # an s3:// path must never become a local folder "s3:"
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -87,12 +85,17 @@ def generate_synthetic(out_dir: str | Path, n: int, *, seed: int = 0, image_size
     samples: list[SynthSample] = []
     for i in range(n):
         sample, image = _draw_one(f"synth-{i:06d}", rng, colour_names, image_size)
-        # Temp name then rename: a crash leaves a stray .tmp, never a half PNG under a real name.
-        _replace_into(out / f"{sample.key}.png", lambda f, im=image: im.save(f, format="PNG"))
-        _replace_into(out / f"{sample.key}.txt", lambda f, c=sample.caption: f.write(c.encode("utf-8")))
+        # Through a temporary name, so a crash never leaves a half PNG under a real name. Not durable (no
+        # fsync): this guards against a crashed process, not power loss, and syncing thousands of tiny
+        # files would make generation many times slower.
+        with storage.temporary_file(out / f"{sample.key}.png") as tmp:
+            image.save(tmp, format="PNG")
+        with storage.temporary_file(out / f"{sample.key}.txt") as tmp:
+            Path(tmp).write_bytes(sample.caption.encode("utf-8"))
         samples.append(sample)
     lines = "".join(json.dumps(asdict(s), sort_keys=True) + "\n" for s in samples)
-    _replace_into(out / METADATA_NAME, lambda f: f.write(lines.encode("utf-8")))
+    with storage.temporary_file(out / METADATA_NAME) as tmp:
+        Path(tmp).write_bytes(lines.encode("utf-8"))
     return samples
 
 
@@ -107,7 +110,7 @@ def _draw_one(key: str, rng: random.Random, colour_names: list[str],
     x0 = rng.randint(0, image_size - side)
     y0 = rng.randint(0, image_size - side)
     image = Image.new("RGB", (image_size, image_size), COLOURS[background])
-    _draw_shape(ImageDraw.Draw(image), shape, x0, y0, side, COLOURS[colour])
+    draw_shape(ImageDraw.Draw(image), shape, x0, y0, side, COLOURS[colour])
     sample = SynthSample(
         key=key,
         shape=shape,
@@ -120,7 +123,7 @@ def _draw_one(key: str, rng: random.Random, colour_names: list[str],
     return sample, image
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, fill: tuple[int, int, int]) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, fill: tuple[int, int, int]) -> None:
     # PIL boxes are inclusive, so the last pixel of a `side`-wide box is x0 + side - 1.
     x1, y1 = x0 + side - 1, y0 + side - 1
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -149,18 +152,3 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: i
     else:
         raise DataPrepError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
 
-
-def _replace_into(path: Path, write) -> None:
-    """Write via `write(file)` to a hidden temp name beside `path`, then rename over `path`.
-
-    No fsync: this guards against a crashed process, not power loss, and syncing thousands of tiny
-    files would make generation many times slower.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

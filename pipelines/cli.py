@@ -99,7 +99,8 @@ def cmd_shard_verify(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`ldmflow train` (task ldm) and `ldmflow train-vae` (task vae): one loop, two tasks."""
-    from training.runner import check_data, publish, publish_vae, resume, train
+    from training.mlops.publish import publish, publish_vae
+    from training.runtime.driver import check_data, resume, train
 
     want = "vae" if args.command == "train-vae" else "ldm"
     if args.resume:
@@ -131,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from training.sampling import generate_from_registry
+    from training.mlops.generate import generate_from_registry
 
     if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--n and --steps must be >= 1")
@@ -148,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import run_evaluation
+    from training.eval.evaluate import run_evaluation
 
     if args.per_prompt < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--per-prompt and --steps must be >= 1")
@@ -244,7 +245,7 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from training.samplers import SAMPLERS
+    from training.models.sampling import SAMPLERS
 
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the one the model's pipeline folder records")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's recorded default)")

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from data_prep.dataset import verify_dataset
-    from training.evaluate import run_evaluation
-    from training.sampling import generate_from_registry
-    from training.tracking import setup_mlflow
+    from training.eval.evaluate import run_evaluation
+    from training.locations import setup_mlflow
+    from training.mlops.generate import generate_from_registry
 
     started = time.monotonic()
     overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []

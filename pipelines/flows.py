@@ -8,10 +8,11 @@ scratch, and Ray Train already restarts lost workers from the latest checkpoint.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_prep import storage
-from training.tracking import runs_dir
+from training.locations import runs_dir
 
 
 def _prefect_home() -> None:
@@ -26,6 +27,11 @@ _prefect_home()
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from training.config import RunConfig, load_config  # noqa: E402
+from training.mlops.publish import PublishedVAE, TrainOutcome, publish, publish_vae  # noqa: E402
+from training.mlops.registry import CANDIDATE, RegisteredVersion  # noqa: E402
+from training.runtime.driver import train  # noqa: E402
+
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def synth_task(out_dir: str, n: int, seed: int, image_size: int) -> str:
@@ -35,8 +41,22 @@ def synth_task(out_dir: str, n: int, seed: int, image_size: int) -> str:
     return out_dir
 
 
+@dataclass(frozen=True)
+class ShardSummary:
+    """What the shard step made: the dataset and how the run went (the flow's `shards` result)."""
+
+    output: str
+    samples: int
+    """Samples in the whole dataset."""
+    written: int
+    """Samples this run added."""
+    shards: int
+    skipped: dict[str, int]
+    content_id: str
+
+
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def shard_task(source: str, output: str, resolution: int, samples_per_shard: int, overwrite: bool) -> dict:
+def shard_task(source: str, output: str, resolution: int, samples_per_shard: int, overwrite: bool) -> ShardSummary:
     from prefect.artifacts import create_markdown_artifact
 
     from data_prep.shard import ShardConfig, build_shards
@@ -47,43 +67,29 @@ def shard_task(source: str, output: str, resolution: int, samples_per_shard: int
                           report.dataset_samples, report.skipped)
     # A retried task re-runs the shard step, which then finds nothing new: the dataset is complete.
     create_markdown_artifact(report.markdown(), key="shard-report", description=f"ldmflow shard -> {output}")
-    return {"output": output, "samples": report.dataset_samples, "written": report.written,
-            "shards": report.shards, "skipped": report.skipped, "content_id": report.content_id}
+    return ShardSummary(output=output, samples=report.dataset_samples, written=report.written, shards=report.shards,
+                        skipped=dict(report.skipped), content_id=report.content_id)
 
 
 @task(retries=0, cache_policy=NO_CACHE)
-def train_task(config: dict, data: str) -> dict:
-    """`config` is the resolved run config (plain data): the task never re-reads a preset file, which
-    a worker in another folder or on another machine might not find."""
-    from training.config import config_from_dict
-    from training.runner import train
-
-    outcome = train(config_from_dict(config), data)
-    return outcome.__dict__
+def train_task(config: RunConfig, data: str) -> TrainOutcome:
+    """`config` is the resolved run config: the task never re-reads a preset file, which a worker in
+    another folder or on another machine might not find."""
+    return train(config, data)
 
 
 @task(retries=0, cache_policy=NO_CACHE)
-def train_vae_task(config: dict, data: str) -> dict:
+def train_vae_task(config: RunConfig, data: str) -> PublishedVAE:
     """`ldmflow train-vae` as a task: trains, exports and logs the VAE; returns its folder and scores."""
-    from dataclasses import asdict
-
-    from training.config import config_from_dict
-    from training.runner import publish_vae, train
-
-    cfg = config_from_dict(config)
-    published = publish_vae(train(cfg, data), cfg)
+    published = publish_vae(train(config, data), config)
     get_run_logger().info("VAE %s: scaling factor %.4f, held-out PSNR %s dB", published.path,
                           published.scaling_factor, "-" if published.psnr is None else f"{published.psnr:.2f}")
-    return asdict(published)
+    return published
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def publish_task(config: dict, outcome: dict) -> dict:
-    from training.config import config_from_dict
-    from training.runner import TrainOutcome, publish
-
-    version = publish(TrainOutcome(**outcome), config_from_dict(config))
-    return {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@candidate"}
+def publish_task(config: RunConfig, outcome: TrainOutcome) -> RegisteredVersion:
+    return publish(outcome, config)
 
 
 @flow(name="ldm-train-pipeline", log_prints=True)
@@ -94,9 +100,8 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
     """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
 
     With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
-    first and the LDM is trained on it (model.vae.pretrained set to the exported folder)."""
-    from training.config import load_config
-
+    first and the LDM is trained on it (model.vae.pretrained set to the exported folder). Returns
+    plain data (what `ldmflow flow` prints): the shards, the VAE, the run and the model version."""
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
     vae_cfg = load_config(vae_config_path, list(vae_overrides or [])) if vae_config_path else None
@@ -106,20 +111,17 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
     work = Path(storage.local_path(work_dir)).resolve()  # raw data and shards of a demo run: local
     if source is None:
         source = synth_task(str(work / "raw"), synth_n, cfg.train.seed, cfg.model.resolution)
-    shards = shard_task(_absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
+    shards = shard_task(storage.absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
                         overwrite_shards)
-    result: dict = {"shards": shards}
+    result: dict = {"shards": asdict(shards)}
     if vae_cfg is not None:
-        result["vae"] = train_vae_task(vae_cfg.to_dict(), shards["output"])
-        cfg = load_config(config_path, [*overrides, f"model.vae.pretrained={result['vae']['path']}"])
-    outcome = train_task(cfg.to_dict(), shards["output"])
-    model = publish_task(cfg.to_dict(), outcome)
-    return {**result, "run_id": outcome["run_id"], "metrics": outcome["metrics"], "model": model}
-
-
-def _absolute(uri: str) -> str:
-    """Local paths made absolute (tasks may run elsewhere); s3:// URIs as they are."""
-    return uri if storage.is_s3(uri) else str(Path(storage.local_path(uri)).resolve())
+        vae = train_vae_task(vae_cfg, shards.output)
+        result["vae"] = asdict(vae)
+        cfg = load_config(config_path, [*overrides, f"model.vae.pretrained={vae.path}"])
+    outcome = train_task(cfg, shards.output)
+    version = publish_task(cfg, outcome)
+    model = {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@{CANDIDATE}"}
+    return {**result, "run_id": outcome.run_id, "metrics": outcome.metrics, "model": model}
 
 
 def run_pipeline(**kwargs) -> dict:

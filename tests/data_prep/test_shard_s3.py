@@ -61,7 +61,7 @@ def test_s3_prefix_of_images_to_s3_shards(tmp_path, s3_bucket, s3_env):
 
 def test_cli_shards_to_s3_verify_and_stream(tmp_path, s3_bucket, s3_env, capsys):
     from pipelines.cli import main
-    from training.shard_loader import ShardStream
+    from training.loader.stream import ShardStream
 
     write_folder(tmp_path / "raw", 10)
     out = f"s3://{s3_bucket}/ds"

@@ -54,7 +54,7 @@ def flow_result(tmp_path_factory):
 def mlflow_client(flow_result):
     from mlflow import MlflowClient
 
-    from training.tracking import setup_mlflow
+    from training.locations import setup_mlflow
 
     setup_mlflow()
     return MlflowClient()
@@ -145,14 +145,14 @@ def test_the_vae_stage_trains_exports_and_feeds_the_ldm(flow_result, mlflow_clie
     # The LDM trained on exactly that VAE, and exported it.
     ldm = mlflow_client.get_run(summary["run_id"])
     assert ldm.data.params["model.vae.pretrained"] == vae["path"]
-    from training.tracking import runs_dir
+    from training.locations import runs_dir
 
     exported = AutoencoderKL.from_pretrained(runs_dir() / "exports" / summary["run_id"] / "pipeline" / "vae")
     assert exported.config.scaling_factor == pytest.approx(vae["scaling_factor"])
 
 
 def test_evaluate_scores_the_registered_model_and_records_it(flow_result, mlflow_client, tmp_path):
-    from training.evaluate import run_evaluation
+    from training.eval.evaluate import run_evaluation
 
     summary, _ = flow_result
     evaluation = run_evaluation("models:/ldm-e2e@candidate", prompts=2, per_prompt=2, steps=2, out_dir=tmp_path)
@@ -169,7 +169,7 @@ def test_evaluate_scores_the_registered_model_and_records_it(flow_result, mlflow
 
 
 def test_checkpoints_are_committed_and_pruned(flow_result, mlflow_client):
-    from training.checkpointing import read_state
+    from training.checkpoint.verify import read_state
 
     summary, _ = flow_result
     ckpt = Path(mlflow_client.get_run(summary["run_id"]).data.tags["checkpoint"])
@@ -194,8 +194,8 @@ def test_registered_version_has_alias_and_tags(flow_result, mlflow_client):
 
 
 def test_publishing_again_does_not_create_a_version(flow_result, mlflow_client):
-    from training.registry import register_pipeline
-    from training.tracking import runs_dir
+    from training.mlops.registry import register_pipeline
+    from training.locations import runs_dir
 
     summary, _ = flow_result
     before = mlflow_client.search_model_versions("name='ldm-e2e'")
@@ -208,7 +208,7 @@ def test_publishing_again_does_not_create_a_version(flow_result, mlflow_client):
 
 
 def test_exported_folder_is_a_diffusers_pipeline(flow_result):
-    from training.tracking import runs_dir
+    from training.locations import runs_dir
 
     summary, _ = flow_result
     folder = runs_dir() / "exports" / summary["run_id"] / "pipeline"
@@ -220,7 +220,7 @@ def test_exported_folder_is_a_diffusers_pipeline(flow_result):
 
 
 def test_generate_from_registry_in_a_fresh_process(flow_result, tmp_path):
-    from training.tracking import tracking_uri
+    from training.locations import tracking_uri
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
     out = tmp_path / "images"

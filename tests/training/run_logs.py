@@ -1,5 +1,5 @@
 """What the Ray training tests read back from a run: its MLflow run by name, and the sample log its
-workers write (LDMFLOW_SAMPLE_LOG; see training.worker.SampleLog for the format)."""
+workers write (LDMFLOW_SAMPLE_LOG; see training.runtime.metrics.SampleLog for the format)."""
 
 from __future__ import annotations
 

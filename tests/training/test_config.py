@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, config_from_dict, load_config
+from training.config import config_from_dict, load_config
+from training.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

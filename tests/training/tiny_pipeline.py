@@ -1,4 +1,4 @@
-"""A tiny random text-to-image pipeline folder, as training.export writes one: the `tiny` preset's
+"""A tiny random text-to-image pipeline folder, as training.mlops.export writes one: the `tiny` preset's
 components at 32 px (8x8 latents), untrained. Enough to exercise sampling, the pyfunc model and
 evaluation in seconds; its images are noise-like, not shapes."""
 
@@ -9,9 +9,10 @@ from pathlib import Path
 from diffusers import StableDiffusionPipeline
 
 from training.config import load_config
-from training.export import save_pipeline
-from training.models import build_components, sampling_scheduler
-from training.samplers import SamplerDefaults
+from training.mlops.export import save_pipeline
+from training.models.assembly import build_components
+from training.models.noise import sampling_scheduler
+from training.models.sampling import SamplerDefaults
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,174 @@
+"""`--resume` and storage refusals: each is one clear message before any Ray worker starts (these
+tests never start Ray; a refusal that came later would fail them by trying to)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from training.checkpoint.layout import TrainState
+from training.checkpoint.writer import mark_committed, save_rank_files, write_file_list
+from training.config import load_config
+from training.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data_prep.shard import ShardConfig, build_shards
+    from data_prep.synth import generate_synthetic
+
+    root = tmp_path_factory.mktemp("resume-data")
+    generate_synthetic(root / "raw", 16, seed=2)
+    build_shards(ShardConfig(source=str(root / "raw"), output=str(root / "shards"), samples_per_shard=8,
+                             progress=False))
+    return root / "shards"
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Starting Ray is a failure here: every refusal must come before it."""
+    import training.runtime.driver
+
+    def refuse(cfg):
+        raise AssertionError("Ray was started before the refusal")
+
+    monkeypatch.setattr(training.runtime.driver, "prepare_cluster", refuse)
+
+
+def make_run(storage_uri: str, data: Path, cfg) -> str:
+    """An MLflow run as `ldmflow train` leaves it when its driver dies: tags, config, no checkpoint yet."""
+    import mlflow
+
+    from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG
+    from training.locations import setup_mlflow
+    from training.mlops.tracking import ensure_experiment
+
+    setup_mlflow()
+    tags = {STORAGE_TAG: storage_uri, "data": str(data), "dataset_content_id": "x"}
+    with mlflow.start_run(experiment_id=ensure_experiment("resume-errors"), tags=tags,
+                          run_name=f"r-{uuid.uuid4().hex[:8]}") as run:
+        mlflow.log_dict(cfg.to_dict(), CONFIG_ARTIFACT)
+    return run.info.run_id
+
+
+def commit_checkpoint(folder: Path, *, step: int, config: dict, frozen: dict) -> None:
+    """A committed 1-rank checkpoint in the project's layout (DeepSpeed's files faked by bytes)."""
+    import torch
+
+    from training.checkpoint.writer import rng_state
+
+    tag = f"step-{step:08d}"
+    (folder / "deepspeed" / tag).mkdir(parents=True)
+    (folder / "deepspeed" / tag / "mp_rank_00_model_states.pt").write_bytes(b"model" * 10)
+    save_rank_files(folder, 0, loader={}, rng=rng_state(torch.Generator()))
+    digest = write_file_list(folder, 0)
+    mark_committed(folder, TrainState(step=step, world_size=1, tag=tag, config=config, frozen=frozen), [digest])
+
+
+def frozen_of(cfg) -> dict:
+    from training.models.assembly import build_frozen, frozen_hashes
+
+    return frozen_hashes(*build_frozen(cfg.model))
+
+
+def resume_error(run_id: str, *args: str) -> str:
+    from training.runtime.driver import resume
+
+    with pytest.raises(ConfigError) as e:
+        resume(run_id, list(args))
+    return str(e.value)
+
+
+def test_unknown_run(no_ray, capsys):
+    assert main(["train", "--resume", "0123456789abcdef0123456789abcdef", "--no-register"]) == 2
+    err = capsys.readouterr().err
+    assert "no such MLflow run" in err and "Traceback" not in err
+
+
+def test_run_without_a_verified_checkpoint(no_ray, tmp_path, shards):
+    cfg = load_config("tiny")
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    # A checkpoint folder without its COMMITTED marker (the driver died mid-save) does not count.
+    partial = tmp_path / "storage" / f"train-{run_id}" / "checkpoint_2026-11-24_00-00-00.000000"
+    commit_checkpoint(partial, step=4, config=cfg.to_dict(), frozen=frozen_of(cfg))
+    (partial / "COMMITTED").unlink()
+    message = resume_error(run_id)
+    assert "no verified checkpoint" in message and "new run" in message
+
+
+def test_checkpoint_of_another_model(no_ray, tmp_path, shards):
+    cfg = load_config("tiny")
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    other = load_config("tiny", ["model.unet.layers_per_block=2"]).to_dict()
+    commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_a", step=4, config=other,
+                      frozen=frozen_of(cfg))
+    message = resume_error(run_id)
+    assert "different model" in message and "model.unet" in message
+
+
+def test_checkpoint_trained_against_other_frozen_weights(no_ray, tmp_path, shards):
+    cfg = load_config("tiny")
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    frozen = {**frozen_of(cfg), "vae": "0" * 64}
+    commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_a", step=4, config=cfg.to_dict(),
+                      frozen=frozen)
+    assert "vae" in resume_error(run_id)
+
+
+def test_only_how_the_run_continues_may_change(no_ray, tmp_path, shards):
+    cfg = load_config("tiny")
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    assert "cannot change on resume" in resume_error(run_id, "train.lr=0.1")
+    assert "cannot change on resume" in resume_error(run_id, "model.resolution=32")
+
+
+def test_resume_refuses_data_and_config_flags(no_ray, capsys):
+    assert main(["train", "--resume", "abc", "--data", "x"]) == 2
+    assert "--resume continues a run with its own config" in capsys.readouterr().err
+
+
+def test_checkpoint_already_at_max_steps(no_ray, tmp_path, shards):
+    cfg = load_config("tiny", ["train.max_steps=4"])
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_a", step=4, config=cfg.to_dict(),
+                      frozen=frozen_of(cfg))
+    assert "--max-steps" in resume_error(run_id)
+
+
+def test_storage_nobody_can_write(no_ray, tmp_path, shards):
+    """A storage path that cannot be written fails before the MLflow run and before Ray."""
+    from data_prep.storage import StorageError
+    from training.runtime.driver import train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StorageError):
+        train(load_config("tiny"), str(shards), storage_uri=str(blocker / "ray"))
+    assert main(["train", "--data", str(shards), "--storage", str(blocker / "ray"), "--no-register"]) == 2
+
+
+def test_storage_in_an_unknown_bucket(no_ray, s3_env, shards, capsys):
+    assert main(["train", "--data", str(shards), "--storage", "s3://no-such-bucket-ldmflow/runs",
+                 "--no-register"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-bucket-ldmflow" in err and "Traceback" not in err
+
+
+def test_config_artifact_is_the_resolved_config(tmp_path, shards):
+    """What resume rebuilds the run from: the resolved config JSON, not a path to a preset file."""
+    cfg = load_config("tiny", ["train.max_steps=7"])
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    import mlflow
+
+    from training.mlops.tracking import CONFIG_ARTIFACT
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    saved = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+    assert saved["train"]["max_steps"] == 7 and json.dumps(saved, sort_keys=True) == json.dumps(cfg.to_dict(),
+                                                                                               sort_keys=True)

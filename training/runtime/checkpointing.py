@@ -1,0 +1,195 @@
+"""The loop's checkpoint phase: every rank saves and reports its part; on a (re)start the checkpoint
+to resume from is picked, verified and restored into the engine, the EMA, the loader and the RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, convert_to_universal, load_universal_checkpoint
+from training.checkpoint.layout import COMMITTED, DEEPSPEED_DIR, UNET_FILE, CheckpointError, TrainState
+from training.checkpoint.loading import (
+    load_deepspeed_checkpoint,
+    load_ema,
+    load_rank_files,
+    model_differences,
+    restore_rng,
+)
+from training.checkpoint.run_storage import checkpoint_uri, ray_storage
+from training.checkpoint.verify import latest_verified_checkpoint
+from training.checkpoint.writer import (
+    mark_committed,
+    rng_state,
+    save_ema,
+    save_rank_files,
+    save_unet_weights,
+    write_file_list,
+)
+from training.config import RunConfig, TrainConfig
+from training.loader.plan import LoaderState
+from training.runtime.context import WorkerContext, WorkerPayload
+from training.runtime.engine import gather_unet_weights
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def checkpoint_directory(payload: WorkerPayload, ctx: WorkerContext) -> Iterator[Path | None]:
+    """The checkpoint this (re)start of the worker group resumes from, as a local directory
+    (downloaded from S3), or None for a fresh run.
+
+    Rank 0 picks the later of Ray's latest registered checkpoint and the latest verified one in the
+    run's storage, and every rank takes its pick. The two differ when a checkpoint was fully
+    uploaded but not yet registered when a worker or the driver died (Ray registers a checkpoint
+    only after every rank's asynchronous upload finished and its controller next polled): resuming
+    from it instead of the older one saves up to checkpoint_every steps."""
+    import ray.train
+
+    choice = None
+    if ctx.rank == 0:
+        choice = _latest_checkpoint(ray.train.get_checkpoint(), payload.run_location)
+    if dist.is_initialized() and ctx.world_size > 1:
+        picked = [choice]
+        dist.broadcast_object_list(picked, src=0)
+        choice = picked[0]
+    if choice is None:
+        yield None
+        return
+    path, filesystem = ray_storage(choice)
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as directory:
+        yield Path(directory)
+
+
+def _latest_checkpoint(registered, run_location: str) -> str | None:
+    """URI of the later of Ray's registered checkpoint and the run's latest verified one."""
+
+    candidates = []
+    if registered is not None:
+        candidates.append((_committed_step(registered), checkpoint_uri(registered)))
+    latest = latest_verified_checkpoint(run_location)
+    if latest is not None:
+        candidates.append((latest.step, latest.uri))
+    if not candidates:
+        return None
+    step, uri = max(candidates, key=lambda c: c[0])  # max keeps the first (Ray's) on a tie
+    log.info("resuming from the step-%d checkpoint %s", step, uri)
+    return uri
+
+
+def _committed_step(checkpoint) -> int:
+    """The step in a checkpoint's COMMITTED marker, read through its filesystem; -1 if unreadable."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{COMMITTED}") as f:
+            return int(json.loads(f.read())["step"])
+    except Exception as e:  # missing or partial: never preferred, and verified again when loaded
+        log.warning("checkpoint %s has no readable %s: %s", checkpoint.path, COMMITTED, e)
+        return -1
+
+
+def check_frozen(got: dict, expected: dict) -> dict:
+    """Every worker must hold the exact VAE and text encoder the driver will export."""
+    for name, digest in expected.items():
+        if got.get(name) != digest:
+            raise RuntimeError(
+                f"{name} weights on this worker (sha256 {got.get(name, '?')[:12]}) differ from the driver's "
+                f"({digest[:12]}): the worker loaded a different model; make the path identical on every node"
+            )
+    return got
+
+
+def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
+                    ctx: WorkerContext, metrics: dict, train: TrainConfig, *, final: bool = False,
+                    weights_file: str = UNET_FILE) -> None:
+    """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
+    rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
+    each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
+    has reported; readers verify the lists (see training.checkpointing), not the upload order.
+    With train.checkpoint_upload=async, report returns once Ray has taken the folder: the upload
+    runs beside the next steps and Ray deletes the local folder when it is done.
+
+    The final checkpoint also holds `weights_file` (unet.safetensors or vae.safetensors): the trained
+    module's full weights gathered by the workers (every rank takes part, rank 0 writes and lists
+    it), so the export never consolidates optimizer shards."""
+    import ray.train
+
+    local = Path(tempfile.mkdtemp(prefix=f"ldm-ckpt-{state.step}-r{ctx.rank}-"))
+    handed_over = False
+    try:
+        state.tag = f"step-{state.step:08d}"
+        # The universal-checkpoint entry lets a different number of workers resume from it.
+        engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=state.tag, client_state=UNIVERSAL_CLIENT_STATE)
+        save_rank_files(local, ctx.rank, loader=loader.to_dict(), rng=rng_state(generator))
+        if ctx.rank == 0 and ema is not None:
+            save_ema(local, ema)
+        if final:
+            weights = gather_unet_weights(engine, ctx)  # a collective under ZeRO-3: every rank
+            if ctx.rank == 0:
+                save_unet_weights(local, weights, step=state.step, name=weights_file)
+            del weights
+        digest = write_file_list(local, ctx.rank)
+        file_lists = [digest]
+        if dist.is_initialized():
+            # Also the barrier: no rank's list is missing when rank 0 writes the marker.
+            file_lists = [""] * ctx.world_size
+            dist.all_gather_object(file_lists, digest)
+        if ctx.rank == 0:
+            mark_committed(local, state, file_lists)
+        upload = ray.train.CheckpointUploadMode.ASYNC if train.checkpoint_upload == "async" else \
+            ray.train.CheckpointUploadMode.SYNC
+        ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+        handed_over = True
+    finally:
+        if not handed_over:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Generator, ctx: WorkerContext,
+            frozen: dict, cfg: RunConfig) -> tuple[TrainState, LoaderState]:
+    """Load a verified checkpoint (`saved` is its read_state, hashes checked) into this rank.
+
+    Written by as many workers as now: each rank loads its own DeepSpeed partition, loader position
+    and RNG. Written by a different number: the DeepSpeed state goes through a universal checkpoint
+    (converted by each rank into its own temp folder), the loader positions of all old ranks are
+    re-split over the new ranks, and the RNG is re-seeded from (seed, step, rank): the data and the
+    optimizer continue exactly, the noise draws cannot (they depended on the old rank layout)."""
+    if saved.frozen != frozen:
+        raise CheckpointError(f"checkpoint {directory} was trained against different frozen weights")
+    _check_same_model(directory, saved, cfg)
+    state = TrainState(step=saved.step, samples_seen=saved.samples_seen, world_size=ctx.world_size,
+                       config=cfg.to_dict(), frozen=frozen)
+    if ema is not None:
+        load_ema(directory, ema, ctx.device)
+    # Every old rank's position: unchanged for this rank when the layout (workers x loader workers)
+    # is the same, re-split over the new streams when it is not.
+    positions = [load_rank_files(directory, r)[0] for r in range(saved.world_size)]
+    loader = LoaderState.resplit(positions, world_size=ctx.world_size, rank=ctx.rank,
+                                 loader_workers=cfg.train.loader_workers)
+    if saved.world_size == ctx.world_size:
+        load_deepspeed_checkpoint(engine, directory, saved.tag)
+        restore_rng(load_rank_files(directory, ctx.rank)[1], generator)
+        return state, loader
+
+    with tempfile.TemporaryDirectory(prefix=f"ldm-universal-r{ctx.rank}-") as tmp:
+        tag = convert_to_universal(directory / DEEPSPEED_DIR, saved.tag, Path(tmp))
+        load_universal_checkpoint(engine, Path(tmp), tag)
+    generator.manual_seed(cfg.train.seed * 1000 + saved.step * 7919 + ctx.rank)
+    return state, loader
+
+
+def _check_same_model(directory: Path, saved: TrainState, cfg: RunConfig) -> None:
+    """A checkpoint of another model (other UNet shape, latent size, text width) fails here with the
+    keys that differ, not deep inside DeepSpeed with a tensor size mismatch."""
+    differ = model_differences(saved, cfg.to_dict()["model"])
+    if differ:
+        raise CheckpointError(f"checkpoint {directory} is of a different model ({', '.join(differ)} differ); "
+                              "resume it with its own config or start a new run")

@@ -1,0 +1,48 @@
+"""What a worker is handed: who it is in the group (WorkerContext) and the driver's WorkerPayload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from training.config import RunConfig
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def from_ray(cls) -> WorkerContext:
+        """This Ray Train worker's rank, world size and device."""
+        import ray.train
+        import ray.train.torch
+
+        train_ctx = ray.train.get_context()
+        return cls(train_ctx.get_world_rank(), train_ctx.get_world_size(), ray.train.torch.get_device())
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerPayload:
+    """Everything the driver tells every worker, pickled to each by Ray (bound to the loop with
+    functools.partial, so it never enters Ray's JSON run state)."""
+
+    config: RunConfig
+    """The resolved run config."""
+    data: str
+    """The dataset: an absolute local path (shared on a cluster) or s3:// prefix."""
+    frozen: dict[str, str]
+    """sha256 of the frozen VAE and text encoder the driver loaded; every worker must hold the same."""
+    run_location: str
+    """Where Ray keeps this run (storage URI / run name): the workers look there for the latest
+    verified checkpoint."""
+    mlflow_run_id: str | None = None
+    """Rank 0 logs metrics to this run; None: nothing is logged."""
+    tracking_uri: str | None = None
+    sample_log: str | None = None
+    """LDMFLOW_SAMPLE_LOG of the driver: a folder every rank logs its batches' keys to."""
+    storage_env: dict[str, str] = field(default_factory=dict)
+    """The driver's S3 endpoint and region (data_prep.storage.env_for_workers), set in each worker."""

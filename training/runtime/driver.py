@@ -1,0 +1,196 @@
+"""The driver's side of training: `train` (a new MLflow run around a Ray launch) and `resume` (the
+same run continued from its latest verified checkpoint). Plain functions: the CLI calls them
+directly and the Prefect flows wrap each in a task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from data_prep import storage
+from data_prep.dataset import Dataset, read_dataset
+from training.checkpoint.layout import COMMITTED, FILES_DIR, STATE_FILE
+from training.checkpoint.loading import model_differences
+from training.checkpoint.run_storage import check_run_storage, download_checkpoint, run_uri
+from training.checkpoint.verify import latest_verified_checkpoint, read_state
+from training.config import RunConfig, config_from_dict
+from training.errors import ConfigError, DataError
+from training.locations import runs_dir, setup_mlflow
+from training.mlops.publish import TrainOutcome
+from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG, ensure_experiment, git_commit
+from training.runtime.launcher import launch, prepare_cluster
+from training.tasks import frozen_hashes_for
+
+log = logging.getLogger(__name__)
+
+
+def check_data(cfg: RunConfig, data: str) -> Dataset:
+    """Refuse shards that cannot feed this config, before Ray starts. `data` is a dataset folder or
+    s3:// prefix (its index.json), or a single part (its manifest.json)."""
+    storage.storage_for(data).check_readable(data)
+    dataset = read_dataset(data)
+    if dataset.resolution is not None and dataset.resolution != cfg.model.resolution:
+        raise DataError(
+            f"shards in {data} are {dataset.resolution}px but model.resolution is {cfg.model.resolution}; "
+            f"re-shard with --resolution {cfg.model.resolution} or set model.resolution={dataset.resolution}"
+        )
+    return dataset
+
+
+STORAGE_ENV = "LDMFLOW_STORAGE"
+
+
+def default_storage() -> str:
+    """Where Ray Train keeps runs and checkpoints: LDMFLOW_STORAGE (a shared path or s3://bucket/prefix,
+    which every node of a cluster must reach) or, for one machine, <runs dir>/ray."""
+    return os.environ.get(STORAGE_ENV) or str(runs_dir() / "ray")
+
+
+def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None) -> TrainOutcome:
+    """Train `cfg` on the dataset at `data_dir` (local or s3://) inside a new MLflow run; checkpoints
+    go to `storage_uri` (default: `default_storage()`); returns the final checkpoint."""
+    import mlflow
+
+    storage_uri = storage.absolute(storage_uri or default_storage())
+    data_dir = storage.absolute(data_dir)
+    dataset = check_data(cfg, data_dir)
+    check_run_storage(storage_uri)  # nobody can write there: one message now, not a failed first checkpoint
+    frozen = _prepare(cfg)
+    uri = setup_mlflow()
+    experiment_id = ensure_experiment(cfg.tracking.experiment)
+    tags = {
+        "git_commit": git_commit(),
+        "dataset_content_id": dataset.content_id,
+        "config_hash": cfg.hash,
+        "preset": cfg.name,
+        "task": cfg.task,
+        "data": data_dir,
+        STORAGE_TAG: storage_uri,
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags) as run:
+        mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
+        mlflow.log_dict(cfg.to_dict(), CONFIG_ARTIFACT)
+        mlflow.log_params({"data.total_samples": dataset.total_samples, "data.shards": len(dataset.shards),
+                           "data.parts": len(dataset.parts)})
+        # The Ray run is named after the MLflow run, so `--resume RUN_ID` finds its checkpoints again
+        # after the driver died (a head pod, a flow worker, a laptop).
+        return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id)
+
+
+def resume(run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TrainOutcome, RunConfig]:
+    """Continue the MLflow run `run_id` from its latest verified checkpoint in storage (after its
+    driver died, or to train further with a higher train.max_steps): same run, steps continuing.
+
+    `overrides` may change how the run continues (train.max_steps, train.num_workers: a different
+    worker count resumes through DeepSpeed's universal checkpoint), never what is trained: a model,
+    data or objective key is refused."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = setup_mlflow()
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"--resume {run_id}: no such MLflow run in {uri}") from None
+    tags = run.data.tags
+    if STORAGE_TAG not in tags or "data" not in tags:
+        raise ConfigError(f"--resume {run_id}: that run was not started by `ldmflow train` (no {STORAGE_TAG} tag)")
+    base = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(f"--resume {run_id}: `{key}` cannot change on resume (allowed: "
+                              f"{', '.join(sorted(RESUMABLE_KEYS))}); start a new run to change it")
+    cfg = config_from_dict(base, list(overrides))
+    storage_uri, data_dir = tags[STORAGE_TAG], tags["data"]
+    location = run_uri(storage_uri, ray_run_name(run_id))
+    latest = latest_verified_checkpoint(location)
+    if latest is None:
+        raise ConfigError(f"--resume {run_id}: no verified checkpoint under {location}; "
+                          "the run never finished one, so start it again as a new run")
+    if latest.step >= cfg.train.max_steps:
+        raise ConfigError(f"--resume {run_id}: its latest checkpoint is at step {latest.step}, which already "
+                          f"reaches train.max_steps={cfg.train.max_steps}; pass --max-steps to train further")
+    dataset = check_data(cfg, data_dir)
+    if dataset.content_id != tags.get("dataset_content_id"):
+        log.warning("the dataset at %s changed since run %s started (content id %s, was %s); the resumed "
+                    "epoch is re-planned over the data as it is now", data_dir, run_id, dataset.content_id,
+                    tags.get("dataset_content_id"))
+    check_run_storage(storage_uri)
+    frozen = _prepare(cfg, check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
+    log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
+    with mlflow.start_run(run_id=run_id):
+        resumes = int(tags.get("resumes", "0")) + 1
+        mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
+                         f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
+        # The workers find the run's latest verified checkpoint themselves (the one checked above,
+        # unless a later one appeared meanwhile).
+        outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, tags.get("dataset_content_id", ""))
+    return outcome, cfg
+
+
+def check_resumable(checkpoint_uri: str, cfg: RunConfig, frozen: dict) -> None:
+    """Refuse, before any worker starts, a checkpoint of another model: a different UNet, VAE or
+    text encoder config, or frozen VAE/text weights that changed since (a model path whose files
+    were replaced). Reads only the checkpoint's small state files."""
+
+    def small(rel: str) -> bool:
+        return rel in (COMMITTED, STATE_FILE) or rel.startswith(FILES_DIR + "/")
+
+    with tempfile.TemporaryDirectory(prefix="ldm-resume-") as tmp:
+        saved = read_state(download_checkpoint(checkpoint_uri, Path(tmp), only=small), only=lambda rel: False)
+    differ = model_differences(saved, cfg.to_dict()["model"])
+    if differ:
+        raise ConfigError(f"checkpoint {checkpoint_uri} is of a different model than the config ({', '.join(differ)} "
+                          "differ); resume it with the config it was trained with")
+    changed = sorted(k for k in set(saved.frozen) | set(frozen) if saved.frozen.get(k) != frozen.get(k))
+    if changed:
+        raise ConfigError(f"checkpoint {checkpoint_uri} was trained against other {' and '.join(changed)} weights than "
+                          "the ones loaded now: the model files at the configured paths changed since")
+
+
+RESUMABLE_KEYS = frozenset({"train.max_steps", "train.num_workers", "train.min_workers", "train.cpus_per_worker",
+                            "train.max_failures", "train.checkpoint_every", "train.log_every",
+                            "train.checkpoints_to_keep", "train.loader_workers", "train.checkpoint_upload",
+                            "train.cluster_wait_s"})
+"""Config keys `resume` may change: how and how long the run continues, not what it trains."""
+
+
+
+
+
+
+def ray_run_name(run_id: str) -> str:
+    return f"train-{run_id}"
+
+
+def _prepare(cfg: RunConfig, check=None) -> dict:
+    """Load the frozen models and join or start Ray: every error they raise comes before a run exists
+    or a worker starts. `check(frozen_hashes)` runs in between (resume's model check)."""
+
+    frozen = frozen_hashes_for(cfg)  # a wrong model path fails here
+    if check is not None:
+        check(frozen)
+    prepare_cluster(cfg)  # and a request Ray cannot place fails here
+    return frozen
+
+
+def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str, tracking_uri: str, frozen: dict,
+                   content_id: str) -> TrainOutcome:
+    import mlflow
+
+    result = launch(cfg, data_dir, storage_uri=storage_uri, name=ray_run_name(run_id), mlflow_run_id=run_id,
+                    tracking_uri=tracking_uri, frozen=frozen)
+    mlflow.set_tag("checkpoint", result.checkpoint)
+    return TrainOutcome(run_id=run_id, checkpoint_dir=result.checkpoint, metrics=result.metrics,
+                        dataset_content_id=content_id, config_hash=cfg.hash, data=data_dir)
+
+
+def _param(value) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]  # MLflow's param value limit

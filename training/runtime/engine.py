@@ -1,0 +1,128 @@
+"""The DeepSpeed engine around the trained module: its config, optimizer and LR schedule, the EMA
+beside it, and gathering its full weights (a collective under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from training.checkpoint.elastic import deepspeed_universal_config
+from training.config import TrainConfig
+from training.runtime.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(train: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        # The optimizer is torch's AdamW, handed to DeepSpeed: it runs the same on CPU and GPU and
+        # needs no JIT-compiled op. ZeRO partitions its state like any other optimizer's.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(train: TrainConfig):
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        if train.lr_schedule == "cosine":
+            progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, *, load_universal: bool = False):
+    """The DeepSpeed engine around `unet`; `load_universal` configures it to load a universal
+    checkpoint (a resume on a different number of workers), which must be known before it is built."""
+    import deepspeed
+
+    unet.to(ctx.device)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                                  fused=ctx.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    config = deepspeed_config(train)
+    if load_universal:
+
+        config = deepspeed_universal_config(config)
+    engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config, dist_init_required=False)
+    return engine
+
+
+def build_ema(module: torch.nn.Module, train: TrainConfig):
+    if not train.ema.enabled:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    # fp32 shadows even when the engine trains in bf16: a 0.999 decay moves weights by less than
+    # bf16's resolution, so a bf16 average would barely change. foreach: the update runs as
+    # multi-tensor ops over all parameters instead of a loop of small ops per parameter (torch falls
+    # back to per-tensor kernels for the fp32 - bf16 difference when the engine trains in bf16).
+    return EMAModel([p.detach().float() for p in module.parameters()], decay=train.ema.decay,
+                    use_ema_warmup=False, foreach=True)
+
+
+GATHER_CHUNK_BYTES = 256 << 20
+"""ZeRO-3 export gathers parameters in groups of about this many bytes (full size, all ranks)."""
+
+
+def gather_unet_weights(engine, ctx: WorkerContext) -> dict[str, torch.Tensor] | None:
+    """The engine's full UNet state dict, on CPU, in the module's own (training) dtype; every rank
+    must call it (under ZeRO-3 it is a series of collectives), only rank 0 gets the dict.
+
+    Stages 0-2 keep the full module on every rank, so rank 0 just copies it. ZeRO-3 partitions each
+    parameter across ranks: they are all-gathered a group at a time (GATHER_CHUNK_BYTES), copied to
+    CPU on rank 0 and released, so no rank ever holds more than one group beyond its partition."""
+    module = engine.module
+    if not engine.zero_optimization_partition_weights():
+        if ctx.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    import deepspeed
+
+    keys = list(module.state_dict().keys())  # parameters are placeholders here, names are right
+    params = list(module.named_parameters())
+    weights: dict[str, torch.Tensor] = {}
+    group: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def gather(group) -> None:
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            if ctx.rank == 0:
+                for name, p in group:
+                    weights[name] = p.detach().to("cpu", copy=True)
+
+    for name, p in params:
+        group.append((name, p))
+        size += getattr(p, "ds_numel", p.numel()) * p.element_size()
+        if size >= GATHER_CHUNK_BYTES:
+            gather(group)
+            group, size = [], 0
+    if group:
+        gather(group)
+    if ctx.rank != 0:
+        return None
+    # Buffers are not partitioned; keep only persistent ones (those in the state dict).
+    for name, b in module.named_buffers():
+        if name in keys and name not in weights:
+            weights[name] = b.detach().to("cpu", copy=True)
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise RuntimeError(f"gathered UNet weights miss {missing[:3]}")
+    return {k: weights[k] for k in keys}

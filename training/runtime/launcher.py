@@ -1,0 +1,209 @@
+"""Launching the workers: a Ray ``TorchTrainer`` running training.runtime.loop on N ranks.
+
+With ``RAY_ADDRESS`` set it joins that cluster; otherwise it starts Ray on this machine. Only
+resources change between the two: the loop, config and checkpoints are the same. Workers ask for
+GPUs exactly when ``train.use_gpu`` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from data_prep import storage
+from training.checkpoint.run_storage import checkpoint_uri, ray_storage
+from training.config import RunConfig
+from training.errors import ConfigError
+from training.runtime.context import WorkerPayload
+from training.runtime.loop import worker_entry
+
+log = logging.getLogger(__name__)
+
+
+SAMPLE_LOG_ENV = "LDMFLOW_SAMPLE_LOG"
+"""A folder where every rank logs the keys of each batch it trains on (see training.runtime.metrics.SampleLog)."""
+
+
+@dataclass
+class LaunchResult:
+    checkpoint: str
+    """The final committed checkpoint: a local path, or an s3:// URI for S3 storage."""
+    metrics: dict
+
+
+def ensure_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = {"worker_process_setup_hook": "training.quiet.quiet_ray_internals"}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=quiet)
+        return
+    # A local Ray gets enough logical CPUs for the requested workers even on a 2-core machine:
+    # the workers share the cores, which is what a CPU smoke run wants. (So check_resources' CPU
+    # check never fires for a Ray started here; GPUs are whatever Ray detects on this machine.)
+    wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, runtime_env=quiet)
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Refuse, with one message, a request Ray cannot place instead of letting it wait forever.
+
+    A fixed-size local Ray is checked at once. A cluster named by RAY_ADDRESS may autoscale (the
+    shipped specs start with zero GPU nodes): it is asked for the workers' resources and given
+    train.cluster_wait_s to provide them, then the run is refused (a cluster without GPUs and
+    without an autoscaler, or an autoscaler that cannot add the node type)."""
+    if os.environ.get("RAY_ADDRESS"):
+        wait_for_cluster(cfg, timeout_s=cfg.train.cluster_wait_s)
+        return
+    import ray
+
+    have = ray.cluster_resources()
+    check_local_resources(cfg, gpus=have.get("GPU", 0), cpus=have.get("CPU", 0))
+
+
+def check_local_resources(cfg: RunConfig, *, gpus: float, cpus: float) -> None:
+    """The check of `check_resources` for a local Ray with `gpus` GPUs and `cpus` logical CPUs.
+
+    Each worker asks for train.cpus_per_worker CPUs and, with train.use_gpu, one GPU; Ray Train's
+    controller asks for none. A Ray started by `ensure_ray` always has CPUs enough (it is started
+    with num_workers * cpus_per_worker logical CPUs or more), so the CPU check only bites when the
+    process had already started a smaller local Ray itself (`ray.init(num_cpus=...)`).
+    """
+    train = cfg.train
+    workers = train.min_workers or train.num_workers  # an elastic run starts with what it can place
+    problems = []
+    if train.use_gpu and gpus < workers:
+        cpu_run = "set train.use_gpu=false for a CPU run"
+        if train.precision != "fp32":
+            cpu_run += (f" (with train.precision=fp32, or train.allow_cpu_half_precision=true to keep "
+                        f"{train.precision})")
+        fewer = f", lower train.num_workers to {int(gpus)} to use the GPUs here" if gpus >= 1 else ""
+        problems.append(
+            f"train.use_gpu=true asks for {workers} GPU workers (train.num_workers={train.num_workers}) "
+            f"but the local Ray has {int(gpus)} GPUs: {cpu_run}{fewer}, "
+            "or set RAY_ADDRESS to a Ray cluster with (or autoscaling to) GPU nodes"
+        )
+    wanted_cpus = workers * train.cpus_per_worker
+    if cpus < wanted_cpus:
+        problems.append(
+            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker} "
+            f"asks for {wanted_cpus} CPUs but the local Ray has {int(cpus)}; lower train.num_workers or "
+            "train.cpus_per_worker, start Ray with more num_cpus, or set RAY_ADDRESS to a larger cluster"
+        )
+    if problems:
+        raise ConfigError("; and ".join(problems))
+
+
+def worker_bundle(cfg: RunConfig) -> dict[str, float]:
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+
+
+def cluster_fits(have: dict[str, float], bundle: dict[str, float], workers: int) -> bool:
+    """Whether a cluster with `have` resources in total could hold `workers` workers of `bundle`
+    (by totals: nodes are not bin-packed here; Ray Train's placement does that)."""
+    return all(have.get(name, 0) >= amount * workers for name, amount in bundle.items())
+
+
+def wait_for_cluster(cfg: RunConfig, *, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Ask the cluster's autoscaler (if any) for the workers and wait until the cluster has them."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    bundle, workers = worker_bundle(cfg), cfg.train.min_workers or cfg.train.num_workers
+    if cluster_fits(ray.cluster_resources(), bundle, workers):
+        return
+    log.info("waiting up to %.0f s for the cluster to provide %d workers of %s", timeout_s, workers, bundle)
+    request_resources(bundles=[bundle] * workers)  # a hint an autoscaler acts on; nothing without one
+    deadline = time.monotonic() + timeout_s
+    poll_s = min(poll_s, max(timeout_s / 10, 0.05))
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(poll_s)
+            if cluster_fits(ray.cluster_resources(), bundle, workers):
+                return
+        cluster = ray.cluster_resources()
+        have = {k: cluster.get(k, 0) for k in bundle}
+        gpu_hint = (" (set train.use_gpu=false and train.precision=fp32 for a CPU run)"
+                    if cfg.train.use_gpu and not have.get("GPU") else "")
+        raise ConfigError(
+            f"the Ray cluster at {os.environ.get('RAY_ADDRESS')} has {_describe(have)} after "
+            f"{timeout_s:.0f} s but {workers} workers need {_describe({k: v * workers for k, v in bundle.items()})}"
+            f"{gpu_hint}; it has no autoscaler, or its autoscaler cannot add such nodes. Lower "
+            "train.num_workers, or raise train.cluster_wait_s for a slow autoscaler"
+        )
+    finally:
+        request_resources(bundles=[])  # Ray Train's own placement request takes over
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+
+
+def prepare_cluster(cfg: RunConfig) -> None:
+    """Join or start Ray and refuse a request it cannot place; callable early (before model
+    loading or an MLflow run) and again by `launch`, which does both anyway."""
+    ensure_ray(cfg)
+    check_resources(cfg)
+
+
+def scaling_config(cfg: RunConfig):
+    """Workers ask for GPUs exactly when the config says so (never from the GPUs present now: an
+    autoscaling cluster starts with none). With train.min_workers the group is elastic: Ray Train
+    starts it with as many workers as it can place between min and max, and resizes it on failure;
+    each (re)start resumes through a universal checkpoint when the count changed."""
+    import ray.train
+
+    train = cfg.train
+    gpu = train.use_gpu
+    workers = train.num_workers if train.min_workers is None else (train.min_workers, train.num_workers)
+    return ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=gpu,
+        resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+    )
+
+
+def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow_run_id: str | None,
+           tracking_uri: str | None, frozen: dict) -> LaunchResult:
+    """Run training to cfg.train.max_steps and return the final checkpoint.
+
+    Ray keeps the run under `storage_uri`/`name` (local or s3://; on a cluster it must be storage
+    every node reaches). A launch under the name of an earlier one (`ldmflow train --resume`)
+    continues from that run's latest checkpoint: see training.runtime.checkpointing.checkpoint_directory.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    prepare_cluster(cfg)
+    storage_path, filesystem = ray_storage(storage_uri)
+    payload = WorkerPayload(
+        config=cfg, data=str(data_dir), frozen=frozen, run_location=storage.join(storage_uri, name),
+        mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, sample_log=os.environ.get(SAMPLE_LOG_ENV),
+        # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data and storage).
+        storage_env=storage.env_for_workers(),
+    )
+    trainer = TorchTrainer(
+        worker_entry(payload),
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    log.info("training %s on %s %s workers (ZeRO-%d), checkpoints in %s", name, cfg.train.num_workers
+             if cfg.train.min_workers is None else f"{cfg.train.min_workers}-{cfg.train.num_workers}",
+             "GPU" if cfg.train.use_gpu else "CPU", cfg.train.zero_stage, storage.join(storage_uri, name))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return LaunchResult(checkpoint=checkpoint_uri(result.checkpoint), metrics=dict(result.metrics or {}))

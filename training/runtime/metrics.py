@@ -1,0 +1,147 @@
+"""What the loop reports: the loss window, the MLflow logger of rank 0, the process behind each
+rank, and the optional per-batch sample audit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpoint.layout import TrainState
+from training.loader.plan import LoaderState
+from training.mlops.tracking import BufferedMetricLogger
+from training.runtime.context import WorkerContext, WorkerPayload
+
+log = logging.getLogger(__name__)
+
+
+class SampleLog:
+    """With LDMFLOW_SAMPLE_LOG set on the driver (a folder every worker can write), each rank appends
+    the keys of every batch it trains on to <folder>/rank-<r>-<pid>.jsonl, one line per micro-batch:
+    an audit of which samples a run saw, and in what order, across restarts."""
+
+    def __init__(self, folder: str | None, rank: int):
+        self.file = None
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(folder) / f"rank-{rank}-{os.getpid()}.jsonl", "a", buffering=1)
+        self.rank = rank
+
+    def add(self, step: int, keys: list[str], epochs: list[int]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "rank": self.rank, "keys": keys, "epochs": epochs}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class LossWindow:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.count, self.samples, self.elapsed, self.steps = 0.0, 0, 0, 0.0, 0
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        self.samples += samples
+
+    def end_step(self, seconds: float) -> None:
+        self.elapsed += seconds
+        self.steps += 1
+
+    def reduce(self, ctx: WorkerContext, engine, state: TrainState, loader: LoaderState) -> dict[str, float]:
+        # Mean loss over all ranks; throughput of the slowest rank (the step waits for it anyway).
+        t = torch.tensor([self.loss_sum, self.count, self.samples], dtype=torch.float64)
+        elapsed = torch.tensor([self.elapsed], dtype=torch.float64)
+        if dist.is_initialized():
+            t = t.to(ctx.device)
+            elapsed = elapsed.to(ctx.device)
+            dist.all_reduce(t)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        loss_sum, count, samples = t.tolist()
+        return {
+            "loss": loss_sum / max(count, 1),
+            "lr": float(engine.get_lr()[0]),
+            "samples_per_sec": samples / max(float(elapsed.item()), 1e-9),
+            "step_seconds": float(elapsed.item()) / max(self.steps, 1),
+            "epoch": float(loader.epoch),
+            "samples_seen": float(state.samples_seen),
+        }
+
+
+class StepLogger:
+    """Rank 0's MLflow logging for the loop, gated in one place: after a restart, the steps between
+    the checkpoint and the failure may have reached MLflow already; the resumed run recomputes them
+    exactly, so steps up to `logged_through` are not logged twice. Every other rank holds one with
+    no logger, which logs nothing."""
+
+    def __init__(self, logger: BufferedMetricLogger | None = None, logged_through: int = 0):
+        self.logger = logger
+        self.logged_through = logged_through
+
+    @classmethod
+    def for_worker(cls, payload: WorkerPayload, ctx: WorkerContext, *, resumed: bool) -> StepLogger:
+        if ctx.rank != 0 or not payload.mlflow_run_id:
+            return cls()
+        # A flush that waits out MLflow's default retries (minutes) would stall every rank at the next
+        # collective; fail fast instead and keep the metrics buffered for the next flush.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        logger = BufferedMetricLogger(payload.mlflow_run_id, payload.tracking_uri, flush_every=200)
+        return cls(logger, logger.last_logged_step("loss") if resumed else 0)
+
+    def note_resume(self, step: int) -> None:
+        """A restart is part of the run's history: MLflow shows it beside the loss curve."""
+        if self.logger is not None:
+            self.logger.log({"resumed_from_step": step}, step=step)
+            self.logger.flush()
+
+    def logs(self, step: int) -> bool:
+        """Whether metrics of `step` go to MLflow."""
+        return self.logger is not None and step > self.logged_through
+
+    def log(self, metrics: dict[str, float], step: int, *, flush: bool = False) -> None:
+        if self.logs(step):
+            self.logger.log(metrics, step=step)
+            if flush:
+                self.logger.flush()
+
+    def log_image(self, image, artifact_file: str, step: int) -> None:
+        if not self.logs(step):
+            return
+        try:
+            self.logger.client.log_image(self.logger.run_id, image, artifact_file=artifact_file)
+        except Exception as e:  # like the metrics: a tracking outage never stops training
+            log.warning("could not log %s: %s", artifact_file, e)
+
+    def close(self) -> None:
+        if self.logger is not None and not self.logger.flush():
+            log.warning("%d metrics could not reach MLflow", len(self.logger.pending))
+
+
+def publish_worker_processes(steps: StepLogger, ctx: WorkerContext) -> None:
+    """Tag the MLflow run with the process behind each rank, `worker.rank<N>` = "<host> <pid>"
+    (rewritten whenever the worker group restarts), so a rank's process can be found and signalled.
+    Every rank must call it (it is a collective); only rank 0, which holds the logger, writes."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    processes = [me]
+    if dist.is_initialized():
+        processes = [""] * ctx.world_size
+        dist.all_gather_object(processes, me)
+    if steps.logger is None:
+        return
+    from mlflow.entities import RunTag
+
+    try:
+        steps.logger.client.log_batch(steps.logger.run_id, synchronous=True,
+                                     tags=[RunTag(f"worker.rank{r}", p) for r, p in enumerate(processes)])
+    except Exception as e:  # like the metrics: a tracking outage never stops training
+        log.warning("could not tag the MLflow run with its worker processes: %s", e)

@@ -1,0 +1,148 @@
+"""The `ldm` task (`ldmflow train`): the latent diffusion UNet, against a frozen VAE and text encoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.checkpoint.layout import UNET_FILE
+from training.config import RunConfig
+from training.loader.batch import Batch, to_model_input
+from training.models.assembly import frozen_hashes
+from training.models.sampling import build_scheduler, generate_images, image_grid
+from training.tasks.base import VALIDATION_BATCH
+from training.tasks.diffusion_loss import ObjectiveOptions, diffusion_loss, drop_captions, encode_latents
+
+
+class LatentDiffusionTask:
+    """Denoising loss of the UNet on latents of the frozen VAE, conditioned on the frozen text encoder."""
+
+    name = "ldm"
+    weights_file = UNET_FILE
+
+    def __init__(self, cfg: RunConfig, parts, *, device: torch.device):
+        """`parts`: the models.Components of `cfg.model`; the frozen ones move to `device`."""
+        self.cfg = cfg
+        self.parts = parts
+        self.parts.vae.to(device)
+        self.parts.text.model.to(device)
+        self.module = self.parts.unet
+        self.device = device
+        self.options = ObjectiveOptions.from_train(cfg.train)
+        self.cache = EncodingCache() if cfg.train.cache_encodings else None
+        self._pipeline = None
+
+    def frozen_hashes(self) -> dict[str, str]:
+
+        return frozen_hashes(self.parts.vae, self.parts.text)
+
+    def loss(self, engine, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        captions = drop_captions(batch.captions, self.cfg.train.caption_dropout, generator)
+        latents = self.latents(batch, generator)
+        text_states = self.text_states(captions)
+        # fp32 latents: diffusion_loss noises them in fp32 and casts only the UNet's input to its dtype.
+        return diffusion_loss(engine, self.parts.noise_scheduler, latents, text_states, generator, options=self.options)
+
+    def latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        vae = self.parts.vae
+        if self.cache is None:
+            return encode_latents(vae, to_model_input(batch.pixels, self.device), generator)
+        mean, std = self.cache.moments(batch, lambda pixels: _posterior(vae, to_model_input(pixels, self.device)))
+        # The same draw as encode_latents: a fresh sample of the cached posterior each time it is used.
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return ((mean + std * noise) * vae.config.scaling_factor).to(self.device)
+
+    def text_states(self, captions: list[str]) -> torch.Tensor:
+        if self.cache is None:
+            return self.parts.text.encode(captions, self.device)
+        return self.cache.text(captions, lambda missing: self.parts.text.encode(missing, self.device)).to(self.device)
+
+    @torch.no_grad()
+    def validate(self, module: torch.nn.Module, held_out: Batch) -> dict[str, float]:
+        """Loss of `module` on the held-out samples at each of validation.timesteps, with noise fixed
+        by validation.seed and latents from the posterior mean: the same inputs at every validation of
+        every run of this config, so the curves compare."""
+        v = self.cfg.validation
+        scheduler = self.parts.noise_scheduler
+        vae = self.parts.vae
+        generator = torch.Generator().manual_seed(v.seed)
+        metrics: dict[str, float] = {}
+        total = 0.0
+        for start in range(0, len(held_out.keys), VALIDATION_BATCH):
+            part = slice(start, start + VALIDATION_BATCH)
+            pixels = to_model_input(held_out.pixels[part], self.device)
+            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            states = self.parts.text.encode(held_out.captions[part], self.device)
+            for t in v.timesteps:
+                noise = torch.randn(latents.shape, generator=generator).to(self.device)
+                timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
+                loss = float(diffusion_loss(module, scheduler, latents, states, generator, timesteps=timesteps,
+                                            noise=noise)) * latents.shape[0]
+                metrics[f"val_loss_t{t}"] = metrics.get(f"val_loss_t{t}", 0.0) + loss
+                total += loss
+        n = len(held_out.keys)
+        metrics = {k: value / n for k, value in metrics.items()}
+        metrics["val_loss"] = total / (n * len(v.timesteps))
+        return metrics
+
+    @torch.no_grad()
+    def sample_grid(self, module: torch.nn.Module) -> np.ndarray:
+        """tracking.sample_prompts drawn by `module` from latents fixed by validation.seed (with
+        tracking's sampler, steps and guidance): one image per prompt, as one uint8 grid."""
+
+        pipe = self._sampling_pipeline(module)
+        tracking = self.cfg.tracking
+        # A bf16/fp16 UNet (the GPU presets) is fed the fp32 text states of the frozen encoder: autocast
+        # runs each op in the UNet's dtype, as the training loss casts its inputs.
+        dtype = next(module.parameters()).dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            images = generate_images(pipe, tracking.sample_prompts, steps=tracking.sample_steps,
+                                     guidance=tracking.guidance, seed=self.cfg.validation.seed)
+        return image_grid(images, columns=len(images))
+
+    def _sampling_pipeline(self, module: torch.nn.Module):
+        from diffusers import StableDiffusionPipeline
+
+        # The modules themselves, not copies: the pipeline sees the weights as they are now.
+        scheduler = build_scheduler(self.cfg.tracking.sampler, self.parts.noise_scheduler.config)
+        pipe = StableDiffusionPipeline(vae=self.parts.vae, text_encoder=self.parts.text.model,
+                                       tokenizer=self.parts.text.tokenizer, unet=module, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def _posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    return posterior.mean, posterior.std
+
+
+class EncodingCache:
+    """Per-worker memory of what the frozen encoders computed: the VAE posterior (mean, std) of each
+    sample by key and the text states of each caption. Both encoders are frozen and the images are
+    not augmented, so a cached encoding is exactly what encoding again would give."""
+
+    def __init__(self) -> None:
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text: dict[str, torch.Tensor] = {}
+
+    def moments(self, batch: Batch, encode) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [i for i, key in enumerate(batch.keys) if key not in self._moments]
+        if missing:
+            mean, std = encode(batch.pixels[missing])
+            for j, i in enumerate(missing):
+                self._moments[batch.keys[i]] = (mean[j].float().cpu(), std[j].float().cpu())
+        means, stds = zip(*(self._moments[key] for key in batch.keys))
+        return torch.stack(means), torch.stack(stds)
+
+    def text(self, captions: list[str], encode) -> torch.Tensor:
+        missing = sorted({c for c in captions if c not in self._text})
+        if missing:
+            for caption, states in zip(missing, encode(missing)):
+                self._text[caption] = states.float().cpu()
+        return torch.stack([self._text[c] for c in captions])
+
+    def __len__(self) -> int:
+        return len(self._moments)
