@@ -194,8 +194,8 @@ def test_registered_version_has_alias_and_tags(flow_result, mlflow_client):
 
 
 def test_publishing_again_does_not_create_a_version(flow_result, mlflow_client):
-    from training.mlops.registry import register_pipeline
     from training.locations import runs_dir
+    from training.mlops.registry import register_pipeline
 
     summary, _ = flow_result
     before = mlflow_client.search_model_versions("name='ldm-e2e'")

@@ -44,7 +44,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from training.checkpoint.layout import CheckpointError
-from training.checkpoint.loading import _module_torch_load, safe_torch_load
+from training.checkpoint.loading import safe_torch_load, torch_load_made_safe
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _safe_deepspeed_loads() -> Iterator[None]:
     """Within the DeepSpeed modules that load checkpoints, torch.load is safe_torch_load."""
     with ExitStack() as stack:
         for name in _LOADING_MODULES:
-            stack.enter_context(_module_torch_load(importlib.import_module(name)))
+            stack.enter_context(torch_load_made_safe(importlib.import_module(name)))
         yield
 
 

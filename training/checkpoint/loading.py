@@ -112,7 +112,7 @@ def consolidated_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
     that module's torch.load (hard-coded weights_only=False) made safe for the duration."""
     from deepspeed.utils import zero_to_fp32
 
-    with _module_torch_load(zero_to_fp32):
+    with torch_load_made_safe(zero_to_fp32):
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag)
 
 
@@ -135,7 +135,7 @@ def stage0_weights(directory: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def _module_torch_load(module) -> Iterator[None]:
+def torch_load_made_safe(module) -> Iterator[None]:
     """Within `module` only, `torch.load` is safe_torch_load; every other torch attribute is torch's."""
 
     class _Torch:

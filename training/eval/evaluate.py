@@ -19,7 +19,7 @@ from data_prep.image_ops import encode_image
 from data_prep.synth import COLOURS, SHAPES
 from training.config import config_from_dict
 from training.errors import EvaluationError
-from training.eval.shapes import ATTRIBUTES, Classified, Prompt, _fractions, classify, heldout_prompts
+from training.eval.shapes import ATTRIBUTES, Classified, Prompt, classify, heldout_prompts, score_classified
 from training.loader.batch import read_split
 from training.locations import runs_dir, setup_mlflow
 from training.mlops.generate import request_params
@@ -117,7 +117,7 @@ def evaluate_model(model_uri: str, *, prompts: int = 12, per_prompt: int = 4, st
     classified = [classify(image) for image in images]
     return Evaluation(
         model_uri=source.uri, prompts=chosen, per_prompt=per_prompt, params={**defaults, **params}, images=images,
-        classified=classified, metrics=_fractions(classified, expected), run_id=source.run_id,
+        classified=classified, metrics=score_classified(classified, expected), run_id=source.run_id,
         model_name=source.name, model_version=source.version,
     )
 

@@ -199,10 +199,11 @@ def adherence(images: np.ndarray, prompts: list[Prompt]) -> dict[str, float]:
         raise ValueError(f"adherence needs one prompt per image and at least one image; got {len(images)} "
                          f"images and {len(prompts)} prompts")
     seen = [classify(image) for image in images]
-    return _fractions(seen, prompts)
+    return score_classified(seen, prompts)
 
 
-def _fractions(seen: list[Classified], prompts: list[Prompt]) -> dict[str, float]:
+def score_classified(seen: list[Classified], prompts: list[Prompt]) -> dict[str, float]:
+    """Fractions of `seen` whose colour, shape and background match prompts[i]'s, and n."""
     scores = {f"{a}_adherence": float(np.mean([getattr(s, a) == getattr(p, a) for s, p in zip(seen, prompts)]))
               for a in ATTRIBUTES}
     return {**scores, "n": len(prompts)}

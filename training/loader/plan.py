@@ -183,12 +183,12 @@ class LoaderState:
         nw = max(1, loader_workers)
         shards = dataset.shards if isinstance(dataset, Dataset) else list(dataset)
         mine = list(range(rank * nw, rank * nw + nw))
-        return cls(streams=[s.to_dict() for s in _fit_streams(old, mine=mine, num_streams=world_size * nw,
+        return cls(streams=[s.to_dict() for s in fit_streams(old, mine=mine, num_streams=world_size * nw,
                                                                 shards=shards, seed=seed, rank=rank,
                                                                 world_size=world_size)])
 
 
-def _fit_streams(old: list[StreamState], *, mine: list[int], num_streams: int, shards: Sequence[ShardRef],
+def fit_streams(old: list[StreamState], *, mine: list[int], num_streams: int, shards: Sequence[ShardRef],
                  seed: int, rank: int, world_size: int) -> list[StreamState]:
     """The states of streams `mine` from saved states: fresh, the same streams, or a re-split of all of them."""
     if not old:
@@ -282,7 +282,7 @@ def _cut(ranges: list[tuple[str, int, int, tuple[int, int]]], sizes: list[int], 
     return pieces
 
 
-def _draw(n: int, *key: object) -> int:
+def draw_index(n: int, *key: object) -> int:
     """A choice among n from a hash of `key`, not a global RNG, so a resumed stream repeats it."""
     if n == 1:
         return 0

@@ -19,7 +19,7 @@ from data_prep.checks import require_int
 from data_prep.dataset import Dataset, ShardRef, read_dataset
 from training.errors import DataError
 from training.loader.batch import Batch, _Undecodable, decode_sample, held_out
-from training.loader.plan import BufferedSample, LoaderState, StreamState, _draw, _fit_streams, plan_epoch
+from training.loader.plan import BufferedSample, LoaderState, StreamState, draw_index, fit_streams, plan_epoch
 from training.loader.tar_reader import ShardReader
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class _StreamReader:
         self._refill()
         epoch = st.segments[0].epoch
         window = [i for i, seg in enumerate(st.segments[:self.cfg.mix_shards]) if seg.epoch == epoch]
-        i = window[_draw(len(window), self.cfg.seed, "mix", epoch, st.stream, st.draws)]
+        i = window[draw_index(len(window), self.cfg.seed, "mix", epoch, st.stream, st.draws)]
         st.draws += 1
         seg = st.segments[i]
         reader = self._readers.get(id(seg))
@@ -97,7 +97,7 @@ class _StreamReader:
             ref, sample = self._read()
             return ref.epoch, sample
         # (A state saved with a larger buffer than this run's drains it: no buffered sample is lost.)
-        j = _draw(len(st.buffer), self.cfg.seed, "pick", st.stream, st.picks)
+        j = draw_index(len(st.buffer), self.cfg.seed, "pick", st.stream, st.picks)
         st.picks += 1
         ref, sample = st.buffer[j], self._buffered[j]
         st.buffer[j], self._buffered[j] = st.buffer[-1], self._buffered[-1]
@@ -234,7 +234,7 @@ class ShardStream:
                                  mix_shards=mix_shards, shuffle_buffer=shuffle_buffer,
                                  holdout_fraction=holdout_fraction)
         self.state = state if state is not None else LoaderState()
-        fitted = _fit_streams([StreamState.from_dict(d) for d in self.state.streams], mine=self.stream_ids,
+        fitted = fit_streams([StreamState.from_dict(d) for d in self.state.streams], mine=self.stream_ids,
                               num_streams=self.num_streams, shards=shards, seed=seed, rank=rank,
                               world_size=world_size)
         self.state.streams = [s.to_dict() for s in fitted]

@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint.layout import CheckpointError, COMMITTED, EMA_FILE, STATE_FILE, TrainState
-from training.checkpoint.loading import consolidated_weights, load_deepspeed_checkpoint, load_ema, load_rank_files, restore_rng
+from training.checkpoint.layout import COMMITTED, EMA_FILE, STATE_FILE, CheckpointError, TrainState
+from training.checkpoint.loading import (
+    consolidated_weights,
+    load_deepspeed_checkpoint,
+    load_ema,
+    load_rank_files,
+    restore_rng,
+)
 from training.checkpoint.verify import read_state
 from training.checkpoint.writer import mark_committed, rng_state, save_ema, save_rank_files, write_file_list
 

@@ -20,10 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.checkpoint.elastic import (
+    UNIVERSAL_CLIENT_STATE,
+    convert_to_universal,
+    deepspeed_universal_config,
+    load_universal_checkpoint,
+)
 from training.checkpoint.layout import CheckpointError
 from training.checkpoint.loading import consolidated_weights, safe_torch_load
 from training.config import RunConfig, load_config
-from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, convert_to_universal, deepspeed_universal_config, load_universal_checkpoint
 from training.models.assembly import build_unet
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -53,8 +58,8 @@ def run_config(stage: int, precision: str, batch_size: int) -> RunConfig:
 
 def build(stage: int, precision: str, *, rank: int, world_size: int, universal: bool = False):
     """The engine a worker builds, each rank with its share of the global batch of 4."""
-    from training.runtime.engine import build_engine
     from training.runtime.context import WorkerContext
+    from training.runtime.engine import build_engine
 
     cfg = run_config(stage, precision, batch_size=4 // world_size)
     unet = build_unet(cfg.model.unet, sample_size=8, in_channels=4, cross_attention_dim=32, seed=cfg.train.seed)

@@ -20,11 +20,10 @@ import torch
 
 from data_prep import storage
 from data_prep.storage import StorageError
-from training.checkpoint.layout import CheckpointError, COMMITTED, EMA_FILE, FILES_DIR, STATE_FILE, TrainState
-from training.checkpoint.verify import read_state
-from training.checkpoint.writer import mark_committed, rng_state, save_rank_files, write_file_list
+from training.checkpoint.layout import COMMITTED, EMA_FILE, FILES_DIR, STATE_FILE, CheckpointError, TrainState
 from training.checkpoint.run_storage import as_checkpoint, check_run_storage, download_checkpoint, ray_storage, run_uri
-from training.checkpoint.verify import latest_verified_checkpoint, list_checkpoints, verify_checkpoint
+from training.checkpoint.verify import latest_verified_checkpoint, list_checkpoints, read_state, verify_checkpoint
+from training.checkpoint.writer import mark_committed, rng_state, save_rank_files, write_file_list
 
 WORLD = 2
 
@@ -178,7 +177,7 @@ def test_hung_endpoint_fails_in_bounded_time(s3_env, monkeypatch):
 def test_pyarrow_refusals_name_the_cause(s3_env, s3_bucket, monkeypatch):
     """Ray uploads through pyarrow, which resolves credentials apart from boto3; when only pyarrow
     is refused, check_run_storage says so (real errors from the server, mapped)."""
-    from training.checkpoint.run_storage import _pyarrow_error, _s3_filesystem, _TRAIN_TIMEOUTS
+    from training.checkpoint.run_storage import _TRAIN_TIMEOUTS, _pyarrow_error, _s3_filesystem
 
     def refusal(bucket: str) -> str:
         with pytest.raises(OSError) as caught:

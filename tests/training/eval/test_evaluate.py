@@ -89,8 +89,8 @@ def test_evaluate_a_registered_model_through_mlflow(tmp_path, capsys):
     from mlflow import MlflowClient
 
     from pipelines.cli import main
-    from training.mlops.registry import register_pipeline
     from training.locations import setup_mlflow
+    from training.mlops.registry import register_pipeline
     from training.mlops.tracking import ensure_experiment
 
     folder = save_tiny_pipeline(tmp_path / "pipeline", SamplerDefaults(sampler="dpm++", steps=2, guidance=3.0))

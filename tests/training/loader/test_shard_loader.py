@@ -17,8 +17,8 @@ from data_prep import storage
 from data_prep.dataset import read_dataset
 from data_prep.shard import ShardConfig, build_shards
 from data_prep.synth import generate_synthetic
-from training.loader import stream as shard_loader
 from training.errors import DataError
+from training.loader import stream as shard_loader
 from training.loader.batch import to_model_input
 from training.loader.plan import LoaderState, StreamState, plan_epoch
 from training.loader.stream import ShardStream

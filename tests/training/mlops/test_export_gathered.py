@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from training.mlops import export as export_module
-from training.checkpoint.layout import CheckpointError, TrainState, UNET_FILE
+from training.checkpoint.layout import UNET_FILE, CheckpointError, TrainState
 from training.checkpoint.verify import read_state
 from training.config import load_config
-from training.models.assembly import build_components, frozen_hashes
 from training.loader.batch import Batch
 from training.loader.plan import LoaderState
-from training.tasks.ldm import LatentDiffusionTask
+from training.mlops import export as export_module
+from training.models.assembly import build_components, frozen_hashes
 from training.runtime.checkpointing import save_and_report
-from training.runtime.engine import build_ema, build_engine
 from training.runtime.context import WorkerContext
+from training.runtime.engine import build_ema, build_engine
+from training.tasks.ldm import LatentDiffusionTask
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 2

@@ -8,8 +8,8 @@ import torch
 from training.config import config_from_dict
 from training.models.assembly import build_components, build_vae
 from training.models.noise import sampling_scheduler
-from training.tasks.diffusion_loss import diffusion_loss, drop_captions, encode_latents
 from training.models.text_encoder import load_text_encoder, module_sha256, resolve_encoder_path
+from training.tasks.diffusion_loss import diffusion_loss, drop_captions, encode_latents
 
 MICRO = {
     "model": {

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from training.config import config_from_dict
 from training.errors import ConfigError
-from training.models.folders import ModelPathError
 from training.models.assembly import build_components, build_frozen, frozen_hashes
+from training.models.folders import ModelPathError
 
 ROOT = Path(__file__).resolve().parents[3]
 RESOLUTION = 32  # the VAE below downsamples 4x, the UNet 2x: 8x8 latents
@@ -160,9 +160,9 @@ def test_attention_mask_option_is_what_training_and_sampling_both_use(pipeline_d
 
 def test_fine_tuning_a_pretrained_unet_steps_through_the_worker_engine(pipeline_dir, process_group):
     from training.loader.batch import Batch
-    from training.tasks.ldm import LatentDiffusionTask
-    from training.runtime.engine import build_engine
     from training.runtime.context import WorkerContext
+    from training.runtime.engine import build_engine
+    from training.tasks.ldm import LatentDiffusionTask
 
     cfg = model_cfg(pipeline_dir, pipeline_dir, pipeline_dir)
     parts = build_components(cfg.model, seed=cfg.train.seed)

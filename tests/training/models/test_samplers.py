@@ -14,11 +14,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from tests.training.tiny_pipeline import save_tiny_pipeline
-from training.mlops import pyfunc_model
 from training.config import NoiseSchedulerConfig
-from training.models.noise import build_noise_scheduler, sampling_scheduler
-from training.mlops.registry import signature
+from training.mlops import pyfunc_model
 from training.mlops.export import write_defaults
+from training.mlops.registry import signature
+from training.models.noise import build_noise_scheduler, sampling_scheduler
 from training.models.sampling import DEFAULTS_FILE, SAMPLERS, SamplerDefaults, build_scheduler, read_defaults
 
 PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",

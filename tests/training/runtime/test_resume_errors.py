@@ -45,9 +45,8 @@ def make_run(storage_uri: str, data: Path, cfg) -> str:
     """An MLflow run as `ldmflow train` leaves it when its driver dies: tags, config, no checkpoint yet."""
     import mlflow
 
-    from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG
     from training.locations import setup_mlflow
-    from training.mlops.tracking import ensure_experiment
+    from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG, ensure_experiment
 
     setup_mlflow()
     tags = {STORAGE_TAG: storage_uri, "data": str(data), "dataset_content_id": "x"}

@@ -114,9 +114,8 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
 
     from data_prep.shard import ShardConfig, build_shards
     from data_prep.synth import generate_synthetic
-    from training.checkpoint.verify import read_state
     from training.checkpoint.run_storage import download_checkpoint, run_uri
-    from training.checkpoint.verify import latest_verified_checkpoint
+    from training.checkpoint.verify import latest_verified_checkpoint, read_state
     from training.locations import tracking_uri
 
     data, store = f"s3://{s3_bucket}/shards-{lose}", f"s3://{s3_bucket}/ray"

@@ -37,7 +37,7 @@ every rank has uploaded its part: the kill waits this long after the checkpoint 
 
 def complete_checkpoint_steps(run_storage: Path) -> set[int]:
     """Steps of the run's checkpoints that are COMMITTED and whose listed files are all in place."""
-    from training.checkpoint.layout import CheckpointError, COMMITTED
+    from training.checkpoint.layout import COMMITTED, CheckpointError
     from training.checkpoint.verify import read_state
 
     steps = set()

@@ -12,15 +12,13 @@ import torch
 
 from training.checkpoint.loading import load_ema
 from training.checkpoint.writer import save_ema
-from training.config import NoiseSchedulerConfig
-from training.config import config_from_dict
-from training.config import EMAConfig, TrainConfig
+from training.config import EMAConfig, NoiseSchedulerConfig, TrainConfig, config_from_dict
 from training.errors import ConfigError
-from training.models.noise import build_noise_scheduler, sampling_scheduler
-from training.tasks.diffusion_loss import ObjectiveOptions, diffusion_loss, drop_captions
 from training.loader.batch import Batch
-from training.tasks.ldm import LatentDiffusionTask
+from training.models.noise import build_noise_scheduler, sampling_scheduler
 from training.runtime.engine import build_ema
+from training.tasks.diffusion_loss import ObjectiveOptions, diffusion_loss, drop_captions
+from training.tasks.ldm import LatentDiffusionTask
 
 SHAPE = (4, 4, 8, 8)
 

@@ -12,9 +12,9 @@ from data_prep.dataset import read_dataset
 from data_prep.shard import ShardConfig, build_shards
 from data_prep.synth import generate_synthetic
 from training.config import config_from_dict, load_config
-from training.models.assembly import build_components
 from training.loader.batch import Batch, held_out, read_split
 from training.loader.stream import ShardStream
+from training.models.assembly import build_components
 from training.tasks.ldm import EncodingCache, LatentDiffusionTask
 from training.tasks.vae import AutoencoderTask, autoencoder_loss, kl_per_element, psnr, reconstruction_metrics
 
@@ -164,11 +164,11 @@ def test_validation_config_is_checked():
 def test_a_vae_logged_to_mlflow_loads_by_runs_uri_once(tmp_path):
     import mlflow
 
-    from training.mlops.export import save_vae
-    from training.models.folders import ModelPathError
-    from training.models.assembly import build_vae, new_vae
     from training.locations import runs_dir, setup_mlflow
+    from training.mlops.export import save_vae
     from training.mlops.tracking import ensure_experiment
+    from training.models.assembly import build_vae, new_vae
+    from training.models.folders import ModelPathError
 
     cfg = load_config("shapes-vae")
     vae = new_vae(cfg.model.vae, resolution=32, seed=5)
