@@ -43,15 +43,26 @@ CONSUMER = textwrap.dedent("""
     import pandas as pd
 
     out = {}
-    for version in sys.argv[1:]:
-        model = mlflow.pyfunc.load_model(f"models:/%s/{version}")
+    for uri in sys.argv[1:]:
+        model = mlflow.pyfunc.load_model(uri)
         images = model.predict(pd.DataFrame({"prompt": ["a red circle on a blue background"]}),
                                params={"seed": 3, "steps": 2})
-        out[version] = images.tolist()
+        out[uri] = images.tolist()
     out["project_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("training", "data_prep"))
     out["sampling_modules"] = sorted(m for m in sys.modules if m.startswith("ldmflow_sampling_"))
     print(json.dumps(out))
-""" % NAME)
+""")
+
+
+def consume(*uris: str) -> dict:
+    """CONSUMER's output for the model `uris`, loaded in that order in one fresh process."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    proc = subprocess.run([sys.executable, "-c", CONSUMER, *uris], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(tracking_uri().removeprefix("sqlite:///")).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["project_modules"] == []
+    return out
 
 
 def register(folder: Path, experiment: str) -> registry.RegisteredVersion:
@@ -89,14 +100,39 @@ def test_two_versions_with_different_sampling_code_load_side_by_side_without_the
         assert module == shipped_module_name(code)
         assert (local / "code" / f"{module}.py").read_bytes() == code.read_bytes()
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
-    proc = subprocess.run([sys.executable, "-c", CONSUMER, first.version, second.version], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["project_modules"] == []
+    out = consume(first.uri, second.uri)
     assert out["sampling_modules"] == sorted({shipped_module_name(Path(sampling.__file__)),
                                               shipped_module_name(changed)})
-    one, two = (np.array(out[v], dtype=np.uint8) for v in (first.version, second.version))
+    one, two = (np.array(out[v.uri], dtype=np.uint8) for v in (first, second))
     assert one.shape == (1, 32, 32, 3) and one.std() > 1
     assert np.array_equal(two, 255 - one)  # each version ran its own code in the one process
+
+
+BEFORE_THE_MOVE = "67b837832394a392a2246696858dd56153cca13d"
+"""The last commit with the flat training/ folder, whose pyfunc_model.py carried its own sampler code."""
+
+
+def test_a_version_registered_before_the_move_loads_beside_a_new_one(tmp_path):
+    """Versions registered by the flat layout (a self-contained pyfunc file, no code_paths) still
+    load and generate, in the same process as a version registered now, and agree with it."""
+    root = Path(__file__).resolve().parents[3]
+    old = subprocess.run(["git", "show", f"{BEFORE_THE_MOVE}:training/pyfunc_model.py"], cwd=root,
+                         capture_output=True, text=True)
+    assert old.returncode == 0, f"this test reads the old file from git history: {old.stderr}"
+    old_code = tmp_path / "pyfunc_model.py"
+    old_code.write_text(old.stdout)
+
+    setup_mlflow()
+    folder = save_tiny_pipeline(tmp_path / "pipeline", SamplerDefaults(steps=2))
+    with mlflow.start_run(experiment_id=ensure_experiment("ldmflow-registry-test")):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(old_code), artifacts={"pipeline": str(folder)},
+                                       signature=registry.signature(SamplerDefaults(steps=2)),
+                                       pip_requirements=registry.pip_requirements())
+    legacy = mlflow.register_model(info.model_uri, "ldm-registry-legacy")
+    new = register(folder, ensure_experiment("ldmflow-registry-test"))
+
+    legacy_uri = f"models:/ldm-registry-legacy/{legacy.version}"
+    out = consume(legacy_uri, new.uri)
+    before, now = (np.array(out[uri], dtype=np.uint8) for uri in (legacy_uri, new.uri))
+    assert before.shape == (1, 32, 32, 3) and before.std() > 1
+    assert np.array_equal(before, now)  # the same pipeline, the same sampler code: the same image
