@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.dataset import Dataset
+from data_prep.dataset import Dataset, ShardRef, read_samples
 from training.errors import DataError
 from training.loader.tar_reader import ShardReader
 
@@ -30,6 +31,28 @@ def held_out(key: str, fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"ldm-hold").digest()
     return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def trains_on_any(dataset: Dataset, fraction: float) -> bool:
+    """Whether the held-out split of size `fraction` leaves `dataset` any sample to train on. Reads
+    the parts' sample lists (keys only) until one key is not held out; parts written without a list
+    are read through their tar headers. Cheap unless the answer is no."""
+    for part in dataset.parts:
+        if any(not held_out(r.key, fraction) for r in read_samples(part.uri, part.manifest)):
+            return True
+    if all(part.manifest.samples_file for part in dataset.parts):
+        return False
+    return any(not held_out(key, fraction) for shard in dataset.shards for key in shard_keys(shard))
+
+
+def shard_keys(shard: ShardRef) -> Iterator[str]:
+    """The sample keys of one shard, from its tar headers (no image is read)."""
+    reader = ShardReader(shard.uri, seek=(0, 0), first=0)
+    try:
+        for _ in range(shard.samples):
+            yield reader.read(with_data=False)[0]
+    finally:
+        reader.close()
 
 
 def read_split(dataset: Dataset, fraction: float, resolution: int, limit: int, *, held: bool = True) -> Batch:
@@ -69,7 +92,7 @@ def read_split(dataset: Dataset, fraction: float, resolution: int, limit: int, *
     return Batch(pixels=torch.stack(pixels), captions=captions, keys=keys)
 
 
-class _Undecodable(Exception):
+class Undecodable(Exception):
     """A sample without a usable image; its reason names the skip counter."""
 
     def __init__(self, reason: str):
@@ -82,7 +105,7 @@ def decode_sample(sample: dict, resolution: int) -> tuple[torch.Tensor, str]:
     image of the wrong size (re-shard); any other exception means this one sample cannot be used."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise _Undecodable("missing_image")
+        raise Undecodable("missing_image")
     image = Image.open(io.BytesIO(sample[ext]))
     if image.size != (resolution, resolution):
         raise DataError(

@@ -18,7 +18,7 @@ from data_prep import storage
 from data_prep.checks import require_int
 from data_prep.dataset import Dataset, ShardRef, read_dataset
 from training.errors import DataError
-from training.loader.batch import Batch, _Undecodable, decode_sample, held_out
+from training.loader.batch import Batch, Undecodable, decode_sample, held_out
 from training.loader.plan import BufferedSample, LoaderState, StreamState, draw_index, fit_streams, plan_epoch
 from training.loader.tar_reader import ShardReader
 
@@ -120,18 +120,23 @@ class _StreamReader:
                 captions: list[str] = []
                 keys: list[str] = []
                 epochs: list[int] = []
-                failures = 0
+                failures = held = 0
                 while len(keys) < cfg.batch_size:
                     epoch, sample = self._next()
                     if held_out(sample["__key__"], cfg.holdout_fraction):
                         st.skipped["held_out"] = st.skipped.get("held_out", 0) + 1
+                        held += 1
+                        if held > self._total:  # the driver refuses such a split; never spin here
+                            raise DataError(f"stream {st.stream} read {held} held-out samples in a row: "
+                                            f"holdout_fraction={cfg.holdout_fraction} leaves it nothing to train on")
                         continue
+                    held = 0
                     try:
                         image, caption = decode_sample(sample, cfg.resolution)
                     except DataError:
                         raise
                     except Exception as e:  # undecodable: count it and read one more sample instead
-                        reason = e.reason if isinstance(e, _Undecodable) else type(e).__name__
+                        reason = e.reason if isinstance(e, Undecodable) else type(e).__name__
                         st.skipped[reason] = st.skipped.get(reason, 0) + 1
                         log.warning("stream %d skips sample %s: %s", st.stream, sample["__key__"], reason)
                         failures += 1

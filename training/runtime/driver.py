@@ -19,6 +19,7 @@ from training.checkpoint.run_storage import check_run_storage, download_checkpoi
 from training.checkpoint.verify import latest_verified_checkpoint, read_state
 from training.config import RunConfig, config_from_dict
 from training.errors import ConfigError, DataError
+from training.loader.batch import trains_on_any
 from training.locations import runs_dir, setup_mlflow
 from training.mlops.publish import TrainOutcome
 from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG, ensure_experiment, git_commit
@@ -38,6 +39,11 @@ def check_data(cfg: RunConfig, data: str) -> Dataset:
             f"shards in {data} are {dataset.resolution}px but model.resolution is {cfg.model.resolution}; "
             f"re-shard with --resolution {cfg.model.resolution} or set model.resolution={dataset.resolution}"
         )
+    fraction = cfg.validation.holdout_fraction
+    if not trains_on_any(dataset, fraction):
+        # Every key held out: the training streams would skip sample after sample, forever.
+        raise DataError(f"validation.holdout_fraction={fraction} leaves none of the {dataset.total_samples} samples "
+                        f"in {data} for training; lower it or add data")
     return dataset
 
 

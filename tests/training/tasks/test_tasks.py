@@ -145,6 +145,33 @@ def test_a_split_with_nothing_held_out_is_refused(shards):
         read_split(read_dataset(shards), 1e-9, 32, 4)
 
 
+ALL_HELD = 0.999999999  # every one of the 120 keys hashes below it
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused_before_training(shards):
+    """Before, the training streams skipped held-out sample after sample and never yielded a batch."""
+    import dataclasses
+
+    from training.errors import DataError
+    from training.loader.batch import trains_on_any
+    from training.runtime.driver import check_data
+
+    dataset = read_dataset(shards)
+    assert all(held_out(k, ALL_HELD) for k in read_split(dataset, 0.0, 32, 1000, held=False).keys)
+    cfg = load_config("tiny", ["model.resolution=32", f"validation.holdout_fraction={ALL_HELD}"])
+    with pytest.raises(DataError, match="leaves none of the 120 samples .* for training"):
+        check_data(cfg, shards)
+    check_data(load_config("tiny", ["model.resolution=32", "validation.holdout_fraction=0.5"]), shards)
+    # Parts written without a sample list are judged by their tar headers.
+    unlisted = dataclasses.replace(dataset, parts=[dataclasses.replace(p, manifest=dataclasses.replace(
+        p.manifest, samples_file="")) for p in dataset.parts])
+    assert not trains_on_any(unlisted, ALL_HELD) and trains_on_any(unlisted, 0.5)
+    # And a stream handed such a split stops with the reason instead of spinning.
+    stream = ShardStream(shards, rank=0, world_size=1, batch_size=4, resolution=32, seed=0, holdout_fraction=ALL_HELD)
+    with pytest.raises(DataError, match="held-out samples in a row"):
+        next(iter(stream))
+
+
 def test_validation_config_is_checked():
     from training.errors import ConfigError
 
