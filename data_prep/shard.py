@@ -89,6 +89,8 @@ class ShardConfig:
     """Maximum bytes per tar (a single larger sample still gets a shard of its own); None: no limit."""
     keep_empty_captions: bool = False
     """Keep items whose caption is empty after clean-up (unconditional training data) instead of skipping."""
+    follow_symlinks: bool = False
+    """Read symlinked folders of a local folder source (otherwise each is a counted `symlinked_folder` skip)."""
     dedup: bool = True
     """Skip items whose source bytes equal an earlier item's, in this run or an earlier part."""
     source_format: str = "auto"
@@ -129,7 +131,7 @@ class ShardConfig:
         require_choice(self.image_format, "shard config `image_format`", IMAGE_FORMATS)
         require_choice(self.resize_mode, "shard config `resize_mode`", RESIZE_MODES)
         require_choice(self.executor, "shard config `executor`", EXECUTORS)
-        for name in ("overwrite", "keep_empty_captions", "dedup", "progress"):
+        for name in ("overwrite", "keep_empty_captions", "follow_symlinks", "dedup", "progress"):
             require_bool(getattr(self, name), f"shard config `{name}`")
         if self.executor == "ray" and not self.ray_address:
             raise DataPrepError("shard config `executor: ray` needs `ray_address` (e.g. auto, or host:6379)")
@@ -151,7 +153,7 @@ class ShardConfig:
     def source_options(self) -> SourceOptions:
         return SourceOptions(source_format=self.source_format, url_column=self.url_column,
                              caption_column=self.caption_column, caption_field=self.caption_field,
-                             keep_empty_captions=self.keep_empty_captions)
+                             keep_empty_captions=self.keep_empty_captions, follow_symlinks=self.follow_symlinks)
 
     def identity_options(self) -> dict[str, Any]:
         """The options that change what the shards hold: part of the dataset's content id."""

@@ -102,6 +102,9 @@ class SourceOptions:
     """Field of a `.json` sidecar (folders) or sample (shards) that holds the caption."""
     keep_empty_captions: bool = False
     """Keep table rows with an empty caption cell (otherwise skipped as missing_caption)."""
+    follow_symlinks: bool = False
+    """Read symlinked folders of a local folder source too (each real folder once); otherwise each is
+    counted as a `symlinked_folder` skip, never silently left out."""
 
     def __post_init__(self) -> None:
         require_choice(self.source_format, "shard config `source_format`", SOURCE_FORMATS)
@@ -130,6 +133,12 @@ def plan_source(source: str, options: SourceOptions) -> SourcePlan:
     store.check_readable(source)
     if fmt == "shards":
         return _plan_shards(source)
+    if isinstance(store, storage.LocalStorage):
+        plan = _plan_folder(source, store.list(source, follow_links=options.follow_symlinks))
+        if not options.follow_symlinks:
+            plan.skips.extend(Skip(f"{link}/", "symlinked_folder", "a symlinked folder, not followed; pass "
+                                   "--follow-symlinks to read it") for link in store.linked_folders(source))
+        return plan
     return _plan_folder(source, store.list(source))
 
 
@@ -156,12 +165,16 @@ def _hidden(name: str) -> bool:
 def _plan_folder(root: str, listing: list[storage.ObjectInfo]) -> SourcePlan:
     """Images under `root` in sorted relative-path order, each paired with its sidecar caption.
 
-    Hidden files and folders (names starting with "." or "_") are ignored: they are tool debris such
-    as macOS `._cat.jpg` resource forks or `.ipynb_checkpoints` copies, which would otherwise show up
-    as corrupt or duplicate images (and "_" prefixes are where this project keeps its own state).
+    Images under hidden names (a file or folder starting with "." or "_") are not read but counted as
+    `hidden_path` skips: they are mostly tool debris such as macOS `._cat.jpg` resource forks or
+    `.ipynb_checkpoints` copies, which would otherwise show up as corrupt or duplicate images (and "_"
+    prefixes are where this project keeps its own state), but a folder renamed by mistake is seen.
     """
     names = {o.name for o in listing if not _hidden(o.name)}
     plan = SourcePlan(kind="folder")
+    for name in sorted(o.name for o in listing if _hidden(o.name)):
+        if posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            plan.skips.append(Skip(name, "hidden_path", "a file or folder in its path starts with '.' or '_'"))
     for name in sorted(names):
         stem, ext = posixpath.splitext(name)
         if ext.lower() not in IMAGE_EXTENSIONS:

@@ -221,14 +221,21 @@ class Storage(ABC):
 class LocalStorage(Storage):
     """Local filesystem; accepts plain paths and file:// URIs."""
 
-    def list(self, prefix: str, *, recursive: bool = True) -> list[ObjectInfo]:
+    def list(self, prefix: str, *, recursive: bool = True, follow_links: bool = False) -> list[ObjectInfo]:
+        """As Storage.list; `follow_links` also descends into symlinked folders (each real folder
+        once, so a link cycle ends), which are otherwise left out (see linked_folders)."""
         root = local_path(prefix)
         if not os.path.isdir(root):
             return []
         found: list[tuple[str, int]] = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            if not recursive:
+        visited: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links):
+            real = os.path.realpath(dirpath)
+            if not recursive or real in visited:
                 dirnames.clear()
+                if real in visited:
+                    continue
+            visited.add(real)
             for fname in filenames:
                 if _TMP_NAME.fullmatch(fname):
                     continue
@@ -239,6 +246,16 @@ class LocalStorage(Storage):
                     continue
                 found.append((os.path.relpath(full, root).replace(os.sep, "/"), size))
         return [ObjectInfo(uri=join(prefix, name), name=name, size=size) for name, size in sorted(found)]
+
+    def linked_folders(self, prefix: str) -> list[str]:
+        """Symlinked folders under `prefix` (relative POSIX paths) that `list` does not descend into."""
+        root = local_path(prefix)
+        links = []
+        for dirpath, dirnames, _ in os.walk(root):
+            for name in dirnames:
+                if os.path.islink(os.path.join(dirpath, name)):
+                    links.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+        return sorted(links)
 
     def exists(self, uri: str) -> bool:
         return os.path.isfile(local_path(uri))

@@ -8,7 +8,15 @@ import json
 from pathlib import Path
 
 from data_prep.dataset import read_dataset, read_samples, verify_dataset
-from tests.data_prep.inputs import bomb_png, cli_without_root_powers, closed_port, corrupt_jpeg, jpeg_bytes, png_bytes
+from tests.data_prep.inputs import (
+    bomb_png,
+    cli_without_root_powers,
+    closed_port,
+    corrupt_jpeg,
+    jpeg_bytes,
+    png_bytes,
+    write_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = 12
@@ -101,7 +109,7 @@ def test_folder_captions_sidecars_and_clean_up(tmp_path):
     report = build_shards(ShardConfig(source=str(src), output=str(tmp_path / "out"), resolution=32, processes=1,
                                       progress=False))
     assert report.written == 2
-    assert report.skipped == {"caption_not_utf8": 1, "empty_caption": 1, "missing_caption": 2}
+    assert report.skipped == {"caption_not_utf8": 1, "empty_caption": 1, "missing_caption": 2, "hidden_path": 1}
     dataset = read_dataset(str(tmp_path / "out"))
     captions = {r.source_id: r.caption for r in read_samples(dataset.parts[0].uri, dataset.parts[0].manifest)}
     assert captions == {"a.jpg": "a red circle on blue", "b.jpg": "from a json sidecar"}
@@ -156,7 +164,6 @@ def test_table_formats_and_columns(tmp_path, http_server):
 
 def test_existing_shards_are_resized_and_resharded(tmp_path):
     from data_prep.shard import ShardConfig, build_shards
-    from tests.data_prep.inputs import write_folder
 
     write_folder(tmp_path / "src", 14)
     first = build_shards(ShardConfig(source=str(tmp_path / "src"), output=str(tmp_path / "big"), resolution=64,
@@ -178,3 +185,31 @@ def test_existing_shards_are_resized_and_resharded(tmp_path):
         (plain / shard.name.split("/")[-1]).write_bytes(Path(shard.uri).read_bytes())
     assert build_shards(ShardConfig(source=str(plain), output=str(tmp_path / "from-plain"), resolution=32,
                                     processes=2, progress=False)).written == 14
+
+
+def test_hidden_and_symlinked_folders_are_counted_or_followed(tmp_path):
+    """Images under names starting with '.' or '_' and folders behind symlinks used to vanish from a
+    run uncounted: now each is a skip with its own reason, or, with follow_symlinks, read (each real
+    folder once, so a link cycle ends)."""
+    from data_prep.shard import ShardConfig, build_shards
+
+    src = tmp_path / "src"
+    write_folder(src, 2)
+    write_folder(src / "_drafts", 1, start=10)
+    write_folder(src / ".cache", 1, start=20)
+    (src / "._img-0000.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")  # macOS debris
+    (src / "notes.md").write_text("not an image: ignored")
+    elsewhere = tmp_path / "elsewhere"
+    write_folder(elsewhere, 3, start=30)
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(src, target_is_directory=True)  # a cycle once links are followed
+
+    report = build_shards(ShardConfig(source=str(src), output=str(tmp_path / "out"), resolution=32, processes=1,
+                                      progress=False))
+    assert report.written == 2
+    assert report.skipped == {"hidden_path": 3, "symlinked_folder": 1}
+
+    followed = build_shards(ShardConfig(source=str(src), output=str(tmp_path / "followed"), resolution=32,
+                                        processes=1, progress=False, follow_symlinks=True))
+    assert followed.written == 5  # src's own 2 and the 3 behind the link, once despite the loop
+    assert followed.skipped == {"hidden_path": 3}
