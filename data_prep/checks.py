@@ -49,3 +49,13 @@ def require_choice(value: object, what: str, allowed: Sequence[str], *,
 def require_bool(value: object, what: str, *, error: type[Exception] = DataPrepError) -> None:
     """True or False, not a truthy stand-in."""
     require(isinstance(value, bool), what, "true or false", value, error=error)
+
+
+def require_plain_name(name: object, what: str, *, error: type[Exception] = DataPrepError) -> str:
+    """A name read from storage (a part, shard, samples file or checkpoint tag) that is joined to a
+    folder: one path component, so it cannot point outside it. No separator, not `.` or `..`, not
+    absolute, no NUL. Returns it."""
+    ok = (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+          and not (len(name) > 1 and name[1] == ":"))  # C:foo on Windows
+    require(ok, what, "one plain name (no '/', '\\\\', '..' or drive)", name, error=error)
+    return name

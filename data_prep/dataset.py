@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep import storage
+from data_prep.checks import require_plain_name
 from data_prep.errors import DataPrepError
 from data_prep.manifest import MANIFEST_NAME, Manifest, check_shard, read_manifest
 
@@ -192,14 +193,17 @@ def read_dataset(uri: str) -> Dataset:
                        options=dict(manifest.config.get("options", manifest.config)))
     parts = []
     for entry in index.get("parts", []):
-        part_uri = storage.join(uri, entry["name"])
+        # Joined to the dataset and, with --overwrite, deleted: a name must not reach outside it.
+        name = require_plain_name(entry.get("name") if isinstance(entry, dict) else None,
+                                  f"{uri}/{INDEX_NAME}: a part name")
+        part_uri = storage.join(uri, name)
         manifest = read_manifest(part_uri)
         if manifest.sha256 != entry.get("manifest_sha256"):
             raise DataPrepError(
                 f"{part_uri}/{MANIFEST_NAME} does not match the sha256 recorded in {uri}/{INDEX_NAME}; "
                 "the dataset was modified outside ldmflow, re-run `ldmflow shard --overwrite`"
             )
-        parts.append(Part(name=entry["name"], uri=part_uri, manifest=manifest))
+        parts.append(Part(name=name, uri=part_uri, manifest=manifest))
     if not parts:
         raise DataPrepError(f"{uri}/{INDEX_NAME} lists no parts; re-run `ldmflow shard`")
     return Dataset(uri=uri, parts=parts, options=dict(index.get("options", {})))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_prep import storage
-from data_prep.checks import require_int
+from data_prep.checks import require_int, require_plain_name
 from data_prep.errors import DataPrepError
 
 SCHEMA_VERSION = 2
@@ -41,10 +41,7 @@ class ShardInfo:
 
     def __post_init__(self) -> None:
         # The name is joined to the dataset directory by readers, so it must not escape it.
-        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
-            raise DataPrepError(
-                f"shard name must be a plain file name inside the manifest's directory, got {self.name!r}"
-            )
+        require_plain_name(self.name, "shard name (a plain file name inside the manifest's directory)")
         for attr in ("samples", "bytes"):
             require_int(getattr(self, attr), f"shard {self.name}: `{attr}`", 0)
         if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
@@ -135,7 +132,7 @@ class Manifest:
             created_at=str(d.get("created_at", "")),
             stats=dict(d.get("stats", {})),
             content_sum=str(d.get("content_sum", "0" * 64)),
-            samples_file=str(d.get("samples_file", "")),
+            samples_file=_samples_file(d.get("samples_file", "")),
             samples_sha256=str(d.get("samples_sha256", "")),
         )
 
@@ -236,3 +233,8 @@ def verify_shards(directory: str, manifest: Manifest) -> None:
             f"shards in {directory} do not match {MANIFEST_NAME}: " + "; ".join(problems)
             + "; run `ldmflow shard verify` for a report, and re-run `ldmflow shard --overwrite`"
         )
+
+
+def _samples_file(name: object) -> str:
+    """The manifest's samples file name ("" for parts written without one), checked: it is joined to the part."""
+    return "" if name in ("", None) else require_plain_name(name, "manifest `samples_file`")

@@ -108,3 +108,38 @@ def test_manifest_json_is_plain_json(tmp_path):
     write_manifest(str(tmp_path), _manifest([]))
     d = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert d["schema_version"] == SCHEMA_VERSION and d["skipped"] == {"decode_error": 2}
+
+
+def test_names_read_from_storage_cannot_reach_outside_the_dataset(tmp_path):
+    """index.json's part names and a manifest's samples file are joined to the dataset folder (and a
+    part is deleted by --overwrite): a name that leaves it is refused where it is read, and nothing
+    outside is read or deleted."""
+    import shutil
+
+    from data_prep.dataset import INDEX_NAME, read_dataset
+    from data_prep.shard import ShardConfig, build_shards
+    from data_prep.synth import generate_synthetic
+
+    generate_synthetic(tmp_path / "raw", 6, seed=1, image_size=32)
+    dataset = tmp_path / "dataset"
+    config = ShardConfig(source=str(tmp_path / "raw"), output=str(dataset), resolution=32, processes=1,
+                         progress=False)
+    build_shards(config)
+    part = next(dataset.glob("part-*"))
+    outside = tmp_path / "outside-part"
+    shutil.move(part, outside)  # someone else's data, a valid part, beside the dataset
+    index = json.loads((dataset / INDEX_NAME).read_text())
+    index["parts"][0]["name"] = "../outside-part"
+    (dataset / INDEX_NAME).write_text(json.dumps(index))
+
+    with pytest.raises(DataPrepError, match="a part name must be one plain name"):
+        read_dataset(str(dataset))
+    with pytest.raises(DataPrepError, match="a part name"):
+        build_shards(ShardConfig(**{**config.__dict__, "overwrite": True}))
+    assert (outside / "manifest.json").is_file() and list(outside.glob("*.tar"))  # not deleted
+
+    manifest = json.loads((outside / "manifest.json").read_text())
+    manifest["samples_file"] = "../../etc/passwd"
+    (outside / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataPrepError, match="samples_file"):
+        read_manifest(str(outside))

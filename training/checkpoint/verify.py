@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from data_prep import storage
+from data_prep.checks import require_plain_name
 from training.checkpoint.layout import (
     CHECKPOINT_PREFIX,
     COMMITTED,
@@ -149,6 +150,8 @@ def verify_checkpoint(ref: CheckpointRef, *, verify_hashes: bool = False,
     state = TrainState(**json.loads(_read_sealed(store, ref, STATE_FILE, state_digest)))
     if state.world_size != world_size or state.step != marker.get("step") or state.tag != marker.get("tag"):
         raise CheckpointError(f"{ref.uri}/{STATE_FILE} disagrees with {COMMITTED} on step, tag or world size")
+    # DeepSpeed loads deepspeed/<tag>/ and the elastic path converts it: the tag must stay inside.
+    require_plain_name(state.tag, f"{ref.uri}/{COMMITTED} `tag`", error=CheckpointError)
 
     deepspeed_files = 0
     for rank in range(world_size):

@@ -254,3 +254,28 @@ def test_deepspeed_checkpoint_loads_without_unsafe_unpickling(tmp_path: Path, pr
     else:
         assert all(torch.allclose(weights[k], reference[k]) for k in reference)
         assert all(torch.equal(a, b) for a, b in zip(fresh.module.parameters(), trained.module.parameters()))
+
+
+@pytest.mark.parametrize("tag", ["/tmp/elsewhere", "../../elsewhere"])
+def test_a_tag_that_leaves_the_checkpoint_is_refused(tmp_path: Path, tag: str):
+    """DeepSpeed loads deepspeed/<tag>/ (an absolute tag replaces the folder) and the elastic path
+    converts it: the tag from train_state.json must be one plain name, however consistent the rest."""
+    local = tmp_path / "ckpt"
+    save_rank_files(local, 0, loader={"epoch": 0, "consumed": 0}, rng=rng_state(torch.Generator()))
+    # Where pathlib puts deepspeed/<tag>/...: for "/tmp/elsewhere", deepspeed/tmp/elsewhere/ inside.
+    shard = local / "deepspeed" / tag.lstrip("/") / "mp_rank_00_model_states.pt"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    shard.write_bytes(b"model")
+    # A crafted list naming the shard under the tag, as a writer of the tag would.
+    import hashlib
+
+    listed = {rel: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+              for rel, p in (("loader/rank-0.json", local / "loader/rank-0.json"),
+                             ("rng/rank-0.pt", local / "rng/rank-0.pt"),
+                             (f"deepspeed/{tag}/mp_rank_00_model_states.pt", shard))}
+    (local / "files").mkdir()
+    (local / "files/rank-0.json").write_text(json.dumps({"rank": 0, "files": listed}))
+    digest = hashlib.sha256((local / "files/rank-0.json").read_bytes()).hexdigest()
+    mark_committed(local, TrainState(step=1, world_size=1, tag=tag), [digest])
+    with pytest.raises(CheckpointError, match="`tag` must be one plain name"):
+        read_state(local, verify_hashes=True)
