@@ -108,10 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.data or args.storage or args.config != args.default_config:
             raise UsageError("--resume continues a run with its own config, data and storage; "
                              "give only --max-steps, --num-workers or --set train.<key> with it")
-        outcome, cfg = resume(args.resume, overrides_from_args(args))
+        outcome, cfg = resume(args.resume, overrides_from_args(args), allow_new_data=args.allow_new_data)
         if cfg.task != want:
             print(f"note: run {args.resume} trained a `{cfg.task}` model; published as such", file=sys.stderr)
     else:
+        if args.allow_new_data:
+            raise UsageError("--allow-new-data goes with --resume RUN_ID: a new run trains on whatever --data holds")
         if not args.data:
             raise UsageError("--data is required (or --resume RUN_ID to continue a run)")
         cfg = build_run_config(args)
@@ -282,6 +284,8 @@ def parser() -> argparse.ArgumentParser:
                    "s3://bucket/prefix (default: $LDMFLOW_STORAGE, else runs/ray)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its latest verified "
                    "checkpoint (after its driver died, or with a higher --max-steps)")
+    p.add_argument("--allow-new-data", action="store_true", help="with --resume: continue on the run's dataset "
+                   "although it changed since (from the next epoch); refused otherwise")
     p.add_argument("--no-register", action="store_true", help="train only; skip export and registration")
     p.set_defaults(func=cmd_train, default_config=DEFAULT_CONFIG)
 
@@ -292,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder or s3:// prefix written by `ldmflow shard`")
     p.add_argument("--storage", help="where Ray Train keeps checkpoints (as for `train`)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its latest verified checkpoint")
+    p.add_argument("--allow-new-data", action="store_true", help="with --resume: continue on changed data")
     p.set_defaults(func=cmd_train, no_register=False)
 
     p = sub.add_parser("generate", help="load a registered model through MLflow and write PNGs")

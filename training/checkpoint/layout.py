@@ -19,9 +19,10 @@ the same storage directory independently, and registers the checkpoint once all 
 in storage, rank 0's ``COMMITTED`` can land before rank 1's shards, and a run killed mid-upload
 leaves a directory with a marker but not every file. The writer-side barrier (every rank has written
 and listed its files before rank 0 writes the marker) only makes the marker *truthful*; the real
-guarantee is the reader's: :func:`training.checkpoint.verify.read_state` trusts a checkpoint only when ``COMMITTED`` is there,
-``train_state.json`` and every rank's file list match the digests it names, and every listed file
-is present with its listed size (and sha256, with ``verify_hashes=True``, which resume uses).
+guarantee is the reader's: :func:`training.checkpoint.verify.read_state` trusts a checkpoint only
+when ``COMMITTED`` is there, ``train_state.json`` and every rank's file list match the digests it
+names, and every listed file is present with its listed size (and sha256, with
+``verify_hashes=True``, which resume uses).
 DeepSpeed writes its ``latest`` file before all ranks finish, so nothing here reads it.
 
 Loading is safe on its own (see training.checkpoint.loading): the lists catch corruption and
@@ -78,6 +79,9 @@ class TrainState:
     config: dict = field(default_factory=dict)
     frozen: dict = field(default_factory=dict)
     """sha256 of the frozen VAE and text encoder weights this UNet was trained against."""
+    dataset_content_id: str = ""
+    """The content id of the dataset the loader positions point into ("" in checkpoints written
+    before it was recorded): a resume on other data must not follow them."""
 
 
 def sha256_file(path: Path) -> str:

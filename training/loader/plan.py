@@ -188,6 +188,25 @@ class LoaderState:
                                                                 world_size=world_size)])
 
 
+def restart_at_next_epoch(states_by_old_rank: Sequence[dict], *, world_size: int, rank: int,
+                          loader_workers: int) -> LoaderState:
+    """This rank's fresh state after the epoch the saved run was in: for a resume on data that changed
+    (other shards), where the saved positions would point into the wrong tars. Every stream starts the
+    epoch after the latest one any old stream had reached; the cumulative counters (taken, skipped)
+    move to stream 0 of rank 0, so their sum over ranks is kept."""
+    old = [StreamState.from_dict(d) for s in states_by_old_rank for d in LoaderState.from_dict(s).streams]
+    epoch = max((s.epoch for s in old), default=-1) + 1
+    nw = max(1, loader_workers)
+    streams = [StreamState(stream=i, streams=world_size * nw, next_epoch=epoch)
+               for i in range(rank * nw, rank * nw + nw)]
+    if rank == 0:
+        streams[0].taken = sum(s.taken for s in old)
+        for s in old:
+            for reason, n in s.skipped.items():
+                streams[0].skipped[reason] = streams[0].skipped.get(reason, 0) + n
+    return LoaderState(streams=[s.to_dict() for s in streams])
+
+
 def fit_streams(old: list[StreamState], *, mine: list[int], num_streams: int, shards: Sequence[ShardRef],
                  seed: int, rank: int, world_size: int) -> list[StreamState]:
     """The states of streams `mine` from saved states: fresh, the same streams, or a re-split of all of them."""

@@ -77,8 +77,9 @@ class TextToImageModel(mlflow.pyfunc.PythonModel):
         prompts = _prompts(model_input)
         if not prompts:
             raise ValueError("predict needs at least one prompt")
-        if p["sampler"] not in self.sampling.SAMPLERS:
-            raise ValueError(f"param `sampler` must be one of {', '.join(self.sampling.SAMPLERS)}, got {p['sampler']!r}")
+        samplers = self.sampling.SAMPLERS
+        if p["sampler"] not in samplers:
+            raise ValueError(f"param `sampler` must be one of {', '.join(samplers)}, got {p['sampler']!r}")
         if int(p["steps"]) < 1:
             raise ValueError(f"param `steps` must be >= 1, got {p['steps']!r}")
         return self.sampling.generate_images(self.pipe, prompts, steps=int(p["steps"]), guidance=float(p["guidance"]),

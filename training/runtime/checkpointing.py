@@ -35,7 +35,7 @@ from training.checkpoint.writer import (
     write_file_list,
 )
 from training.config import RunConfig, TrainConfig
-from training.loader.plan import LoaderState
+from training.loader.plan import LoaderState, restart_at_next_epoch
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import gather_unet_weights
 
@@ -154,7 +154,7 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
 
 
 def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Generator, ctx: WorkerContext,
-            frozen: dict, cfg: RunConfig) -> tuple[TrainState, LoaderState]:
+            frozen: dict, payload: WorkerPayload) -> tuple[TrainState, LoaderState]:
     """Load a verified checkpoint (`saved` is its read_state, hashes checked) into this rank.
 
     Written by as many workers as now: each rank loads its own DeepSpeed partition, loader position
@@ -162,18 +162,16 @@ def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Ge
     (converted by each rank into its own temp folder), the loader positions of all old ranks are
     re-split over the new ranks, and the RNG is re-seeded from (seed, step, rank): the data and the
     optimizer continue exactly, the noise draws cannot (they depended on the old rank layout)."""
+    cfg = payload.config
     if saved.frozen != frozen:
         raise CheckpointError(f"checkpoint {directory} was trained against different frozen weights")
     _check_same_model(directory, saved, cfg)
     state = TrainState(step=saved.step, samples_seen=saved.samples_seen, world_size=ctx.world_size,
-                       config=cfg.to_dict(), frozen=frozen)
+                       config=cfg.to_dict(), frozen=frozen, dataset_content_id=payload.dataset_content_id)
     if ema is not None:
         load_ema(directory, ema, ctx.device)
-    # Every old rank's position: unchanged for this rank when the layout (workers x loader workers)
-    # is the same, re-split over the new streams when it is not.
-    positions = [load_rank_files(directory, r)[0] for r in range(saved.world_size)]
-    loader = LoaderState.resplit(positions, world_size=ctx.world_size, rank=ctx.rank,
-                                 loader_workers=cfg.train.loader_workers)
+    loader = loader_position([load_rank_files(directory, r)[0] for r in range(saved.world_size)], saved, ctx,
+                             payload)
     if saved.world_size == ctx.world_size:
         load_deepspeed_checkpoint(engine, directory, saved.tag)
         restore_rng(load_rank_files(directory, ctx.rank)[1], generator)
@@ -184,6 +182,26 @@ def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Ge
         load_universal_checkpoint(engine, Path(tmp), tag)
     generator.manual_seed(cfg.train.seed * 1000 + saved.step * 7919 + ctx.rank)
     return state, loader
+
+
+def loader_position(positions: list[dict], saved: TrainState, ctx: WorkerContext,
+                    payload: WorkerPayload) -> LoaderState:
+    """This rank's loader state from every old rank's saved `positions`: unchanged for this rank when
+    the layout (workers x loader workers) is the same, re-split over the new streams when it is not;
+    on data that changed since (another content id), the next epoch from its start when the run
+    allows new data, else refused (saved byte offsets would point into other tars)."""
+    workers = payload.config.train.loader_workers
+    if saved.dataset_content_id not in ("", payload.dataset_content_id):
+        if not payload.allow_new_data:
+            raise CheckpointError(f"the checkpoint's loader positions point into dataset "
+                                  f"{saved.dataset_content_id[:12]}, but {payload.data} is now "
+                                  f"{payload.dataset_content_id[:12]}; resume with --allow-new-data to continue "
+                                  "on it from the next epoch")
+        return restart_at_next_epoch(positions, world_size=ctx.world_size, rank=ctx.rank, loader_workers=workers)
+    if payload.allow_new_data and not saved.dataset_content_id:
+        # Written before checkpoints recorded their data; the driver saw the data change.
+        return restart_at_next_epoch(positions, world_size=ctx.world_size, rank=ctx.rank, loader_workers=workers)
+    return LoaderState.resplit(positions, world_size=ctx.world_size, rank=ctx.rank, loader_workers=workers)
 
 
 def _check_same_model(directory: Path, saved: TrainState, cfg: RunConfig) -> None:

@@ -44,5 +44,10 @@ class WorkerPayload:
     tracking_uri: str | None = None
     sample_log: str | None = None
     """LDMFLOW_SAMPLE_LOG of the driver: a folder every rank logs its batches' keys to."""
+    dataset_content_id: str = ""
+    """The content id of `data` as the driver read it."""
+    allow_new_data: bool = False
+    """A checkpoint whose loader positions point into other data (its dataset_content_id differs)
+    restarts the data at the next epoch instead of being refused (`--resume --allow-new-data`)."""
     storage_env: dict[str, str] = field(default_factory=dict)
     """The driver's S3 endpoint and region (data_prep.storage.env_for_workers), set in each worker."""

@@ -87,13 +87,15 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None) -> T
         return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id)
 
 
-def resume(run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[TrainOutcome, RunConfig]:
+def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
+           allow_new_data: bool = False) -> tuple[TrainOutcome, RunConfig]:
     """Continue the MLflow run `run_id` from its latest verified checkpoint in storage (after its
     driver died, or to train further with a higher train.max_steps): same run, steps continuing.
 
     `overrides` may change how the run continues (train.max_steps, train.num_workers: a different
     worker count resumes through DeepSpeed's universal checkpoint), never what is trained: a model,
-    data or objective key is refused."""
+    data or objective key is refused. A dataset that changed since (another content id) is refused
+    too, unless `allow_new_data`: the run then continues on it from the next epoch."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -122,11 +124,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Tr
     if latest.step >= cfg.train.max_steps:
         raise ConfigError(f"--resume {run_id}: its latest checkpoint is at step {latest.step}, which already "
                           f"reaches train.max_steps={cfg.train.max_steps}; pass --max-steps to train further")
-    dataset = check_data(cfg, data_dir)
-    if dataset.content_id != tags.get("dataset_content_id"):
-        log.warning("the dataset at %s changed since run %s started (content id %s, was %s); the resumed "
-                    "epoch is re-planned over the data as it is now", data_dir, run_id, dataset.content_id,
-                    tags.get("dataset_content_id"))
+    new_data = _changed_data(run_id, tags, check_data(cfg, data_dir), allow_new_data)
     check_run_storage(storage_uri)
     frozen = _prepare(cfg, check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
     log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
@@ -134,10 +132,32 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Tr
         resumes = int(tags.get("resumes", "0")) + 1
         mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
                          f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
+        content_id = tags.get("dataset_content_id", "")
+        if new_data:
+            mlflow.set_tags({f"resume.{resumes}.new_data": f"{content_id} -> {new_data}",
+                             "dataset_content_id": new_data})
+            content_id = new_data
         # The workers find the run's latest verified checkpoint themselves (the one checked above,
         # unless a later one appeared meanwhile).
-        outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, tags.get("dataset_content_id", ""))
+        outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,
+                                 allow_new_data=bool(new_data))
     return outcome, cfg
+
+
+def _changed_data(run_id: str, tags: dict, dataset: Dataset, allow_new_data: bool) -> str:
+    """The dataset's new content id when it changed since the run started ("" when it did not): the
+    saved loader positions are byte offsets into the old shards, so following them into rewritten
+    ones would read the wrong samples. Refused unless `allow_new_data`."""
+    was = tags.get("dataset_content_id", "")
+    if dataset.content_id == was:
+        return ""
+    if not allow_new_data:
+        raise ConfigError(f"--resume {run_id}: the dataset at {dataset.uri} changed since the run started (content "
+                          f"id {dataset.content_id[:12]}, was {was[:12] or 'unknown'}); its saved positions point into "
+                          "the old shards. Pass --allow-new-data to continue on it from the next epoch, or start a "
+                          "new run")
+    log.info("run %s continues on the changed dataset %s from the next epoch", run_id, dataset.uri)
+    return dataset.content_id
 
 
 def check_resumable(checkpoint_uri: str, cfg: RunConfig, frozen: dict) -> None:
@@ -187,11 +207,12 @@ def _prepare(cfg: RunConfig, check=None) -> dict:
 
 
 def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str, tracking_uri: str, frozen: dict,
-                   content_id: str) -> TrainOutcome:
+                   content_id: str, *, allow_new_data: bool = False) -> TrainOutcome:
     import mlflow
 
     result = launch(cfg, data_dir, storage_uri=storage_uri, name=ray_run_name(run_id), mlflow_run_id=run_id,
-                    tracking_uri=tracking_uri, frozen=frozen)
+                    tracking_uri=tracking_uri, frozen=frozen, dataset_content_id=content_id,
+                    allow_new_data=allow_new_data)
     mlflow.set_tag("checkpoint", result.checkpoint)
     return TrainOutcome(run_id=run_id, checkpoint_dir=result.checkpoint, metrics=result.metrics,
                         dataset_content_id=content_id, config_hash=cfg.hash, data=data_dir)

@@ -169,7 +169,8 @@ def scaling_config(cfg: RunConfig):
 
 
 def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow_run_id: str | None,
-           tracking_uri: str | None, frozen: dict) -> LaunchResult:
+           tracking_uri: str | None, frozen: dict, dataset_content_id: str = "",
+           allow_new_data: bool = False) -> LaunchResult:
     """Run training to cfg.train.max_steps and return the final checkpoint.
 
     Ray keeps the run under `storage_uri`/`name` (local or s3://; on a cluster it must be storage
@@ -184,6 +185,7 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     payload = WorkerPayload(
         config=cfg, data=str(data_dir), frozen=frozen, run_location=storage.join(storage_uri, name),
         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, sample_log=os.environ.get(SAMPLE_LOG_ENV),
+        dataset_content_id=dataset_content_id, allow_new_data=allow_new_data,
         # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data and storage).
         storage_env=storage.env_for_workers(),
     )

@@ -82,7 +82,8 @@ class Trainer:
         task = build_task(cfg, seed=cfg.train.seed, device=ctx.device)
         frozen = check_frozen(task.frozen_hashes(), payload.frozen)
         generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + ctx.rank)
-        state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen)
+        state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen,
+                           dataset_content_id=payload.dataset_content_id)
         loader_state: LoaderState | None = None
         with checkpoint_directory(payload, ctx) as directory:
             saved = read_state(directory, verify_hashes=True) if directory is not None else None
@@ -90,7 +91,7 @@ class Trainer:
             engine = build_engine(task.module, cfg.train, ctx, load_universal=elastic)
             ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
             if saved is not None:
-                state, loader_state = restore(directory, saved, engine, ema, generator, ctx, frozen, cfg)
+                state, loader_state = restore(directory, saved, engine, ema, generator, ctx, frozen, payload)
                 log.info("rank %d resumed at step %d (written by %d workers, now %d)", ctx.rank, state.step,
                          saved.world_size, ctx.world_size)
         stream = ShardStream(payload.data, rank=ctx.rank, world_size=ctx.world_size,

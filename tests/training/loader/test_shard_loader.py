@@ -372,3 +372,17 @@ def test_s3_shards_stream_and_resume_at_a_byte_offset(raw, s3_bucket, monkeypatc
     assert resumed == {i: [b.keys for b in expected if b.stream == i] for i in range(2)}
     assert any(start > 0 for start in ranges), "a resumed shard is read with a ranged GET"
     assert exactly_once(keys_of(first + expected, 0), 21)
+
+
+def test_a_restart_on_new_data_starts_the_next_epoch_and_keeps_the_counters():
+    from training.loader.plan import restart_at_next_epoch
+
+    old = [LoaderState(streams=[StreamState(stream=i, streams=4, next_epoch=3, taken=10 + i,
+                                            skipped={"corrupt_image": 1}).to_dict()
+                                for i in (2 * r, 2 * r + 1)]).to_dict() for r in range(2)]
+    states = [restart_at_next_epoch(old, world_size=3, rank=r, loader_workers=1) for r in range(3)]
+    streams = [StreamState.from_dict(d) for s in states for d in s.streams]
+    assert [s.stream for s in streams] == [0, 1, 2] and {s.streams for s in streams} == {3}
+    assert {s.next_epoch for s in streams} == {4} and not any(s.segments or s.buffer for s in streams)
+    assert sum(s.taken for s in streams) == 10 + 11 + 12 + 13
+    assert sum(s.skipped.get("corrupt_image", 0) for s in streams) == 4

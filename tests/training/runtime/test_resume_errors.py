@@ -41,7 +41,7 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(training.runtime.driver, "prepare_cluster", refuse)
 
 
-def make_run(storage_uri: str, data: Path, cfg) -> str:
+def make_run(storage_uri: str, data: Path, cfg, **extra_tags: str) -> str:
     """An MLflow run as `ldmflow train` leaves it when its driver dies: tags, config, no checkpoint yet."""
     import mlflow
 
@@ -49,8 +49,10 @@ def make_run(storage_uri: str, data: Path, cfg) -> str:
     from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG, ensure_experiment
 
     setup_mlflow()
-    tags = {STORAGE_TAG: storage_uri, "data": str(data), "dataset_content_id": "x"}
-    with mlflow.start_run(experiment_id=ensure_experiment("resume-errors"), tags=tags,
+    from data_prep.dataset import read_dataset
+
+    tags = {STORAGE_TAG: storage_uri, "data": str(data), "dataset_content_id": read_dataset(str(data)).content_id}
+    with mlflow.start_run(experiment_id=ensure_experiment("resume-errors"), tags={**tags, **extra_tags},
                           run_name=f"r-{uuid.uuid4().hex[:8]}") as run:
         mlflow.log_dict(cfg.to_dict(), CONFIG_ARTIFACT)
     return run.info.run_id
@@ -171,3 +173,51 @@ def test_config_artifact_is_the_resolved_config(tmp_path, shards):
     saved = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
     assert saved["train"]["max_steps"] == 7 and json.dumps(saved, sort_keys=True) == json.dumps(cfg.to_dict(),
                                                                                                sort_keys=True)
+
+
+def test_changed_data_is_refused_unless_allowed(no_ray, tmp_path, shards):
+    """Before, a changed dataset only warned, and the workers followed saved byte offsets into
+    rewritten shards."""
+    from training.runtime.driver import resume
+
+    cfg = load_config("tiny")
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg, dataset_content_id="0" * 64)  # other data then
+    commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_a", step=4, config=cfg.to_dict(),
+                      frozen=frozen_of(cfg))
+    message = resume_error(run_id)
+    assert "changed since the run started" in message and "--allow-new-data" in message
+    with pytest.raises(AssertionError, match="Ray was started"):  # accepted: it goes on to start Ray
+        resume(run_id, allow_new_data=True)
+
+
+def test_allow_new_data_needs_resume(capsys):
+    assert main(["train", "--data", "x", "--allow-new-data"]) == 2
+    assert "--allow-new-data goes with --resume" in capsys.readouterr().err
+
+
+def test_a_worker_follows_saved_positions_only_into_the_data_they_were_saved_on():
+    import torch
+
+    from training.checkpoint.layout import CheckpointError
+    from training.loader.plan import LoaderState, StreamState
+    from training.runtime.checkpointing import loader_position
+    from training.runtime.context import WorkerContext, WorkerPayload
+
+    cfg = load_config("tiny", ["train.loader_workers=1"])
+    positions = [LoaderState(streams=[StreamState(stream=r, streams=2, next_epoch=2, batches=5).to_dict()]).to_dict()
+                 for r in range(2)]
+    ctx = WorkerContext(rank=1, world_size=2, device=torch.device("cpu"))
+
+    def position(saved_on: str, now: str, allow: bool) -> StreamState:
+        payload = WorkerPayload(config=cfg, data="d", frozen={}, run_location="r", dataset_content_id=now,
+                                allow_new_data=allow)
+        state = loader_position(positions, TrainState(world_size=2, dataset_content_id=saved_on), ctx, payload)
+        return StreamState.from_dict(state.streams[0])
+
+    assert position("a", "a", False).batches == 5  # the same data: exactly where it was
+    assert position("", "a", False).batches == 5  # a checkpoint from before ids were recorded
+    with pytest.raises(CheckpointError, match="--allow-new-data"):
+        position("a", "b", False)
+    moved = position("a", "b", True)
+    assert moved.next_epoch == 3 and moved.batches == 0 and not moved.segments
+    assert position("", "b", True).next_epoch == 3
