@@ -105,17 +105,23 @@ def _str(marker: dict | None, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def latest_verified_checkpoint(run: str, *, verify_hashes: bool = False) -> CheckpointRef | None:
-    """The committed checkpoint of the run at `run` with the highest step (the later folder on a tie)
-    that verify_checkpoint accepts, or None. Checkpoints that fail are logged and skipped."""
+def verified_checkpoints(run: str, *, verify_hashes: bool = False) -> list[CheckpointRef]:
+    """The committed checkpoints of the run at `run` that verify_checkpoint accepts, the highest step
+    first (the later folder on a tie). Checkpoints that fail are logged and left out."""
     candidates = [ref for ref in list_checkpoints(run) if ref.step is not None]
+    good = []
     for ref in sorted(candidates, key=lambda r: (r.step, r.name), reverse=True):
         try:
             verify_checkpoint(ref, verify_hashes=verify_hashes)
-            return ref
+            good.append(ref)
         except CheckpointError as e:
             log.warning("skipping checkpoint %s (step %s): %s", ref.uri, ref.step, e)
-    return None
+    return good
+
+
+def latest_verified_checkpoint(run: str, *, verify_hashes: bool = False) -> CheckpointRef | None:
+    """The first of verified_checkpoints, or None."""
+    return next(iter(verified_checkpoints(run, verify_hashes=verify_hashes)), None)
 
 
 def read_state(directory: str | Path, *, verify_hashes: bool = False,

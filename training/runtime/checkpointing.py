@@ -4,19 +4,16 @@ to resume from is picked, verified and restored into the engine, the EMA, the lo
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, convert_to_universal, load_universal_checkpoint
-from training.checkpoint.layout import COMMITTED, DEEPSPEED_DIR, UNET_FILE, CheckpointError, TrainState
+from training.checkpoint.layout import DEEPSPEED_DIR, UNET_FILE, CheckpointError, TrainState
 from training.checkpoint.loading import (
     load_deepspeed_checkpoint,
     load_ema,
@@ -24,8 +21,6 @@ from training.checkpoint.loading import (
     model_differences,
     restore_rng,
 )
-from training.checkpoint.run_storage import checkpoint_uri, ray_storage
-from training.checkpoint.verify import latest_verified_checkpoint
 from training.checkpoint.writer import (
     mark_committed,
     rng_state,
@@ -40,59 +35,6 @@ from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import gather_unet_weights
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def checkpoint_directory(payload: WorkerPayload, ctx: WorkerContext) -> Iterator[Path | None]:
-    """The checkpoint this (re)start of the worker group resumes from, as a local directory
-    (downloaded from S3), or None for a fresh run.
-
-    Rank 0 picks the later of Ray's latest registered checkpoint and the latest verified one in the
-    run's storage, and every rank takes its pick. The two differ when a checkpoint was fully
-    uploaded but not yet registered when a worker or the driver died (Ray registers a checkpoint
-    only after every rank's asynchronous upload finished and its controller next polled): resuming
-    from it instead of the older one saves up to checkpoint_every steps."""
-    import ray.train
-
-    choice = None
-    if ctx.rank == 0:
-        choice = _latest_checkpoint(ray.train.get_checkpoint(), payload.run_location)
-    if dist.is_initialized() and ctx.world_size > 1:
-        picked = [choice]
-        dist.broadcast_object_list(picked, src=0)
-        choice = picked[0]
-    if choice is None:
-        yield None
-        return
-    path, filesystem = ray_storage(choice)
-    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as directory:
-        yield Path(directory)
-
-
-def _latest_checkpoint(registered, run_location: str) -> str | None:
-    """URI of the later of Ray's registered checkpoint and the run's latest verified one."""
-
-    candidates = []
-    if registered is not None:
-        candidates.append((_committed_step(registered), checkpoint_uri(registered)))
-    latest = latest_verified_checkpoint(run_location)
-    if latest is not None:
-        candidates.append((latest.step, latest.uri))
-    if not candidates:
-        return None
-    step, uri = max(candidates, key=lambda c: c[0])  # max keeps the first (Ray's) on a tie
-    log.info("resuming from the step-%d checkpoint %s", step, uri)
-    return uri
-
-
-def _committed_step(checkpoint) -> int:
-    """The step in a checkpoint's COMMITTED marker, read through its filesystem; -1 if unreadable."""
-    try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{COMMITTED}") as f:
-            return int(json.loads(f.read())["step"])
-    except Exception as e:  # missing or partial: never preferred, and verified again when loaded
-        log.warning("checkpoint %s has no readable %s: %s", checkpoint.path, COMMITTED, e)
-        return -1
 
 
 def check_frozen(got: dict, expected: dict) -> dict:

@@ -20,13 +20,13 @@ from collections.abc import Callable
 import torch
 
 from training.checkpoint.layout import TrainState
-from training.checkpoint.verify import read_state
 from training.loader.plan import LoaderState
 from training.loader.stream import ShardStream
-from training.runtime.checkpointing import check_frozen, checkpoint_directory, restore, save_and_report
+from training.runtime.checkpointing import check_frozen, restore, save_and_report
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import build_ema, build_engine
 from training.runtime.metrics import LossWindow, SampleLog, StepLogger, publish_worker_processes
+from training.runtime.restore_point import checkpoint_directory
 from training.runtime.validation import Validation
 from training.tasks import build_task
 from training.tasks.base import Task
@@ -85,8 +85,8 @@ class Trainer:
         state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen,
                            dataset_content_id=payload.dataset_content_id)
         loader_state: LoaderState | None = None
-        with checkpoint_directory(payload, ctx) as directory:
-            saved = read_state(directory, verify_hashes=True) if directory is not None else None
+        with checkpoint_directory(payload, ctx) as restore_point:
+            directory, saved = restore_point if restore_point is not None else (None, None)
             elastic = saved is not None and saved.world_size != ctx.world_size
             engine = build_engine(task.module, cfg.train, ctx, load_universal=elastic)
             ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
