@@ -7,6 +7,7 @@ the shard stage counts as a skip. Only bad options (DataPrepError) and bugs rais
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import random
@@ -289,9 +290,65 @@ class _ThreadSessions:
         for session in sessions:
             session.close()
 
+    def forget(self) -> None:
+        """Drop (without closing: their sockets are the parent's) the sessions a fork copied."""
+        with self._lock:
+            self._all = []
+        self._local = threading.local()
+
 
 _DEFAULT_SESSIONS = _ThreadSessions()
-"""Sessions of `fetch` calls made without one; they live as long as their threads."""
+"""Sessions of `fetch` calls made without one: one per thread, so as many as the threads that fetch
+(read_pool's, in the shard stage), all closed by close_read_pool."""
+
+
+class _ReadPool:
+    """The process's one pool of reader threads, reused by every task the process runs: a pool per
+    task, each of whose threads opened its own session and kept its connections, ran a long-lived
+    worker out of file descriptors after enough tasks (every later URL then failed to connect)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = 0
+        self._pid = os.getpid()
+
+    def get(self, threads: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's threads do not exist here
+                self._pool, self._threads, self._pid = None, 0, os.getpid()
+                _DEFAULT_SESSIONS.forget()
+            if self._pool is None or threads > self._threads:
+                self._close_locked()
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ldmflow-read")
+                self._threads = threads
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._threads = None, 0
+        _DEFAULT_SESSIONS.close_all()  # the sessions of the threads just ended
+
+
+_READ_POOL = _ReadPool()
+atexit.register(_READ_POOL.close)
+
+
+def read_pool(threads: int) -> ThreadPoolExecutor:
+    """This process's pool of at least `threads` reader threads (for latency-bound reads: URLs, S3),
+    shared by all its tasks; `fetch` called on its threads reuses one session per thread."""
+    return _READ_POOL.get(threads)
+
+
+def close_read_pool() -> None:
+    """End the reader threads and close their sessions (the shard stage calls it when a run ends)."""
+    _READ_POOL.close()
 
 
 # ---------------------------------------------------------------------------------------------------

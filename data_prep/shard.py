@@ -43,7 +43,7 @@ from data_prep.dataset import (
     write_samples,
 )
 from data_prep.errors import DataPrepError
-from data_prep.http_fetch import FetchOptions
+from data_prep.http_fetch import FetchOptions, close_read_pool
 from data_prep.image_ops import IMAGE_FORMATS, RESIZE_MODES, ProcessOptions
 from data_prep.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardInfo, write_manifest
 from data_prep.shard_task import SKIP_EXAMPLES_PER_REASON, Task, TaskContext, TaskResult, run_task, staging
@@ -228,6 +228,13 @@ def build_shards(config: ShardConfig, *, progress: Callable[[int], None] | None 
     usable) raises DataPrepError before any shard is written. `progress`, if given, is called with the
     number of items handled since its last call.
     """
+    try:
+        return _build(config, progress)
+    finally:
+        close_read_pool()  # this process's reader threads and their connections
+
+
+def _build(config: ShardConfig, progress: Callable[[int], None] | None) -> ShardReport:
     started = time.perf_counter()
     store = storage.storage_for(config.output)
     # Everything that can stop the run is checked before anything is written.

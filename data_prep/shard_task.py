@@ -22,14 +22,14 @@ import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep import storage
 from data_prep.dataset import SampleRecord
-from data_prep.http_fetch import FetchFailure, FetchOptions, fetch
+from data_prep.http_fetch import FetchFailure, FetchOptions, fetch, read_pool
 from data_prep.image_ops import ImageSkip, ProcessOptions, process_image
 from data_prep.manifest import ShardInfo
 from data_prep.shard_writer import ShardWriter, shard_name
@@ -199,9 +199,11 @@ def _load(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
         for ref in task.items:
             yield _load_item(ref, ctx)
         return
-    # Remote reads are latency-bound: keep a window of them in flight, yield in input order.
-    with ThreadPoolExecutor(ctx.read_threads, thread_name_prefix="ldmflow-read") as pool:
-        window: list[Future[_Loaded]] = []
+    # Remote reads are latency-bound: keep a window of them in flight, yield in input order. The
+    # pool and its connections are the process's, reused by its next task.
+    pool = read_pool(ctx.read_threads)
+    window: list[Future[_Loaded]] = []
+    try:
         items = iter(task.items)
         for ref in items:
             window.append(pool.submit(_load_item, ref, ctx))
@@ -210,8 +212,12 @@ def _load(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
         for ref in items:
             yield window.pop(0).result()
             window.append(pool.submit(_load_item, ref, ctx))
-        for future in window:
-            yield future.result()
+        while window:
+            yield window.pop(0).result()
+    finally:
+        for future in window:  # stopped early: nothing of this task runs on into the next one
+            future.cancel()
+        wait(window)
 
 
 def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:

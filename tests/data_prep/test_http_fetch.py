@@ -466,3 +466,54 @@ def test_fetch_many_buffers_a_bounded_window_of_a_lazy_input(server):
 
 def test_fetch_many_of_nothing():
     assert list(fetch_many([], FAST)) == []
+
+
+def test_many_tasks_in_one_process_keep_open_descriptors_flat(tmp_path):
+    """A task used to start its own 16-thread pool whose threads each opened a keep-alive session
+    that was never closed: a worker handling many tasks of a big URL table ran out of descriptors.
+    200 tasks of 4 URLs each against an HTTP/1.1 server now leave as many open as 20 did."""
+    import os
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from data_prep.http_fetch import close_read_pool
+    from data_prep.image_ops import ProcessOptions
+    from data_prep.shard_task import Task, TaskContext, _load
+    from data_prep.sources import ItemRef
+
+    www = tmp_path / "www"
+    www.mkdir()
+    for i in range(4):
+        (www / f"{i}.png").write_bytes(PNG)
+
+    class KeepAlive(SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # connections stay open between requests, as real hosts keep them
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: KeepAlive(*a, directory=str(www), **k))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    ctx = TaskContext(part_uri=str(tmp_path / "part"), process=ProcessOptions(resolution=32),
+                      fetch=FetchOptions(retries=0), samples_per_shard=10, max_shard_bytes=None, read_threads=16)
+
+    def run(n: int) -> None:
+        for t in range(n):
+            items = tuple(ItemRef(source_id=f"{t}-{i}", image=f"{base}/{i}.png", caption=f"c{i}") for i in range(4))
+            loaded = list(_load(Task(index=t, items=items), ctx))
+            assert all(item.data == PNG for item in loaded)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    try:
+        run(20)
+        after_20 = open_fds()
+        run(180)
+        assert open_fds() <= after_20 + 2
+    finally:
+        close_read_pool()
+        server.shutdown()
+        server.server_close()
