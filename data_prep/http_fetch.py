@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import atexit
 import functools
+import ipaddress
 import os
 import random
+import socket
 import threading
 import time
 from collections import deque
@@ -24,10 +26,10 @@ from urllib.request import url2pathname
 if TYPE_CHECKING:
     import requests
 
-from data_prep.checks import require, require_int, require_number
+from data_prep.checks import require, require_bool, require_int, require_number
 from data_prep.errors import DataPrepError
 
-FAILURE_REASONS = ("fetch_failed", "http_error", "not_image_content", "too_large")
+FAILURE_REASONS = ("fetch_failed", "http_error", "not_image_content", "too_large", "private_host", "insecure_redirect")
 """Every value FetchFailure.reason takes."""
 
 MAX_REDIRECTS = 10
@@ -72,6 +74,11 @@ class FetchOptions:
     """Concurrent downloads per worker process in `fetch_many`; up to 2x this many results are buffered."""
     user_agent: str = "ldmflow/0.1 (+image-text dataset builder)"
     """User-Agent header sent with every request; hosts block anonymous or default library agents."""
+    allow_private_hosts: bool = False
+    """Fetch from hosts that resolve to loopback, private (RFC 1918, IPv6 ULA), link-local (the cloud
+    metadata service at 169.254.169.254) or other non-global addresses. Off: a URL table from anyone
+    cannot turn the fetcher on the network it runs in; each such URL (or redirect) is a
+    `private_host` skip. On for a table of your own internal hosts, and for tests on 127.0.0.1."""
 
     def __post_init__(self) -> None:
         require_number(self.timeout, "fetch option `timeout`", inclusive=False, note=" (seconds)")
@@ -82,6 +89,7 @@ class FetchOptions:
         ua = self.user_agent
         ok = isinstance(ua, str) and bool(ua.strip()) and "\r" not in ua and "\n" not in ua
         require(ok, "fetch option `user_agent`", "a non-empty single-line string", ua)
+        require_bool(self.allow_private_hosts, "fetch option `allow_private_hosts`")
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,10 @@ class FetchFailure:
     reason: str
     """One of FAILURE_REASONS: "fetch_failed" (bad or unsupported URL, DNS, refused or reset connection,
     timeout, too many redirects; after retries where retryable), "http_error" (final non-2xx status),
-    "not_image_content" (a Content-Type other than image/*, application/octet-stream or none),
-    "too_large" (over FetchOptions.max_bytes)."""
+    "not_image_content" (a Content-Type other than image/*, or none or application/octet-stream with a
+    body that is no known image format), "too_large" (over FetchOptions.max_bytes), "private_host" (a
+    host, or a redirect's, that resolves to a non-global address; see allow_private_hosts),
+    "insecure_redirect" (https redirected to http)."""
     detail: str
     """Human-readable detail for the log, e.g. "HTTP 404 Not Found"."""
 
@@ -144,11 +154,17 @@ def _attempt_http(url: str, options: FetchOptions, session: requests.Session) ->
 
     try:
         for _ in range(MAX_REDIRECTS + 1):
+            refused = None if options.allow_private_hosts else _private_host(url)
+            if refused is not None:  # checked at every hop: a public URL may redirect inwards
+                return refused, False
             with _send_once(session, url, options) as resp:
                 if resp.status_code in _REDIRECT_STATUSES and "location" in resp.headers:
-                    url = urljoin(resp.url, session.get_redirect_target(resp))
-                    if urlsplit(url).scheme.lower() not in ("http", "https"):
+                    was, url = url, urljoin(resp.url, session.get_redirect_target(resp))
+                    scheme = urlsplit(url).scheme.lower()
+                    if scheme not in ("http", "https"):
                         return FetchFailure("fetch_failed", f"redirected to unsupported URL {url!r}"), False
+                    if scheme == "http" and urlsplit(was).scheme.lower() == "https":
+                        return FetchFailure("insecure_redirect", f"{was!r} redirected to plain http {url!r}"), False
                     continue
                 return _read_response(resp, options.max_bytes)
         return FetchFailure("fetch_failed", f"more than {MAX_REDIRECTS} redirects, last to {url!r}"), False
@@ -190,6 +206,28 @@ def _send_once(session: requests.Session, url: str, options: FetchOptions) -> re
     return resp
 
 
+def _private_host(url: str) -> FetchFailure | None:
+    """A private_host failure when the URL's host resolves to any address that is not global (loopback,
+    RFC 1918, link-local, IPv6 ULA, shared, reserved, multicast, unspecified; IPv4-mapped IPv6 as the
+    IPv4 it maps). A name that does not resolve is left to the request, which fails as fetch_failed.
+    (A host whose DNS answer changes between this look-up and the connection is not caught here.)"""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme.lower() == "https" else 80),
+                                   type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return None
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not ip.is_global or ip.is_multicast:
+            return FetchFailure("private_host", f"{host} resolves to the non-public address {ip}; pass "
+                                                "--allow-private-hosts to fetch from internal hosts")
+    return None
+
+
 def _read_response(resp: requests.Response, max_bytes: int) -> tuple[bytes | FetchFailure, bool]:
     status = resp.status_code
     if not 200 <= status < 300:
@@ -210,13 +248,34 @@ def _read_response(resp: requests.Response, max_bytes: int) -> tuple[bytes | Fet
         if size > max_bytes:
             return FetchFailure("too_large", f"body is over the cap of {max_bytes} bytes (stopped reading)"), False
         chunks.append(chunk)
-    return b"".join(chunks), False
+    body = b"".join(chunks)
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if (not media_type or media_type in _NON_IMAGE_OK_TYPES) and not _looks_like_image(body):
+        # No type, or a generic one: only an image's own bytes vouch for it (a metadata service's JSON
+        # or an HTML page without a Content-Type is not one).
+        return FetchFailure("not_image_content", f"Content-Type {content_type!r} and a body that is no known "
+                                                 "image format"), False
+    return body, False
+
+
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    """Whether `data` starts as an image format the decoder accepts (JPEG, PNG, GIF, BMP, TIFF, WebP,
+    AVIF): what a body sent without a specific Content-Type must be to count as an image."""
+    if data.startswith(_IMAGE_MAGIC):
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    return data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis")
 
 
 def _is_image_content_type(value: str | None) -> bool:
     media_type = (value or "").split(";", 1)[0].strip().lower()
-    # Missing is fine (many static hosts send none). binary/octet-stream is what S3 serves for objects
-    # uploaded without a type, which is common for image buckets.
+    # Missing is allowed (many static hosts send none), and so is binary/octet-stream, what S3 serves
+    # for objects uploaded without a type (common for image buckets): the body must then look like an
+    # image (_looks_like_image).
     return not media_type or media_type.startswith("image/") or media_type in _NON_IMAGE_OK_TYPES
 
 

@@ -91,6 +91,10 @@ class ShardConfig:
     """Keep items whose caption is empty after clean-up (unconditional training data) instead of skipping."""
     follow_symlinks: bool = False
     """Read symlinked folders of a local folder source (otherwise each is a counted `symlinked_folder` skip)."""
+    allow_private_hosts: bool = False
+    """Fetch table URLs from loopback, private and link-local hosts (see FetchOptions.allow_private_hosts)."""
+    allowed_roots: tuple[str, ...] = ()
+    """More folders or s3:// prefixes a table's paths may point into (see SourceOptions.allowed_roots)."""
     dedup: bool = True
     """Skip items whose source bytes equal an earlier item's, in this run or an earlier part."""
     source_format: str = "auto"
@@ -131,7 +135,9 @@ class ShardConfig:
         require_choice(self.image_format, "shard config `image_format`", IMAGE_FORMATS)
         require_choice(self.resize_mode, "shard config `resize_mode`", RESIZE_MODES)
         require_choice(self.executor, "shard config `executor`", EXECUTORS)
-        for name in ("overwrite", "keep_empty_captions", "follow_symlinks", "dedup", "progress"):
+        self.allowed_roots = tuple(os.fspath(r) for r in self.allowed_roots)
+        for name in ("overwrite", "keep_empty_captions", "follow_symlinks", "allow_private_hosts", "dedup",
+                     "progress"):
             require_bool(getattr(self, name), f"shard config `{name}`")
         if self.executor == "ray" and not self.ray_address:
             raise DataPrepError("shard config `executor: ray` needs `ray_address` (e.g. auto, or host:6379)")
@@ -148,12 +154,14 @@ class ShardConfig:
 
     def fetch_options(self) -> FetchOptions:
         return FetchOptions(timeout=self.fetch_timeout, retries=self.fetch_retries,
-                            max_bytes=self.max_image_bytes, threads=self.read_threads)
+                            max_bytes=self.max_image_bytes, threads=self.read_threads,
+                            allow_private_hosts=self.allow_private_hosts)
 
     def source_options(self) -> SourceOptions:
         return SourceOptions(source_format=self.source_format, url_column=self.url_column,
                              caption_column=self.caption_column, caption_field=self.caption_field,
-                             keep_empty_captions=self.keep_empty_captions, follow_symlinks=self.follow_symlinks)
+                             keep_empty_captions=self.keep_empty_captions, follow_symlinks=self.follow_symlinks,
+                             allowed_roots=self.allowed_roots)
 
     def identity_options(self) -> dict[str, Any]:
         """The options that change what the shards hold: part of the dataset's content id."""

@@ -105,6 +105,10 @@ class SourceOptions:
     follow_symlinks: bool = False
     """Read symlinked folders of a local folder source too (each real folder once); otherwise each is
     counted as a `symlinked_folder` skip, never silently left out."""
+    allowed_roots: tuple[str, ...] = ()
+    """Folders and s3:// prefixes a table's local paths, file:// URLs and s3:// URIs may point into,
+    besides the table's own folder. Anything else in a table (/etc/passwd, file:///root/.ssh/id_rsa,
+    another team's bucket) is an `outside_allowed_root` skip: a table from anyone reads only there."""
 
     def __post_init__(self) -> None:
         require_choice(self.source_format, "shard config `source_format`", SOURCE_FORMATS)
@@ -248,6 +252,7 @@ def _plan_table(source: str, options: SourceOptions) -> SourcePlan:
     url_col = _pick_column(columns, options.url_column, _URL_COLUMNS, "url_column", source)
     cap_col = _pick_column(columns, options.caption_column, _CAPTION_COLUMNS, "caption_column", source)
     base = posixpath.dirname(source) if storage.is_s3(source) else os.path.dirname(os.path.abspath(source))
+    roots = [base, *options.allowed_roots]
     plan = SourcePlan(kind="table")
     for row, record in enumerate(rows):
         ref, caption = record.get(url_col), record.get(cap_col)
@@ -261,12 +266,43 @@ def _plan_table(source: str, options: SourceOptions) -> SourcePlan:
             plan.skips.append(Skip(label, "missing_caption", f"row {row + 1}: no `{cap_col}`"))
         elif not _is_utf8(str(caption)):
             plan.skips.append(Skip(label, "caption_not_utf8", f"row {row + 1}: `{cap_col}` is not valid UTF-8"))
+        elif (image := _resolve_row(ref, base)) is None or not any(_inside(image, root) for root in roots):
+            plan.skips.append(Skip(label, "outside_allowed_root", f"row {row + 1}: {ref!r} is outside {base} and "
+                                   "the allowed roots; pass --allow-root to read there"))
         else:
-            image = ref if ref.startswith(URL_SCHEMES) or os.path.isabs(ref) else storage.join(base, ref)
             plan.items.append(ItemRef(source_id=ref, image=image, caption="" if _missing(caption) else str(caption)))
     if not plan.items and not plan.skips:
         raise DataPrepError(f"table {source} has no rows")
     return plan
+
+
+def _resolve_row(ref: str, base: str) -> str | None:
+    """A table cell as the URI it names: http(s) URLs as they are; s3:// URIs, local paths and file://
+    URLs normalised, relative ones against the table's folder `base` (so `..` cannot hide where they
+    point); None for one that names nothing readable."""
+    if ref.startswith(("http://", "https://")):
+        return ref
+    if ref.startswith("s3://") or (storage.is_s3(base) and not ref.startswith("file://") and not os.path.isabs(ref)):
+        bucket, _, key = (ref if ref.startswith("s3://") else f"{base.rstrip('/')}/{ref}")[len("s3://"):].partition("/")
+        key = posixpath.normpath(key) if key else ""
+        return None if not bucket or key in ("", ".") or key.startswith("..") else f"s3://{bucket}/{key}"
+    try:
+        path = storage.local_path(ref) if ref.startswith("file://") else os.path.join(base, ref)
+    except storage.StorageError:
+        return None
+    return os.path.realpath(path)  # os.path.join keeps an absolute `ref` as it is
+
+
+def _inside(uri: str, root: str) -> bool:
+    """Whether `uri` (as _resolve_row gives it) is `root` or below it; http(s) URLs are never local."""
+    if uri.startswith(("http://", "https://")):
+        return True  # no file system: the fetcher's host checks apply to them
+    if storage.is_s3(uri) != storage.is_s3(root):
+        return False
+    if storage.is_s3(uri):
+        return uri == root.rstrip("/") or uri.startswith(root.rstrip("/") + "/")
+    root = os.path.realpath(storage.local_path(root))
+    return uri == root or uri.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _is_utf8(text: str) -> bool:

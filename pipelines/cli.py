@@ -61,7 +61,8 @@ def shard_config_from_args(args: argparse.Namespace):
         min_size=args.min_size, max_pixels=args.max_pixels,
         max_image_bytes=args.max_image_bytes, samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes or None, keep_empty_captions=args.keep_empty_captions,
-        follow_symlinks=args.follow_symlinks,
+        follow_symlinks=args.follow_symlinks, allow_private_hosts=args.allow_private_hosts,
+        allowed_roots=tuple(args.allow_root),
         dedup=not args.no_dedup, source_format=args.source_format, url_column=args.url_column,
         caption_column=args.caption_column, caption_field=args.caption_field, processes=args.processes,
         executor="ray" if args.ray_address else "processes", ray_address=args.ray_address,
@@ -235,6 +236,10 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
                    help="skip images whose header claims more pixels (decompression bombs)")
     g.add_argument("--max-image-bytes", type=int, default=d["max_image_bytes"].default)
     g.add_argument("--keep-empty-captions", action="store_true", help="keep items with empty captions")
+    g.add_argument("--allow-private-hosts", action="store_true",
+                   help="fetch table URLs from loopback, private and link-local hosts (refused by default)")
+    g.add_argument("--allow-root", action="append", default=[], metavar="PATH",
+                   help="a folder or s3:// prefix a table's paths may point into besides its own folder (repeatable)")
     g.add_argument("--follow-symlinks", action="store_true",
                    help="read symlinked folders of a local folder source (default: count each as a skip)")
     g.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")

@@ -54,6 +54,8 @@ def test_junk_corpus_in_one_run(tmp_path, http_server):
     rows.append(("files/again.jpg", "a duplicate"))
     rows.append((f"http://127.0.0.1:{closed_port()}/gone.jpg", "an unreachable URL"))
     rows.append((f"{http_server.base}/html/login", "a URL that returns HTML"))
+    rows.append(("file:///etc/hostname", "a file outside the table's folder"))
+    rows.append(("files/../../outside.jpg", "a relative path that climbs out"))
 
     table = tmp_path / "corpus.csv"
     with open(table, "wb") as f:
@@ -68,14 +70,15 @@ def test_junk_corpus_in_one_run(tmp_path, http_server):
     # Run as the CLI would be run, in a child process that obeys file permissions even as root.
     proc = cli_without_root_powers(["shard", "--source", str(table), "--output", str(out), "--resolution", "32",
                                     "--samples-per-shard", "5", "--processes", "2", "--fetch-timeout", "2",
-                                    "--fetch-retries", "1", "--no-progress"], cwd=ROOT)
+                                    "--fetch-retries", "1", "--no-progress",
+                                    "--allow-private-hosts"], cwd=ROOT)  # the test server is on 127.0.0.1
     assert proc.returncode == 0, proc.stderr
     dataset = read_dataset(str(out))
     manifest = dataset.parts[0].manifest
     assert manifest.skipped == {
         "caption_not_utf8": 1, "corrupt_image": 1, "duplicate": 1, "empty_file": 1, "fetch_failed": 1,
         "missing_caption": 1, "not_an_image": 1, "not_image_content": 1, "too_many_pixels": 1,
-        "truncated_image": 1, "unreadable_file": 1,
+        "truncated_image": 1, "unreadable_file": 1, "outside_allowed_root": 2,
     }
     assert dataset.total_samples == GOOD
     written = {r.source_id for r in read_samples(dataset.parts[0].uri, manifest)}
@@ -143,7 +146,7 @@ def test_table_formats_and_columns(tmp_path, http_server):
     for suffix in ("csv", "tsv", "jsonl", "parquet"):
         report = build_shards(ShardConfig(source=str(tmp_path / f"t.{suffix}"), output=str(tmp_path / suffix),
                                           resolution=32, processes=1, progress=False, url_column="image_path",
-                                          caption_column="text"))
+                                          caption_column="text", allow_private_hosts=True))
         assert report.written == 5 and report.skipped == {"duplicate": 1}, suffix
         ids.add(report.content_id)
     assert len(ids) == 1  # the same rows in any table format are the same dataset
@@ -213,3 +216,35 @@ def test_hidden_and_symlinked_folders_are_counted_or_followed(tmp_path):
                                         processes=1, progress=False, follow_symlinks=True))
     assert followed.written == 5  # src's own 2 and the 3 behind the link, once despite the loop
     assert followed.skipped == {"hidden_path": 3}
+
+
+def test_a_url_table_cannot_turn_the_fetcher_on_its_own_network(tmp_path, http_server, monkeypatch):
+    """By default a table's URLs may not reach loopback, private or link-local hosts (the cloud
+    metadata service), at the first hop or after a redirect, and its paths may not leave the table's
+    folder and the allowed roots; each refusal is a counted skip with its own reason."""
+    from data_prep.shard import ShardConfig, build_shards
+
+    (http_server.root / "ok.jpg").write_bytes(jpeg_bytes(seed=1))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg_bytes(seed=2))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "b.jpg").write_bytes(jpeg_bytes(seed=3))
+    (tmp_path / "tables").mkdir()
+    with open(tmp_path / "tables" / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([
+            ["url", "caption"],
+            [f"{http_server.base}/ok.jpg", "loopback"],
+            ["http://169.254.169.254/latest/meta-data/iam/security-credentials/", "metadata service"],
+            ["http://[::1]:9/x.jpg", "IPv6 loopback"],
+            ["http://10.1.2.3/x.jpg", "RFC 1918"],
+            [str(tmp_path / "imgs" / "a.jpg"), "an absolute path outside the table's folder"],
+            ["file:///etc/passwd", "a file URL"],
+            [(shared / "b.jpg").as_uri(), "under an allowed root"],
+        ])
+    report = build_shards(ShardConfig(source=str(tmp_path / "tables" / "t.csv"), output=str(tmp_path / "out"),
+                                      resolution=32, processes=1, progress=False, allowed_roots=(str(shared),),
+                                      fetch_timeout=2.0, fetch_retries=0))
+    assert report.written == 1  # only the file under the allowed root
+    assert report.skipped == {"private_host": 4, "outside_allowed_root": 2}
+    assert not any(p.endswith("/ok.jpg") for p in http_server.requests)  # refused before connecting

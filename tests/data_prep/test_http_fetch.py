@@ -31,7 +31,12 @@ JPEG = _encode("JPEG")
 BIG = 64 * 2**20  # bodies the server offers for the size-cap tests; far more than loopback socket buffers hold
 CAP = 2**20  # the cap used against them
 SLOW_SECONDS = 2.0
-FAST = FetchOptions(timeout=2.0, backoff=0.0)  # no sleeping between retries, so retry tests stay fast
+def local_options(**kwargs) -> FetchOptions:
+    """Options for fetching from the test server, which is on 127.0.0.1: a private host."""
+    return FetchOptions(allow_private_hosts=True, **kwargs)
+
+
+FAST = local_options(timeout=2.0, backoff=0.0)  # no sleeping between retries, so retry tests stay fast
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,6 +107,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, JPEG, None)
         elif path == "/octet":
             self._send(200, PNG, "application/octet-stream")
+        elif path == "/json-untyped":  # what a metadata service or an API answers, without a type
+            self._send(200, b'{"AccessKeyId": "ASIA..."}', None)
+        elif path == "/text-octet":
+            self._send(200, b"not an image at all", "application/octet-stream")
         elif path == "/html":
             self._send(200, b"<html><body>Not found, but 200</body></html>", "text/html; charset=utf-8")
         elif path == "/json":
@@ -129,6 +138,8 @@ class Handler(BaseHTTPRequestHandler):
             self._redirect("png")
         elif path == "/redirect-loop":
             self._redirect("/redirect-loop")
+        elif path.startswith("/redirect-to/"):  # /redirect-to/<absolute URL>
+            self._redirect(path[len("/redirect-to/"):])
         elif path == "/redirect-to-file":
             self._redirect("file:///etc/hostname")
         elif path == "/redirect-big-body":
@@ -227,7 +238,7 @@ def _failure(result: bytes | FetchFailure, reason: str) -> FetchFailure:
 
 
 def test_png_is_returned_and_the_user_agent_sent(server):
-    assert fetch(server.url("/png"), FetchOptions(user_agent="test-agent/1")) == PNG
+    assert fetch(server.url("/png"), local_options(user_agent="test-agent/1")) == PNG
     assert server.user_agents == ["test-agent/1"]
 
 
@@ -261,20 +272,20 @@ def test_503_then_success_retries_once(server):
 
 @pytest.mark.parametrize("retries", [0, 2])
 def test_503_forever_gives_up_after_exactly_1_plus_retries_requests(server, retries):
-    failure = _failure(fetch(server.url("/down"), FetchOptions(retries=retries, backoff=0.0)), "http_error")
+    failure = _failure(fetch(server.url("/down"), local_options(retries=retries, backoff=0.0)), "http_error")
     assert "503" in failure.detail
     assert server.requests["/down"] == 1 + retries
 
 
 def test_429_is_retried(server):
-    _failure(fetch(server.url("/throttled"), FetchOptions(retries=1, backoff=0.0)), "http_error")
+    _failure(fetch(server.url("/throttled"), local_options(retries=1, backoff=0.0)), "http_error")
     assert server.requests["/throttled"] == 2
 
 
 def test_backoff_waits_between_retries(server):
     # Retry n waits 50-100% of backoff * 2**(n-1): with 0.1 s and 2 retries, 0.15-0.3 s in all.
     start = time.monotonic()
-    _failure(fetch(server.url("/down"), FetchOptions(retries=2, backoff=0.1)), "http_error")
+    _failure(fetch(server.url("/down"), local_options(retries=2, backoff=0.1)), "http_error")
     elapsed = time.monotonic() - start
     assert 0.15 <= elapsed < 1.0
     assert server.requests["/down"] == 3
@@ -286,7 +297,7 @@ def test_backoff_waits_between_retries(server):
 
 
 def test_declared_length_over_cap_is_refused_without_downloading(server):
-    failure = _failure(fetch(server.url("/big-declared"), FetchOptions(max_bytes=CAP)), "too_large")
+    failure = _failure(fetch(server.url("/big-declared"), local_options(max_bytes=CAP)), "too_large")
     assert str(BIG) in failure.detail
     streamed = server.wait_streamed("/big-declared")
     # The client hung up after the headers: the server hit a closed connection long before the end.
@@ -296,7 +307,7 @@ def test_declared_length_over_cap_is_refused_without_downloading(server):
 
 
 def test_chunked_body_over_cap_stops_reading(server):
-    _failure(fetch(server.url("/big-chunked"), FetchOptions(max_bytes=CAP)), "too_large")
+    _failure(fetch(server.url("/big-chunked"), local_options(max_bytes=CAP)), "too_large")
     streamed = server.wait_streamed("/big-chunked")
     assert streamed.aborted
     assert streamed.sent < BIG // 4
@@ -304,14 +315,14 @@ def test_chunked_body_over_cap_stops_reading(server):
 
 def test_cap_boundary_without_content_length(server):
     url = server.url("/chunked-png")
-    assert fetch(url, FetchOptions(max_bytes=len(PNG))) == PNG
-    _failure(fetch(url, FetchOptions(max_bytes=len(PNG) - 1)), "too_large")
+    assert fetch(url, local_options(max_bytes=len(PNG))) == PNG
+    _failure(fetch(url, local_options(max_bytes=len(PNG) - 1)), "too_large")
 
 
 def test_cap_boundary_with_content_length(server):
     url = server.url("/png")
-    assert fetch(url, FetchOptions(max_bytes=len(PNG))) == PNG
-    _failure(fetch(url, FetchOptions(max_bytes=len(PNG) - 1)), "too_large")
+    assert fetch(url, local_options(max_bytes=len(PNG))) == PNG
+    _failure(fetch(url, local_options(max_bytes=len(PNG) - 1)), "too_large")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,7 +332,7 @@ def test_cap_boundary_with_content_length(server):
 
 def test_slow_server_times_out_and_is_retried(server):
     start = time.monotonic()
-    failure = _failure(fetch(server.url("/slow"), FetchOptions(timeout=0.3, retries=1, backoff=0.0)), "fetch_failed")
+    failure = _failure(fetch(server.url("/slow"), local_options(timeout=0.3, retries=1, backoff=0.0)), "fetch_failed")
     elapsed = time.monotonic() - start
     assert "timed out" in failure.detail.lower()
     assert "2 attempts" in failure.detail
@@ -331,7 +342,7 @@ def test_slow_server_times_out_and_is_retried(server):
 
 def test_unreachable_port_is_fetch_failed():
     url = f"http://127.0.0.1:{_free_port()}/x.png"  # bound and released: nothing listens there
-    failure = _failure(fetch(url, FetchOptions(retries=1, backoff=0.0)), "fetch_failed")
+    failure = _failure(fetch(url, local_options(retries=1, backoff=0.0)), "fetch_failed")
     assert "2 attempts" in failure.detail
 
 
@@ -374,7 +385,7 @@ def test_redirect_to_a_file_url_is_refused(server):
 
 def test_redirect_body_is_not_read(server):
     # requests itself would read this whole body into memory before following the redirect.
-    assert fetch(server.url("/redirect-big-body"), FetchOptions(max_bytes=CAP)) == PNG
+    assert fetch(server.url("/redirect-big-body"), local_options(max_bytes=CAP)) == PNG
     streamed = server.wait_streamed("/redirect-big-body")
     assert streamed.aborted
     assert streamed.sent < BIG // 4
@@ -391,7 +402,7 @@ def test_file_urls(tmp_path):
     assert fetch(f"file://localhost{tmp_path}/a%20b.png", FAST) == PNG
     _failure(fetch((tmp_path / "missing.png").as_uri(), FAST), "fetch_failed")
     _failure(fetch(tmp_path.as_uri(), FAST), "fetch_failed")  # a directory
-    _failure(fetch((tmp_path / "a b.png").as_uri(), FetchOptions(max_bytes=len(PNG) - 1)), "too_large")
+    _failure(fetch((tmp_path / "a b.png").as_uri(), local_options(max_bytes=len(PNG) - 1)), "too_large")
     failure = _failure(fetch(f"file://otherhost{tmp_path}/a%20b.png", FAST), "fetch_failed")
     assert "otherhost" in failure.detail
 
@@ -433,7 +444,7 @@ def test_zero_backoff_and_retries_are_allowed():
 
 def test_fetch_many_keeps_order_and_bounds_concurrency(server):
     urls = [server.url(f"/item/{i}") for i in range(50)]
-    out = list(fetch_many(urls, FetchOptions(threads=4, timeout=5.0)))
+    out = list(fetch_many(urls, local_options(threads=4, timeout=5.0)))
     assert [u for u, _ in out] == urls
     assert [body for _, body in out] == [f"/item/{i}".encode() for i in range(50)]
     assert 1 < server.max_active <= 4
@@ -441,7 +452,7 @@ def test_fetch_many_keeps_order_and_bounds_concurrency(server):
 
 def test_fetch_many_reports_failures_in_place(server):
     urls = [server.url("/png"), server.url("/missing"), "ftp://x/y.png", server.url("/html"), server.url("/png")]
-    out = list(fetch_many(urls, FetchOptions(threads=3, backoff=0.0)))
+    out = list(fetch_many(urls, local_options(threads=3, backoff=0.0)))
     assert [u for u, _ in out] == urls
     results = [r for _, r in out]
     assert results[0] == PNG and results[4] == PNG
@@ -451,7 +462,7 @@ def test_fetch_many_reports_failures_in_place(server):
 def test_fetch_many_buffers_a_bounded_window_of_a_lazy_input(server):
     threads = 4
     urls = (server.url(f"/item/{i}") for i in itertools.count())  # endless: must be consumed lazily
-    results = fetch_many(urls, FetchOptions(threads=threads))
+    results = fetch_many(urls, local_options(threads=threads))
     first_url, first = next(results)
     assert first == b"/item/0"
     time.sleep(0.3)  # a slow consumer: workers finish what they hold, then must stop
@@ -497,7 +508,7 @@ def test_many_tasks_in_one_process_keep_open_descriptors_flat(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     ctx = TaskContext(part_uri=str(tmp_path / "part"), process=ProcessOptions(resolution=32),
-                      fetch=FetchOptions(retries=0), samples_per_shard=10, max_shard_bytes=None, read_threads=16)
+                      fetch=local_options(retries=0), samples_per_shard=10, max_shard_bytes=None, read_threads=16)
 
     def run(n: int) -> None:
         for t in range(n):
@@ -517,3 +528,62 @@ def test_many_tasks_in_one_process_keep_open_descriptors_flat(tmp_path):
         close_read_pool()
         server.shutdown()
         server.server_close()
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Untrusted URLs: private hosts and downgrades
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_private_hosts_are_refused_unless_allowed(server):
+    for url in (server.url("/png"), "http://169.254.169.254/latest/meta-data/", "http://[::1]/x",
+                "http://10.0.0.1/x", "http://[fd00::1]/x", "http://0.0.0.0/x", "http://[::ffff:127.0.0.1]/x"):
+        failure = _failure(fetch(url, FetchOptions(timeout=1.0)), "private_host")
+        assert "--allow-private-hosts" in failure.detail
+    assert server.requests.get("/png", 0) == 0  # refused before connecting
+    assert fetch(server.url("/png"), local_options()) == PNG
+
+
+def test_every_redirect_hop_is_checked(server, monkeypatch):
+    """A host allowed at the first hop may redirect to one that is not."""
+    from data_prep import http_fetch
+
+    real = http_fetch._private_host
+    monkeypatch.setattr(http_fetch, "_private_host",
+                        lambda url: real(url) if "localhost" in url else None)  # only "localhost" is private here
+    port = server.base.rsplit(":", 1)[1]
+    failure = fetch(server.url(f"/redirect-to/http://localhost:{port}/png"), FetchOptions(timeout=2.0))
+    _failure(failure, "private_host")
+    assert server.requests.get("/png", 0) == 0
+
+
+def test_an_https_url_redirected_to_http_is_refused(tmp_path, server, monkeypatch):
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    httpd = _Server(("127.0.0.1", 0), Handler)
+    httpd.state = server
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    secure = f"https://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        assert fetch(f"{secure}/png", local_options()) == PNG  # the server works over TLS
+        failure = _failure(fetch(f"{secure}/redirect-to/{server.url('/png')}", local_options()), "insecure_redirect")
+        assert "plain http" in failure.detail
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("path", ["/json-untyped", "/text-octet"])
+def test_a_body_without_a_specific_type_must_be_an_image(server, path):
+    _failure(fetch(server.url(path), local_options()), "not_image_content")
