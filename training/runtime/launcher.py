@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from data_prep import storage
 from training.checkpoint.run_storage import checkpoint_uri, ray_storage
+from training.checkpoint.verify import latest_verified_checkpoint
 from training.config import RunConfig
 from training.errors import ConfigError
 from training.runtime.context import WorkerPayload
@@ -206,6 +207,22 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    return LaunchResult(checkpoint=checkpoint_uri(result.checkpoint), metrics=dict(result.metrics or {}))
+    registered = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
+    return LaunchResult(checkpoint=final_checkpoint(registered, payload.run_location, cfg.train.max_steps),
+                        metrics=dict(result.metrics or {}))
+
+
+def final_checkpoint(registered: str | None, run_location: str, max_steps: int) -> str:
+    """The run's outcome: its newest verified checkpoint, which is the final step's. Ray reports the
+    last checkpoint it registered, and registers one only after every rank's upload finished and its
+    controller next polled: when the final checkpoint is complete in storage but Ray never registered
+    it (a worker or the controller went down in between), Ray's is an older step, and exporting it
+    would publish an older model than the run trained."""
+    latest = latest_verified_checkpoint(run_location)
+    if latest is not None and latest.step == max_steps:
+        if registered != latest.uri:
+            log.warning("the final step-%d checkpoint %s is complete but Ray reported %s; the run's outcome is the "
+                        "final one", latest.step, latest.uri, registered)
+        return latest.uri
+    raise RuntimeError(f"training finished without a verified step-{max_steps} checkpoint in {run_location} "
+                       f"(newest: {'none' if latest is None else f'step {latest.step}'}; Ray reported {registered})")

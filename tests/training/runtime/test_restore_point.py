@@ -91,3 +91,20 @@ def test_from_s3_each_rank_downloads_only_its_part(tmp_path, s3_bucket):
         assert {f"loader/rank-{r}.json" for r in range(WORLD)} <= set(files)  # every position: re-split
     assert "ema.safetensors" not in fetched[1]
     assert all(sum(files.values()) < total for files in fetched.values())
+
+
+def test_the_outcome_is_the_final_checkpoint_even_when_ray_never_registered_it(tmp_path):
+    """Before, the run reported Ray's last registered checkpoint (an older step) and the export
+    published that, or failed with "finished without a checkpoint"."""
+    from tests.training.runtime.test_resume_errors import commit_checkpoint
+    from training.runtime.launcher import final_checkpoint
+
+    run = tmp_path / "run"
+    older, final = run / "checkpoint_2026-01-01_00-00-00.000000", run / "checkpoint_2026-01-01_00-10-00.000000"
+    commit_checkpoint(older, step=4, config={}, frozen={})
+    commit_checkpoint(final, step=8, config={}, frozen={})
+    assert final_checkpoint(str(older), str(run), 8) == str(final)  # registered: only the older one
+    assert final_checkpoint(None, str(run), 8) == str(final)  # registered: none
+    assert final_checkpoint(str(final), str(run), 8) == str(final)
+    with pytest.raises(RuntimeError, match="without a verified step-12 checkpoint .*newest: step 8"):
+        final_checkpoint(str(final), str(run), 12)
