@@ -19,6 +19,7 @@ from data_prep.checks import require_int
 from data_prep.dataset import Dataset, ShardRef, read_dataset
 from training.errors import DataError
 from training.loader.batch import Batch, Undecodable, decode_sample, held_out
+from training.loader.lifetime import die_with_parent
 from training.loader.plan import BufferedSample, LoaderState, StreamState, draw_index, fit_streams, plan_epoch
 from training.loader.tar_reader import ShardReader
 
@@ -172,6 +173,7 @@ class _StreamDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         if info is not None:
+            die_with_parent()  # a worker outlives neither its fork server nor, through it, the trainer
             # A forkserver child has the environment of the forkserver's start, not of this run: set the
             # S3 settings ShardStream saw, and build this process's own boto3 client.
             for key in [k for k in os.environ if k.startswith("AWS_") and k not in self.environment]:
@@ -190,7 +192,9 @@ def _preload_forkserver() -> None:
     (otherwise every worker spends seconds importing torch). Takes effect only if it has not started."""
     global _PRELOADED
     if not _PRELOADED:
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", __name__])
+        # forkserver_preload ties the server's life to the trainer's (training.loader.lifetime).
+        multiprocessing.get_context("forkserver").set_forkserver_preload(
+            ["training.loader.forkserver_preload", "torch", __name__])
         _PRELOADED = True
 
 
