@@ -129,7 +129,7 @@ class Trainer:
             loss = self.task.loss(self.engine, batch, self.generator)
             self.engine.backward(loss)
             self.engine.step()
-            self.window.add(float(loss.detach()), len(batch.captions))
+            self.window.add(loss, len(batch.captions))  # no read-back: see LossWindow
         if self.ema is not None:
             self.ema.step(self.engine.module.parameters())
         self.state.step += 1

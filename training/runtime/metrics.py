@@ -43,13 +43,16 @@ class SampleLog:
 
 
 class LossWindow:
-    """Loss and throughput since the last log line."""
+    """Loss and throughput since the last log line. The losses add up where they were computed (on
+    the GPU): reading one back would wait for every kernel queued before it, on every micro-batch;
+    only `reduce`, at log steps, reads the sum."""
 
     def __init__(self) -> None:
-        self.loss_sum, self.count, self.samples, self.elapsed, self.steps = 0.0, 0, 0, 0.0, 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.count, self.samples, self.elapsed, self.steps = 0, 0, 0.0, 0
 
-    def add(self, loss: float, samples: int) -> None:
-        self.loss_sum += loss
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().to(torch.float64)
         self.count += 1
         self.samples += samples
 
@@ -59,10 +62,11 @@ class LossWindow:
 
     def reduce(self, ctx: WorkerContext, engine, state: TrainState, loader: LoaderState) -> dict[str, float]:
         # Mean loss over all ranks; throughput of the slowest rank (the step waits for it anyway).
-        t = torch.tensor([self.loss_sum, self.count, self.samples], dtype=torch.float64)
+        loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float64).reshape(1).to(ctx.device)
+        counts = torch.tensor([self.count, self.samples], dtype=torch.float64, device=ctx.device)
+        t = torch.cat([loss_sum, counts])
         elapsed = torch.tensor([self.elapsed], dtype=torch.float64)
         if dist.is_initialized():
-            t = t.to(ctx.device)
             elapsed = elapsed.to(ctx.device)
             dist.all_reduce(t)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
