@@ -97,6 +97,10 @@ class TrainConfig:
     checkpoint_upload: str = "async"
     """async: Ray uploads a checkpoint to storage in the background while training goes on (it
     counts once every rank's upload finished); sync: the step waits for the upload."""
+    max_pending_uploads: int = 2
+    """async: checkpoints a rank may have waiting for their upload (each a local folder as large as its
+    part). When storage is slower than train.checkpoint_every, the next checkpoint waits for one to
+    finish, and says so, instead of piling folders up on local disk."""
     max_failures: int = 1
     """Worker-group restarts Ray attempts from the latest checkpoint before giving up."""
     kl_weight: float = 1e-4
@@ -140,6 +144,7 @@ class TrainConfig:
         check_key(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
         check_key(self.loader_workers >= 0, "train.loader_workers", ">= 0", self.loader_workers)
         check_key(self.cluster_wait_s >= 0, "train.cluster_wait_s", ">= 0", self.cluster_wait_s)
+        check_key(self.max_pending_uploads >= 1, "train.max_pending_uploads", ">= 1", self.max_pending_uploads)
         check_key(self.checkpoint_upload in CHECKPOINT_UPLOADS, "train.checkpoint_upload",
                f"one of {', '.join(CHECKPOINT_UPLOADS)}", self.checkpoint_upload)
         if self.min_workers is not None:

@@ -5,8 +5,11 @@ to resume from is picked, verified and restored into the engine, the EMA, the lo
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,7 +66,9 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
     it), so the export never consolidates optimizer shards."""
     import ray.train
 
-    local = Path(tempfile.mkdtemp(prefix=f"ldm-ckpt-{state.step}-r{ctx.rank}-"))
+    if train.checkpoint_upload == "async":
+        wait_for_uploads(ctx.rank, train.max_pending_uploads)
+    local = Path(tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{state.step}-r{ctx.rank}-p{os.getpid()}-"))
     handed_over = False
     try:
         state.tag = f"step-{state.step:08d}"
@@ -93,6 +98,62 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
     finally:
         if not handed_over:
             shutil.rmtree(local, ignore_errors=True)
+
+
+LOCAL_PREFIX = "ldm-ckpt-"
+"""Each rank's local checkpoint folder (in the temp dir) is ldm-ckpt-<step>-r<rank>-p<pid>-<random>:
+Ray uploads it and then deletes it."""
+UPLOAD_WAIT_S = 1800.0
+"""How long a checkpoint waits for earlier uploads before the run fails (storage unreachable)."""
+
+
+def pending_uploads(rank: int, pid: int | None = None) -> list[Path]:
+    """This process's (or `pid`'s) local checkpoint folders of `rank` that Ray has not uploaded yet."""
+    mark = f"-r{rank}-p{pid or os.getpid()}-"
+    return sorted(p for p in Path(tempfile.gettempdir()).glob(f"{LOCAL_PREFIX}*") if mark in p.name and p.is_dir())
+
+
+def wait_for_uploads(rank: int, limit: int, *, timeout_s: float = UPLOAD_WAIT_S, poll_s: float = 0.5) -> float:
+    """Block while `limit` or more of this rank's checkpoints are still uploading (storage slower than
+    train.checkpoint_every: without a bound they pile up on local disk); returns the seconds waited."""
+    if len(pending_uploads(rank)) < limit:
+        return 0.0
+    log.warning("rank %d: %d checkpoints are still uploading (train.max_pending_uploads=%d): storage is slower than "
+                "train.checkpoint_every; the next checkpoint waits for one", rank, len(pending_uploads(rank)), limit)
+    began = time.monotonic()
+    while len(pending_uploads(rank)) >= limit:
+        if time.monotonic() - began > timeout_s:
+            raise RuntimeError(f"rank {rank}: earlier checkpoints have not finished uploading after {timeout_s:.0f} s; "
+                               "is the storage reachable?")
+        time.sleep(poll_s)
+    waited = time.monotonic() - began
+    log.info("rank %d waited %.1f s for earlier checkpoint uploads", rank, waited)
+    return waited
+
+
+def remove_orphaned_uploads() -> int:
+    """Remove the local checkpoint folders of processes that no longer run (a killed worker's never
+    upload); returns how many. Folders of live processes, another run's too, are left alone."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{LOCAL_PREFIX}*"):
+        match = re.search(r"-p(\d+)-", path.name)
+        if match is None or not path.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d local checkpoint folders of dead workers", removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Generator, ctx: WorkerContext,

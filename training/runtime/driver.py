@@ -183,6 +183,7 @@ def check_resumable(checkpoint_uri: str, cfg: RunConfig, frozen: dict) -> None:
 RESUMABLE_KEYS = frozenset({"train.max_steps", "train.num_workers", "train.min_workers", "train.cpus_per_worker",
                             "train.max_failures", "train.checkpoint_every", "train.log_every",
                             "train.checkpoints_to_keep", "train.loader_workers", "train.checkpoint_upload",
+                            "train.max_pending_uploads",
                             "train.cluster_wait_s"})
 """Config keys `resume` may change: how and how long the run continues, not what it trains."""
 

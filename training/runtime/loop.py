@@ -22,7 +22,7 @@ import torch
 from training.checkpoint.layout import TrainState
 from training.loader.plan import LoaderState
 from training.loader.stream import ShardStream
-from training.runtime.checkpointing import check_frozen, restore, save_and_report
+from training.runtime.checkpointing import check_frozen, remove_orphaned_uploads, restore, save_and_report
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import build_ema, build_engine
 from training.runtime.metrics import LossWindow, SampleLog, StepLogger, publish_worker_processes
@@ -79,6 +79,7 @@ class Trainer:
         worker count goes through a universal checkpoint, which the engine must be configured to
         load before it is built."""
         cfg = payload.config
+        remove_orphaned_uploads()  # what killed workers of this node left behind
         task = build_task(cfg, seed=cfg.train.seed, device=ctx.device)
         frozen = check_frozen(task.frozen_hashes(), payload.frozen)
         generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + ctx.rank)
