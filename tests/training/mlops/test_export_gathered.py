@@ -40,6 +40,8 @@ def ray_report_copies(monkeypatch, tmp_path):
         target = tmp_path / f"checkpoint_{len(stored):06d}"
         shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
         stored.append(target)
+        if upload_options.get("delete_local_checkpoint_after_upload"):
+            shutil.rmtree(checkpoint.path)  # as Ray does once the upload is done
 
     monkeypatch.setattr(ray.train, "report", report)
     return stored
