@@ -33,7 +33,15 @@ from data_prep.http_fetch import FetchFailure, FetchOptions, fetch, read_pool
 from data_prep.image_ops import ImageSkip, ProcessOptions, process_image
 from data_prep.manifest import ShardInfo
 from data_prep.shard_writer import ShardWriter, shard_name
-from data_prep.sources import SHARD_IMAGE_EXTS, ItemRef, Skip, iter_shard_samples, key_for, read_sidecar_caption
+from data_prep.sources import (
+    OVERSIZED,
+    SHARD_IMAGE_EXTS,
+    ItemRef,
+    Skip,
+    iter_shard_samples,
+    key_for,
+    read_sidecar_caption,
+)
 
 PROGRESS_EVERY = 16
 """Items between progress calls: in a process pool each call takes a lock shared with the other workers."""
@@ -286,12 +294,15 @@ def read_capped(f, cap: int) -> bytes | None:
 
 def _load_shard(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
     assert task.shard_uri is not None
-    for sample in iter_shard_samples(task.shard_uri):
+    for sample in iter_shard_samples(task.shard_uri, max_member_bytes=ctx.process.max_bytes):
         key = str(sample["__key__"])
         source_id = f"{task.shard_id}/{key}"
         loaded = _Loaded(source_id=source_id, key=key_for(source_id))
         ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
-        if ext is None:
+        if OVERSIZED in sample:
+            cap = ctx.process.max_bytes
+            loaded.skip = Skip(source_id, "too_large", f"{sample[OVERSIZED]}: over max_image_bytes={cap}")
+        elif ext is None:
             loaded.skip = Skip(source_id, "missing_image", f"sample has no {'/'.join(SHARD_IMAGE_EXTS)} member")
         else:
             loaded.data = bytes(sample[ext])  # type: ignore[arg-type]

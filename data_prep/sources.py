@@ -370,8 +370,14 @@ def _plan_shards(source: str) -> SourcePlan:
     return SourcePlan(kind="shards", shards=sorted(tars))
 
 
-def iter_shard_samples(uri: str) -> Iterator[dict[str, bytes | str]]:
-    """Samples of a WebDataset tar as {"__key__": key, ext: bytes}, streamed through the storage layer."""
+OVERSIZED = "__oversized__"
+"""The key a sample of iter_shard_samples gets for members it did not read (their names and sizes)."""
+
+
+def iter_shard_samples(uri: str, *, max_member_bytes: int | None = None) -> Iterator[dict[str, bytes | str]]:
+    """Samples of a WebDataset tar as {"__key__": key, ext: bytes}, streamed through the storage layer.
+    A member over `max_member_bytes` is not read into memory (a tar from anyone may hold a member of
+    any size): it is named under OVERSIZED instead."""
     import tarfile
 
     with storage.storage_for(uri).open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -387,6 +393,9 @@ def iter_shard_samples(uri: str) -> Iterator[dict[str, bytes | str]]:
                 current = None
             if current is None:
                 current = {"__key__": key}
+            if max_member_bytes is not None and member.size > max_member_bytes:
+                current[OVERSIZED] = f"{current.get(OVERSIZED, '')} {base} ({member.size} bytes)".strip()
+                continue  # the stream skips its data
             f = tar.extractfile(member)
             current[ext.lower()] = f.read() if f is not None else b""
         if current is not None:

@@ -248,3 +248,31 @@ def test_a_url_table_cannot_turn_the_fetcher_on_its_own_network(tmp_path, http_s
     assert report.written == 1  # only the file under the allowed root
     assert report.skipped == {"private_host": 4, "outside_allowed_root": 2}
     assert not any(p.endswith("/ok.jpg") for p in http_server.requests)  # refused before connecting
+
+
+def test_a_shard_member_over_the_size_cap_is_not_read(tmp_path, monkeypatch):
+    """Re-sharding read every tar member whole, whatever its size (a tar from anyone may hold a
+    gigabyte "image"); now one over max_image_bytes is skipped as too_large without being read."""
+    import io
+    import tarfile
+
+    from data_prep.shard import ShardConfig, build_shards
+    from data_prep.sources import OVERSIZED, iter_shard_samples
+
+    shards = tmp_path / "in"
+    shards.mkdir()
+    small, big = jpeg_bytes(seed=1), jpeg_bytes((600, 600), seed=2)
+    with tarfile.open(shards / "a.tar", "w") as tar:
+        for key, data in (("s", small), ("b", big)):
+            for ext, body in (("jpg", data), ("txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    cap = (len(small) + len(big)) // 2
+    samples = list(iter_shard_samples(str(shards / "a.tar"), max_member_bytes=cap))
+    assert samples[0]["jpg"] == small and OVERSIZED not in samples[0]
+    assert "jpg" not in samples[1] and f"b.jpg ({len(big)} bytes)" in samples[1][OVERSIZED]
+
+    report = build_shards(ShardConfig(source=str(shards), output=str(tmp_path / "out"), resolution=32,
+                                      processes=1, progress=False, max_image_bytes=cap))
+    assert report.written == 1 and report.skipped == {"too_large": 1}
