@@ -613,16 +613,18 @@ def _merge(results: list[TaskResult], ctx: TaskContext, planning_skips: list[Ski
 
 
 def _rewrite_without(part_uri: str, info: ShardInfo, keys: set[str]) -> ShardInfo | None:
-    """Republish a shard (same name, not yet indexed) without `keys`; None if nothing is left."""
+    """Republish a shard (same name, not yet indexed) without `keys` (all of them its own); None if
+    nothing is left. Streamed: one sample in memory at a time, not the whole shard (up to 1 GiB). The
+    old shard is read to the end before the new one replaces it under its name."""
     uri = storage.join(part_uri, info.name)
-    kept = [s for s in iter_shard_samples(uri) if s["__key__"] not in keys]
-    if not kept:
+    if info.samples <= len(keys):
         storage.storage_for(uri).delete(uri)
         return None
     with staging(part_uri) as (folder, publish):
-        with ShardWriter(folder, len(kept), name_for=lambda n: info.name, publish=publish) as writer:
-            for sample in kept:
-                writer.write(sample)
+        with ShardWriter(folder, info.samples, name_for=lambda n: info.name, publish=publish) as writer:
+            for sample in iter_shard_samples(uri):
+                if sample["__key__"] not in keys:
+                    writer.write(sample)
     return writer.shards[0]
 
 

@@ -72,3 +72,40 @@ def test_failure_leaves_only_completed_shards_and_no_temp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [shard_name(0)]
     with pytest.raises(DataPrepError, match="sample key"), ShardWriter(tmp_path / "x") as writer:
         writer.write({"__key__": "a.b", "jpg": b"x"})
+
+
+def test_a_shard_rewritten_without_some_keys_is_streamed(tmp_path, monkeypatch):
+    """Dropping the duplicates two tasks wrote held the whole shard (up to 1 GiB) in memory."""
+    from data_prep import shard as shard_module
+    from data_prep.shard_writer import ShardWriter as Writer
+
+    part = tmp_path / "part"
+    part.mkdir()
+    samples = [{"__key__": f"k{i}", "jpg": bytes([i]) * 1000, "txt": f"caption {i}".encode()} for i in range(6)]
+    with Writer(part, 10, name_for=lambda n: "shard-000.tar") as writer:
+        for s in samples:
+            writer.write(s)
+    info = writer.shards[0]
+
+    outstanding, high = [0], [0]
+    real_iter, real_write = shard_module.iter_shard_samples, Writer.write
+
+    def counting_iter(uri, **kw):
+        for s in real_iter(uri, **kw):
+            outstanding[0] += 1
+            high[0] = max(high[0], outstanding[0])
+            yield s
+
+    def counting_write(self, sample):
+        outstanding[0] -= 1
+        return real_write(self, sample)
+
+    monkeypatch.setattr(shard_module, "iter_shard_samples", counting_iter)
+    monkeypatch.setattr(Writer, "write", counting_write)
+    rewritten = shard_module._rewrite_without(str(part), info, {"k1", "k4"})
+    assert high[0] <= 3  # the sample in hand and the two dropped ones (never written): not all 6 at once
+    assert rewritten.name == "shard-000.tar" and rewritten.samples == 4
+    kept = [s["__key__"] for s in real_iter(str(part / "shard-000.tar"))]
+    assert kept == ["k0", "k2", "k3", "k5"]
+    assert shard_module._rewrite_without(str(part), rewritten, {"k0", "k2", "k3", "k5"}) is None
+    assert not (part / "shard-000.tar").exists()

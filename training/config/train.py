@@ -113,6 +113,9 @@ class TrainConfig:
     text encoder (a fresh latent is still drawn from the cached posterior each time). Worth it when
     the dataset is small enough to cache (about 2 x latent size x 4 bytes per sample); off for large
     data, whose epochs are rarely repeated anyway."""
+    cache_encodings_max_gb: float = 4.0
+    """The most memory (GiB, per worker) train.cache_encodings may hold; past it the encodings used
+    longest ago are dropped (and computed again when their sample comes round)."""
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self) -> None:
@@ -144,6 +147,7 @@ class TrainConfig:
         check_key(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
         check_key(self.loader_workers >= 0, "train.loader_workers", ">= 0", self.loader_workers)
         check_key(self.cluster_wait_s >= 0, "train.cluster_wait_s", ">= 0", self.cluster_wait_s)
+        check_key(self.cache_encodings_max_gb > 0, "train.cache_encodings_max_gb", "> 0", self.cache_encodings_max_gb)
         check_key(self.max_pending_uploads >= 1, "train.max_pending_uploads", ">= 1", self.max_pending_uploads)
         check_key(self.checkpoint_upload in CHECKPOINT_UPLOADS, "train.checkpoint_upload",
                f"one of {', '.join(CHECKPOINT_UPLOADS)}", self.checkpoint_upload)

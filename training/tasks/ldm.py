@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
@@ -30,7 +32,8 @@ class LatentDiffusionTask:
         self.module = self.parts.unet
         self.device = device
         self.options = ObjectiveOptions.from_train(cfg.train)
-        self.cache = EncodingCache() if cfg.train.cache_encodings else None
+        self.cache = EncodingCache(max_bytes=int(cfg.train.cache_encodings_max_gb * 2**30)) \
+            if cfg.train.cache_encodings else None
         self._pipeline = None
 
     def frozen_hashes(self) -> dict[str, str]:
@@ -122,27 +125,53 @@ def _posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class EncodingCache:
     """Per-worker memory of what the frozen encoders computed: the VAE posterior (mean, std) of each
     sample by key and the text states of each caption. Both encoders are frozen and the images are
-    not augmented, so a cached encoding is exactly what encoding again would give."""
+    not augmented, so a cached encoding is exactly what encoding again would give. Bounded by
+    `max_bytes`: past it, the entries used longest ago go first."""
 
-    def __init__(self) -> None:
-        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._text: dict[str, torch.Tensor] = {}
+    def __init__(self, max_bytes: int = 4 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._moments: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._text: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def moments(self, batch: Batch, encode) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [i for i, key in enumerate(batch.keys) if key not in self._moments]
+        fresh = {}
         if missing:
             mean, std = encode(batch.pixels[missing])
-            for j, i in enumerate(missing):
-                self._moments[batch.keys[i]] = (mean[j].float().cpu(), std[j].float().cpu())
-        means, stds = zip(*(self._moments[key] for key in batch.keys))
+            fresh = {batch.keys[i]: (mean[j].float().cpu(), std[j].float().cpu()) for j, i in enumerate(missing)}
+        out = [fresh.get(key) or self._moments[key] for key in batch.keys]
+        for key in batch.keys:
+            self._keep(self._moments, key, fresh.get(key))
+        means, stds = zip(*out)
         return torch.stack(means), torch.stack(stds)
 
     def text(self, captions: list[str], encode) -> torch.Tensor:
         missing = sorted({c for c in captions if c not in self._text})
-        if missing:
-            for caption, states in zip(missing, encode(missing)):
-                self._text[caption] = states.float().cpu()
-        return torch.stack([self._text[c] for c in captions])
+        fresh = dict(zip(missing, (s.float().cpu() for s in encode(missing)))) if missing else {}
+        out = [fresh[c] if c in fresh else self._text[c] for c in captions]
+        for caption in captions:
+            self._keep(self._text, caption, fresh.get(caption))
+        return torch.stack(out)
+
+    def _keep(self, table: OrderedDict, key: str, new) -> None:
+        """Store `new` under `key` (or mark the cached one used), then evict past max_bytes."""
+        if new is not None and key not in table:
+            table[key] = new
+            self.bytes += _nbytes(new)
+        elif key in table:
+            table.move_to_end(key)
+        while self.bytes > self.max_bytes and (self._moments or self._text):
+            # The older of the two tables' least recently used entries is unknowable cheaply; samples
+            # are the big ones, so they go first.
+            victim = self._moments if self._moments else self._text
+            _, value = victim.popitem(last=False)
+            self.bytes -= _nbytes(value)
 
     def __len__(self) -> int:
         return len(self._moments)
+
+
+def _nbytes(value) -> int:
+    tensors = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -220,3 +220,28 @@ def test_a_vae_logged_to_mlflow_loads_by_runs_uri_once(tmp_path):
     missing = load_config("shapes", [f"model.vae.pretrained=runs:/{run.info.run_id}/nothing"])
     with pytest.raises(ModelPathError, match="model.vae.pretrained"):
         build_vae(missing.model.vae, resolution=32)
+
+
+def test_the_encoding_cache_is_bounded_and_drops_the_least_recently_used():
+    """Before, it kept every sample's posterior and every caption's states, however large the data."""
+    per_sample = 2 * 4 * 8 * 8 * 4  # mean and std, (4, 8, 8) fp32
+    cache = EncodingCache(max_bytes=3 * per_sample)
+    encoded: list[str] = []
+
+    def encode(pixels):
+        encoded.extend(str(int(p.flatten()[0])) for p in pixels)
+        base = pixels.float().mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+        return base.expand(-1, 4, 8, 8).clone(), base.expand(-1, 4, 8, 8).clone() + 1
+
+    def batch(*ids):
+        return Batch(pixels=torch.stack([torch.full((3, 2, 2), i, dtype=torch.uint8) for i in ids]),
+                     captions=[""] * len(ids), keys=[str(i) for i in ids])
+
+    cache.moments(batch(1, 2, 3), encode)
+    cache.moments(batch(1), encode)  # 1 is now the most recently used
+    cache.moments(batch(4), encode)  # over the bound: 2, the least recently used, goes
+    assert cache.bytes <= 3 * per_sample and len(cache) == 3
+    encoded.clear()
+    mean, _ = cache.moments(batch(1, 3, 4, 2), encode)
+    assert encoded == ["2"]  # only the evicted one is computed again
+    assert [float(m[0, 0, 0]) for m in mean] == [1.0, 3.0, 4.0, 2.0]
