@@ -16,12 +16,15 @@ AWS_PROFILE, the endpoint of an S3-compatible server from AWS_ENDPOINT_URL_S3 or
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import logging
 import os
 import re
 import secrets
 import shutil
 import threading
+import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -30,6 +33,8 @@ from typing import Any, BinaryIO, cast
 
 from data_prep.checks import require_int, require_number
 from data_prep.errors import DataPrepError
+
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
@@ -534,13 +539,18 @@ class S3Storage(Storage):
             raise self._error(e, uri, "stat") from e
 
     def open_read(self, uri: str, start: int = 0) -> BinaryIO:
-        bucket, key = _split_s3(uri)
-        ranged = {"Range": f"bytes={start}-"} if start else {}
-        try:
-            body = self.client().get_object(Bucket=bucket, Key=key, **ranged)["Body"]
-        except Exception as e:
-            raise self._error(e, uri, "read") from e
-        return cast(BinaryIO, io.BufferedReader(_BodyReader(body), buffer_size=1 * MiB))
+        def get(position: int) -> dict:
+            bucket, key = _split_s3(uri)
+            ranged = {"Range": f"bytes={position}-"} if position else {}
+            try:
+                return self.client().get_object(Bucket=bucket, Key=key, **ranged)
+            except Exception as e:
+                raise self._error(e, uri, "read") from e
+
+        first = get(start)
+        reader = _BodyReader(first["Body"], reopen=lambda position: get(position)["Body"], position=start,
+                             end=start + int(first.get("ContentLength", 0)), attempts=self.max_attempts)
+        return cast(BinaryIO, io.BufferedReader(reader, buffer_size=1 * MiB))
 
     # -- writes
 
@@ -716,26 +726,66 @@ class _BodyReader(io.RawIOBase):
 
     Wrapping is needed because StreamingBody.__enter__ returns its urllib3 response, so `with body as f`
     would bypass that length check.
+
+    A connection reset, a read timeout or a cut-off body mid-stream is not the end: botocore retries
+    a request, not a body being read, so this reopens the object at the byte it had reached (a ranged
+    GET through `reopen`) after a back-off, up to `attempts` times in a row without progress.
     """
 
-    def __init__(self, body: Any):
+    def __init__(self, body: Any, *, reopen: Callable[[int], Any] | None = None, position: int = 0,
+                 end: int | None = None, attempts: int = 3, backoff: float = 0.5):
         self._body = body
+        self._reopen, self._position, self._end = reopen, position, end
+        self._attempts, self._backoff = attempts, backoff
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._body.read(len(buffer))
+        data = self._read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
     def readall(self) -> bytes:
-        return self._body.read()
+        chunks = []
+        while chunk := self._read(_COPY_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _read(self, n: int) -> bytes:
+        failures = 0
+        while True:
+            try:
+                data = self._body.read(n)
+            except _mid_stream_errors() as e:
+                failures += 1
+                if self._end is not None and self._position >= self._end:
+                    return b""  # broke off after the last byte: nothing is missing
+                if self._reopen is None or failures >= self._attempts:
+                    raise
+                time.sleep(self._backoff * 2 ** (failures - 1))
+                with contextlib.suppress(Exception):
+                    self._body.close()
+                self._body = self._reopen(self._position)
+                log.warning("S3 read broke off at byte %d (%s); reopened there", self._position, e)
+                continue
+            self._position += len(data)
+            return data
 
     def close(self) -> None:
         if not self.closed:
             self._body.close()
         super().close()
+
+
+@functools.cache
+def _mid_stream_errors() -> tuple[type[BaseException], ...]:
+    """What a body being read raises when its connection breaks (imported on first use)."""
+    import urllib3.exceptions
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return (IncompleteReadError, ReadTimeoutError, ResponseStreamingError, urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.ReadTimeoutError, ConnectionError, TimeoutError)
 
 
 def _status(e: BaseException) -> int | None:

@@ -5,6 +5,7 @@ Tests taking the `root` fixture run twice, once per backend, and assert the same
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -376,3 +377,40 @@ def test_s3_clients_cached_per_process(s3_bucket: str):
     storage.reset_clients()
     assert storage_for(uri).client() is not parent_client
 
+
+
+def test_an_s3_read_that_breaks_off_mid_stream_resumes_at_its_byte(s3_bucket, monkeypatch):
+    """botocore retries requests, not a body being read: a connection reset while a shard streamed
+    used to crash the reader (and the training worker with it)."""
+    import urllib3
+    from botocore.response import StreamingBody
+
+    from data_prep import storage
+
+    store = storage.storage_for(f"s3://{s3_bucket}/x")
+    data = os.urandom(8 * 2**20)
+    store.put_bytes(f"s3://{s3_bucket}/blob", data)
+    real_read, state = StreamingBody.read, {"read": 0, "resets": 0, "gets": 0}
+    real_get = store.client().get_object
+
+    def flaky_read(self, amt=None):
+        if state["read"] > 2 * 2**20 and state["resets"] < 2:  # twice, past 2 MiB: the socket is reset
+            state["resets"] += 1
+            state["read"] = 0
+            raise urllib3.exceptions.ProtocolError("Connection broken: ConnectionResetError(104)")
+        chunk = real_read(self, amt)
+        state["read"] += len(chunk)
+        return chunk
+
+    def counting_get(**kwargs):
+        state["gets"] += 1
+        return real_get(**kwargs)
+
+    monkeypatch.setattr(StreamingBody, "read", flaky_read)
+    monkeypatch.setattr(store.client(), "get_object", counting_get)
+    monkeypatch.setattr(storage._BodyReader, "__init__",
+                        functools.partialmethod(storage._BodyReader.__init__, backoff=0.01))
+    with store.open_read(f"s3://{s3_bucket}/blob", start=1000) as f:
+        got = b"".join(iter(lambda: f.read(256 * 1024), b""))  # as the shard reader reads
+    assert got == data[1000:]
+    assert state["resets"] == 2 and state["gets"] == 3  # the first GET and a ranged one per reset
