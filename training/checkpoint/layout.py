@@ -79,6 +79,8 @@ class TrainState:
     config: dict = field(default_factory=dict)
     frozen: dict = field(default_factory=dict)
     """sha256 of the frozen VAE and text encoder weights this UNet was trained against."""
+    global_batch: int = 0
+    """Samples per optimizer step over all ranks (0 in checkpoints written before it was recorded)."""
     dataset_content_id: str = ""
     """The content id of the dataset the loader positions point into ("" in checkpoints written
     before it was recorded): a resume on other data must not follow them."""

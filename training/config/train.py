@@ -15,6 +15,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 CHECKPOINT_UPLOADS = ("async", "sync")
+ELASTIC_BATCHES = ("global", "per_worker")
 
 
 @dataclass(kw_only=True)
@@ -35,7 +36,13 @@ class TrainConfig:
     batch_size: int = 8
     """Micro-batch per worker; the global batch is batch_size * grad_accum * num_workers."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step (on train.num_workers workers; see elastic_batch)."""
+    elastic_batch: str = "global"
+    """When the run trains on another number of workers than it was configured or checkpointed with
+    (an elastic group that lost a node, `--resume --num-workers M`): `global` keeps the global batch,
+    and so the meaning of lr and steps, by changing each worker's accumulation (refused when the new
+    count does not divide it); `per_worker` keeps batch_size x grad_accum per worker, the global batch
+    follows the worker count, and the change is logged (lr is kept as it is: no scaling rule)."""
     lr: float = 5e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 1e-2
@@ -148,6 +155,8 @@ class TrainConfig:
         check_key(self.loader_workers >= 0, "train.loader_workers", ">= 0", self.loader_workers)
         check_key(self.cluster_wait_s >= 0, "train.cluster_wait_s", ">= 0", self.cluster_wait_s)
         check_key(self.cache_encodings_max_gb > 0, "train.cache_encodings_max_gb", "> 0", self.cache_encodings_max_gb)
+        check_key(self.elastic_batch in ELASTIC_BATCHES, "train.elastic_batch", f"one of {', '.join(ELASTIC_BATCHES)}",
+                  self.elastic_batch)
         check_key(self.max_pending_uploads >= 1, "train.max_pending_uploads", ">= 1", self.max_pending_uploads)
         check_key(self.checkpoint_upload in CHECKPOINT_UPLOADS, "train.checkpoint_upload",
                f"one of {', '.join(CHECKPOINT_UPLOADS)}", self.checkpoint_upload)

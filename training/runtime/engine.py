@@ -11,9 +11,32 @@ import torch
 
 from training.checkpoint.elastic import deepspeed_universal_config
 from training.config import TrainConfig
+from training.errors import ConfigError
 from training.runtime.context import WorkerContext
 
 log = logging.getLogger(__name__)
+
+
+def micro_batches(train: TrainConfig, world_size: int, global_batch: int) -> int:
+    """Micro-batches each of `world_size` workers accumulates per step: what keeps `global_batch`
+    with train.elastic_batch=global (ConfigError when it cannot divide), train.grad_accum with
+    per_worker (the global batch then follows the worker count; logged when it changes)."""
+    if train.elastic_batch == "per_worker":
+        now = train.batch_size * train.grad_accum * world_size
+        if now != global_batch:
+            log.warning("the global batch changes from %d to %d (%d workers x batch %d x accumulation %d; "
+                        "train.elastic_batch=per_worker); lr stays %g", global_batch, now, world_size,
+                        train.batch_size, train.grad_accum, train.lr)
+        return train.grad_accum
+    per_step = train.batch_size * world_size
+    if global_batch % per_step:
+        raise ConfigError(f"the global batch of {global_batch} cannot be kept on {world_size} workers of batch "
+                          f"{train.batch_size}: use a worker count that divides {global_batch // train.batch_size}, "
+                          "or set train.elastic_batch=per_worker to let the global batch change")
+    if global_batch // per_step != train.grad_accum:
+        log.info("%d workers accumulate %d micro-batches each to keep the global batch of %d", world_size,
+                 global_batch // per_step, global_batch)
+    return global_batch // per_step
 
 
 def deepspeed_config(train: TrainConfig) -> dict:

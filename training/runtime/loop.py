@@ -16,15 +16,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from training.checkpoint.layout import TrainState
+from training.config import TrainConfig
 from training.loader.plan import LoaderState
 from training.loader.stream import ShardStream
 from training.runtime.checkpointing import check_frozen, remove_orphaned_uploads, restore, save_and_report
 from training.runtime.context import WorkerContext, WorkerPayload
-from training.runtime.engine import build_ema, build_engine
+from training.runtime.engine import build_ema, build_engine, micro_batches
 from training.runtime.metrics import LossWindow, SampleLog, StepLogger, publish_worker_processes
 from training.runtime.restore_point import checkpoint_directory
 from training.runtime.validation import Validation
@@ -55,12 +57,26 @@ def train_loop_per_worker(payload: WorkerPayload) -> None:
         trainer.close()
 
 
+def global_batch(train: TrainConfig, saved: TrainState | None) -> int:
+    """The samples per step the run trains with: what its checkpoint recorded (or, for one written
+    before it was recorded, what its config and worker count gave), else what the config asks for."""
+    if saved is None:
+        return train.batch_size * train.grad_accum * train.num_workers
+    if saved.global_batch:
+        return saved.global_batch
+    then = saved.config.get("train", {})
+    return int(then.get("batch_size", train.batch_size)) * int(then.get("grad_accum", train.grad_accum)) \
+        * saved.world_size
+
+
 class Trainer:
     """One rank's training state and the loop's phases over it."""
 
     def __init__(self, *, payload: WorkerPayload, ctx: WorkerContext, task: Task, engine, ema, state: TrainState,
                  stream: ShardStream, generator: torch.Generator, steps: StepLogger):
         self.cfg = payload.config
+        self.train_config = self.cfg.train
+        """cfg.train with the accumulation this worker count uses (Trainer.build, train.elastic_batch)."""
         self.ctx, self.task, self.engine, self.ema, self.state = ctx, task, engine, ema, state
         self.stream, self.generator, self.steps = stream, generator, steps
         self.batches = iter(stream)
@@ -89,7 +105,11 @@ class Trainer:
         with checkpoint_directory(payload, ctx) as restore_point:
             directory, saved = restore_point if restore_point is not None else (None, None)
             elastic = saved is not None and saved.world_size != ctx.world_size
-            engine = build_engine(task.module, cfg.train, ctx, load_universal=elastic)
+            # On another worker count than configured or saved, each worker's accumulation keeps the
+            # global batch (train.elastic_batch); DeepSpeed must be built with it.
+            accum = micro_batches(cfg.train, ctx.world_size, global_batch(cfg.train, saved))
+            train = replace(cfg.train, grad_accum=accum)
+            engine = build_engine(task.module, train, ctx, load_universal=elastic)
             ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
             if saved is not None:
                 state, loader_state = restore(directory, saved, engine, ema, generator, ctx, frozen, payload)
@@ -104,8 +124,11 @@ class Trainer:
         publish_worker_processes(steps, ctx)
         if saved is not None:
             steps.note_resume(state.step)
-        return cls(payload=payload, ctx=ctx, task=task, engine=engine, ema=ema, state=state, stream=stream,
-                   generator=generator, steps=steps)
+        state.global_batch = train.batch_size * train.grad_accum * ctx.world_size
+        trainer = cls(payload=payload, ctx=ctx, task=task, engine=engine, ema=ema, state=state, stream=stream,
+                      generator=generator, steps=steps)
+        trainer.train_config = train
+        return trainer
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -122,7 +145,7 @@ class Trainer:
         """One optimizer step: train.grad_accum micro-batches, each loaded (decoded ahead by the
         loader's processes), forwarded and backpropagated; DeepSpeed steps the optimizer only at the
         accumulation boundary. Then the EMA and the counters."""
-        train = self.cfg.train
+        train = self.train_config
         started = time.perf_counter()
         for _ in range(train.grad_accum):
             batch = next(self.batches)

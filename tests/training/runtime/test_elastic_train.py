@@ -19,7 +19,8 @@ SAMPLES = 36
 FIRST_STEPS = 3
 """2 workers x batch 8: 48 samples, so the switch lands inside the second epoch."""
 TOTAL_STEPS = 12
-"""Then 1 worker x batch 8 for 9 steps: 72 samples, two more epochs completed."""
+"""Then 1 worker accumulating 2 micro-batches of 8 for 9 steps (train.elastic_batch=global keeps the
+global batch of 16): 144 samples, four more epochs completed."""
 
 
 def logged(folder: Path) -> list[dict]:
@@ -75,4 +76,5 @@ def test_resume_on_fewer_workers_reads_every_sample_once_per_epoch(tmp_path, mon
     assert steps == Counter(range(1, TOTAL_STEPS + 1))
     final = read_state(client.get_run(run_id).data.tags["checkpoint"], verify_hashes=True)
     assert final.step == TOTAL_STEPS and final.world_size == 1
-    assert final.samples_seen == FIRST_STEPS * 16 + (TOTAL_STEPS - FIRST_STEPS) * 8
+    assert final.samples_seen == TOTAL_STEPS * 16 and final.global_batch == 16  # the global batch kept
+    assert sum(len(r["keys"]) for r in after) == (TOTAL_STEPS - FIRST_STEPS) * 16

@@ -48,6 +48,7 @@ def test_a_step_never_reads_the_loss_back_and_the_log_step_averages_it():
     trainer = Trainer.__new__(Trainer)  # the phases, without building a real engine and stream
     trainer.cfg, trainer.ctx = cfg, WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
     trainer.task, trainer.engine, trainer.ema, trainer.generator = Task(), Engine(), None, torch.Generator()
+    trainer.train_config = cfg.train
     trainer.state = TrainState(world_size=1)
     trainer.window, trainer.sample_log = LossWindow(), SampleLog(None, 0)
     batch = Batch(pixels=torch.zeros(2, 3, 4, 4, dtype=torch.uint8), captions=["a", "b"], keys=["a", "b"])
@@ -57,3 +58,30 @@ def test_a_step_never_reads_the_loss_back_and_the_log_step_averages_it():
     assert trainer.engine.steps == 6 and trainer.state.step == 2 and trainer.state.samples_seen == 12
     metrics = trainer.window.reduce(trainer.ctx, trainer.engine, trainer.state, LoaderState())
     assert metrics["loss"] == 0.5 and metrics["samples_seen"] == 12.0
+
+
+def test_another_worker_count_keeps_the_global_batch_or_says_why_not(caplog):
+    """Before, the batch was per worker: resuming 32 workers' run on 16 halved the global batch."""
+    import logging
+
+    import pytest
+
+    from training.errors import ConfigError
+    from training.runtime.engine import micro_batches
+    from training.runtime.loop import global_batch
+
+    train = load_config("tiny", ["train.batch_size=8", "train.grad_accum=1", "train.num_workers=4"]).train
+    assert global_batch(train, None) == 32
+    assert micro_batches(train, 4, 32) == 1
+    assert micro_batches(train, 2, 32) == 2 and micro_batches(train, 1, 32) == 4  # 32 samples a step on any
+    with pytest.raises(ConfigError, match="cannot be kept on 3 workers.*elastic_batch=per_worker"):
+        micro_batches(train, 3, 32)
+    saved = TrainState(world_size=4, config={"train": {"batch_size": 8, "grad_accum": 1}})  # before it was recorded
+    assert global_batch(train, saved) == 32
+    assert global_batch(train, TrainState(world_size=2, global_batch=64)) == 64
+
+    per_worker = load_config("tiny", ["train.batch_size=8", "train.num_workers=4",
+                                      "train.elastic_batch=per_worker"]).train
+    with caplog.at_level(logging.WARNING):
+        assert micro_batches(per_worker, 2, 32) == 1
+    assert "global batch changes from 32 to 16" in caplog.text and "lr stays" in caplog.text
