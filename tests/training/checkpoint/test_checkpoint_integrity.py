@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training.checkpoint.crafted import WritesMarker, check_the_payload_is_real
 from training.checkpoint.layout import COMMITTED, EMA_FILE, STATE_FILE, CheckpointError, TrainState
 from training.checkpoint.loading import (
     consolidated_weights,
@@ -160,23 +161,11 @@ def test_rng_state_round_trips_exactly(tmp_path: Path):
     torch.load(tmp_path / "rng" / "rank-0.pt", weights_only=True)
 
 
-class _WritesMarker:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_crafted_pickle_in_rng_file_is_refused_and_not_run(ckpt: Path, tmp_path: Path):
-    # The payload is real: the old loader (weights_only=False) runs it.
-    control = tmp_path / "control-marker"
-    torch.save({"generator": _WritesMarker(control)}, tmp_path / "control.pt")
-    torch.load(tmp_path / "control.pt", weights_only=False)
-    assert control.exists()
+    check_the_payload_is_real(tmp_path, "generator")  # the unsafe load (weights_only=False) runs it
 
     marker = tmp_path / "pwned-marker"
-    torch.save({"generator": _WritesMarker(marker), "torch": torch.get_rng_state(), "numpy": {}, "python": {}},
+    torch.save({"generator": WritesMarker(marker), "torch": torch.get_rng_state(), "numpy": {}, "python": {}},
                ckpt / "rng" / "rank-1.pt")
     with pytest.raises(CheckpointError, match=r"rng/rank-1\.pt"):
         load_rank_files(ckpt, 1)

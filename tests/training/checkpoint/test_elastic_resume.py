@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training.checkpoint.crafted import WritesMarker, check_the_payload_is_real
 from training.checkpoint.elastic import (
     UNIVERSAL_CLIENT_STATE,
     convert_to_universal,
@@ -286,27 +287,15 @@ def test_engine_not_built_for_universal_is_refused(two_rank_run: Path, tmp_path:
         load_universal_checkpoint(engine, tmp_path, tag)
 
 
-class _WritesMarker:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_pickled_payload_is_refused_and_not_run(two_rank_run: Path, tmp_path: Path):
-    # The payload is real: DeepSpeed's own load (weights_only=False) runs it.
-    control = tmp_path / "control-marker"
-    torch.save({"optimizer_state_dict": _WritesMarker(control)}, tmp_path / "control.pt")
-    torch.load(tmp_path / "control.pt", weights_only=False)
-    assert control.exists()
+    check_the_payload_is_real(tmp_path, "optimizer_state_dict")  # the unsafe load (weights_only=False) runs it
 
     # In a ZeRO partition the converter reads.
     ckpt = tmp_path / "ckpt"
     shutil.copytree(two_rank_run / case_id(2, "fp32"), ckpt)
     marker = tmp_path / "pwned-by-partition"
     shard = ckpt / "deepspeed" / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    torch.save({"optimizer_state_dict": _WritesMarker(marker)}, shard)
+    torch.save({"optimizer_state_dict": WritesMarker(marker)}, shard)
     with pytest.raises(CheckpointError, match=r"refused to load .*zero_pp_rank_1_mp_rank_00_optim_states\.pt"):
         convert_to_universal(ckpt / "deepspeed", TAG, tmp_path / "from-tampered")
     assert not marker.exists()
@@ -316,7 +305,7 @@ def test_pickled_payload_is_refused_and_not_run(two_rank_run: Path, tmp_path: Pa
     tag = convert_to_universal(two_rank_run / case_id(2, "fp32") / "deepspeed", TAG, tmp_path / "universal")
     marker = tmp_path / "pwned-by-universal"
     moment = next((tmp_path / "universal" / tag / "zero").glob("*/exp_avg.pt"))
-    torch.save({"param": _WritesMarker(marker)}, moment)
+    torch.save({"param": WritesMarker(marker)}, moment)
     engine = build(2, "fp32", rank=0, world_size=1, universal=True)
     with pytest.raises(CheckpointError, match=r"refused to load .*exp_avg\.pt"):
         load_universal_checkpoint(engine, tmp_path / "universal", tag)
