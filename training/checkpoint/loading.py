@@ -73,6 +73,12 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def load_positions(directory: Path, world_size: int) -> list[dict]:
+    """Every rank's saved loader position (JSON): what a restore re-splits; no rank's RNG is read, so
+    a rank that fetched only its own part (training.runtime.restore_point) has them all."""
+    return [json.loads(loader_path(directory, rank).read_text()) for rank in range(world_size)]
+
+
 def load_rank_files(directory: Path, rank: int) -> tuple[dict, dict]:
     loader = json.loads(loader_path(directory, rank).read_text())
     rng = safe_torch_load(rng_path(directory, rank), map_location="cpu")

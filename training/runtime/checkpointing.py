@@ -20,6 +20,7 @@ from training.checkpoint.layout import DEEPSPEED_DIR, UNET_FILE, CheckpointError
 from training.checkpoint.loading import (
     load_deepspeed_checkpoint,
     load_ema,
+    load_positions,
     load_rank_files,
     model_differences,
     restore_rng,
@@ -173,7 +174,7 @@ def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Ge
                        config=cfg.to_dict(), frozen=frozen, dataset_content_id=payload.dataset_content_id)
     if ema is not None:
         load_ema(directory, ema, ctx.device)
-    loader = loader_position([load_rank_files(directory, r)[0] for r in range(saved.world_size)], saved, ctx,
+    loader = loader_position(load_positions(directory, saved.world_size), saved, ctx,
                              payload)
     if saved.world_size == ctx.world_size:
         load_deepspeed_checkpoint(engine, directory, saved.tag)

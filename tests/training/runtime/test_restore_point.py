@@ -13,6 +13,7 @@ import torch
 from data_prep import storage
 from tests.training.checkpoint.test_checkpoint_integrity import TAG, WORLD, build_checkpoint
 from training.checkpoint.layout import CheckpointError
+from training.checkpoint.loading import load_positions, load_rank_files
 from training.config import load_config
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.restore_point import checkpoint_directory, fetch_verified
@@ -89,6 +90,8 @@ def test_from_s3_each_rank_downloads_only_its_part(tmp_path, s3_bucket):
         other = 1 - rank
         assert OPTIM.format(tag=TAG, rank=other) not in files and f"rng/rank-{other}.pt" not in files
         assert {f"loader/rank-{r}.json" for r in range(WORLD)} <= set(files)  # every position: re-split
+        # What restore reads from it: every rank's position, this rank's RNG, nothing more.
+        assert len(load_positions(local, WORLD)) == WORLD and load_rank_files(local, rank)[1]["generator"] is not None
     assert "ema.safetensors" not in fetched[1]
     assert all(sum(files.values()) < total for files in fetched.values())
 
