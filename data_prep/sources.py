@@ -175,6 +175,9 @@ def _plan_folder(root: str, listing: list[storage.ObjectInfo]) -> SourcePlan:
     prefixes are where this project keeps its own state), but a folder renamed by mistake is seen.
     """
     names = {o.name for o in listing if not _hidden(o.name)}
+    # Each object by the URI its listing gave: re-joined from its name, an S3 key such as "raw//a.png"
+    # would lose a slash and name another object (or none).
+    uris = {o.name: o.uri for o in listing}
     plan = SourcePlan(kind="folder")
     for name in sorted(o.name for o in listing if _hidden(o.name)):
         if posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
@@ -187,8 +190,7 @@ def _plan_folder(root: str, listing: list[storage.ObjectInfo]) -> SourcePlan:
         if caption is None:
             plan.skips.append(Skip(name, "missing_caption", f"no caption file {stem}.txt or {stem}.json"))
             continue
-        plan.items.append(ItemRef(source_id=name, image=storage.join(root, name),
-                                  caption_uri=storage.join(root, caption)))
+        plan.items.append(ItemRef(source_id=name, image=uris[name], caption_uri=uris[caption]))
     if not plan.items and not plan.skips:
         raise DataPrepError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}; pass a folder of images with same-named "

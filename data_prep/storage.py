@@ -105,11 +105,20 @@ def local_path(uri: str | os.PathLike[str]) -> str:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a//b/` -> ("bucket", "a/b/"): repeated slashes collapse, the leading one goes."""
+    """`s3://bucket/a//b` -> ("bucket", "a//b"): the key exactly as written, as S3, boto3 and the AWS CLI
+    take it. S3 keys are names, not paths: "a//b", "/a" and "a/b" are three objects, and a listing
+    returns each as it is, so collapsing slashes here would make a listed object unreadable."""
     bucket, _, key = uri[5:].partition("/")
     if not bucket:
         raise StorageError(f"S3 URI {uri!r} names no bucket; write it as s3://bucket/prefix")
-    return bucket, re.sub(r"/{2,}", "/", key).lstrip("/")
+    return bucket, key
+
+
+def collapse_slashes(uri: str | os.PathLike[str]) -> str:
+    """`s3://b//a//b/` -> `s3://b/a/b/`; anything else as it is. For a root that is also reached through
+    pyarrow (Ray Train's storage), which refuses empty path segments where S3 keeps them (see _split_s3)."""
+    uri = os.fspath(uri)
+    return uri[:5] + re.sub(r"/{2,}", "/", uri[5:]) if is_s3(uri) else uri
 
 
 def _dir_key(key: str) -> str:
@@ -128,14 +137,16 @@ def absolute(uri: str | os.PathLike[str]) -> str:
 def join(base: str | os.PathLike[str], *names: str) -> str:
     """Append path components to a URI: join("s3://b/p", "x", "y.tar") == "s3://b/p/x/y.tar".
 
-    Slashes around `names` are stripped (a leading "/" does not restart the path as with os.path.join)
-    and repeated slashes collapse; local paths (and file:// URIs) keep their form.
+    Slashes around `names` are stripped (a leading "/" does not restart the path as with os.path.join).
+    Local paths (and file:// URIs) keep their form, repeated slashes collapsed. S3 keys stay exact
+    (see _split_s3): only the slashes where the parts meet are tidied, so a listed key such as "a//b"
+    is addressed by its ObjectInfo.uri, never re-joined from its name.
     """
     base = os.fspath(base)
     parts = [n.strip("/") for n in names if n.strip("/")]
     if is_s3(base):
-        scheme, rest = base[:5], base[5:]
-    elif base[:7].lower() == "file://":
+        return "/".join([base.rstrip("/"), *parts]) if parts else base
+    if base[:7].lower() == "file://":
         scheme, rest = base[:7], base[7:]
     else:
         scheme, rest = "", base

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import storage
+from data_prep import sources, storage
 from data_prep.dataset import INDEX_NAME, read_dataset, verify_dataset
 from data_prep.errors import DataPrepError
 from data_prep.shard import ShardConfig, build_shards
@@ -127,3 +127,52 @@ def test_run_killed_mid_upload_leaves_the_dataset_as_it_was(tmp_path, s3_bucket,
     assert report.written == 120 and report.existing == 6
     final = verify_dataset(out)
     assert final.ok and final.orphans == [] and final.samples == 126
+
+
+def test_listed_s3_keys_are_read_exactly():
+    """A folder on S3 is read by the keys its listing returned. On AWS S3 "raw//a.png" is an object of
+    its own beside "raw/a.png"; re-joined from its name it lost a slash, so it read the other object or
+    became a `missing_image` skip though it exists."""
+    listed = ["raw//a.png", "raw//a.txt", "raw/a.png", "raw/a.txt", "raw/b//c.png", "raw/b//c.txt", "raw//d.png"]
+    # As S3Storage.list gives them for these keys under s3://bk/raw: the URI of each key, the name after "raw/".
+    listing = [storage.ObjectInfo(uri=f"s3://bk/{key}", name=key[len("raw/"):], size=1) for key in listed]
+    plan = sources._plan_folder("s3://bk/raw", listing)
+    read = sorted((storage._split_s3(i.image)[1], storage._split_s3(i.caption_uri or "")[1]) for i in plan.items)
+    assert read == [("raw//a.png", "raw//a.txt"), ("raw/a.png", "raw/a.txt"), ("raw/b//c.png", "raw/b//c.txt")]
+    assert len({i.source_id for i in plan.items}) == 3
+    assert [(s.source_id, s.reason) for s in plan.skips] == [("/d.png", "missing_caption")]
+
+
+def test_s3_keys_with_double_slashes_are_sharded(tmp_path, s3_bucket, s3_env):
+    """A folder and a folder of shards on the real S3 server, put under keys with "//": every object is
+    read by the key it was listed under, and nothing is skipped. SeaweedFS (a filer: keys are paths)
+    stores "raw//a.jpg" as "raw/a.jpg" and lists it so; AWS S3 keeps such keys, which
+    test_listed_s3_keys_are_read_exactly and test_s3_uris_name_keys_exactly cover."""
+    names = write_folder(tmp_path / "raw", 4)
+    client = s3_env.client()
+    for i, name in enumerate(names):
+        folder = "raw//" if i % 2 else "raw/sub//"
+        for file in (name, name.replace(".jpg", ".txt")):
+            client.put_object(Bucket=s3_bucket, Key=folder + file, Body=(tmp_path / "raw" / file).read_bytes())
+    store = storage.storage_for(f"s3://{s3_bucket}")
+    gets: list[str] = []
+
+    def record(params: dict, **_: object) -> None:
+        gets.append(params["Key"])
+
+    events = store.client().meta.events
+    events.register("before-parameter-build.s3.GetObject", record)
+    try:
+        out = tmp_path / "ds"
+        report = build_shards(ShardConfig(source=f"s3://{s3_bucket}/raw", output=str(out), resolution=32,
+                                          processes=1, progress=False))
+        assert report.written == 4 and report.skipped == {}
+        assert sorted(gets) == keys(client, s3_bucket, "raw/")  # images and captions, each once, as listed
+        shard = read_dataset(str(out)).shards[0]
+        client.put_object(Bucket=s3_bucket, Key="old//" + Path(shard.uri).name, Body=Path(shard.uri).read_bytes())
+        gets.clear()
+        again = build_shards(ShardConfig(source=f"s3://{s3_bucket}/old", output=str(tmp_path / "again"),
+                                         resolution=32, processes=1, progress=False))
+        assert again.written == 4 and again.skipped == {} and gets == keys(client, s3_bucket, "old/")
+    finally:
+        events.unregister("before-parameter-build.s3.GetObject", record)

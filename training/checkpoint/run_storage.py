@@ -87,8 +87,9 @@ def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
 
 
 def _s3_path(uri: str) -> str:
-    """`s3://bucket//a/b/` -> "bucket/a/b": the form pyarrow's S3FileSystem (and so Ray) takes."""
-    bucket, key = storage._split_s3(uri)
+    """`s3://bucket//a//b/` -> "bucket/a/b": the form pyarrow's S3FileSystem (and so Ray) takes; it
+    refuses empty path segments, so the driver collapses them in the storage root it hands out."""
+    bucket, key = storage._split_s3(storage.collapse_slashes(uri))
     return "/".join(p for p in (bucket, key.strip("/")) if p)
 
 

@@ -61,7 +61,9 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None) -> T
     go to `storage_uri` (default: `default_storage()`); returns the final checkpoint."""
     import mlflow
 
-    storage_uri = storage.absolute(storage_uri or default_storage())
+    # Ray reaches the runs through pyarrow, which has no "a//b" keys: Ray and the storage layer then
+    # name the same objects only if the root has no empty segments.
+    storage_uri = storage.collapse_slashes(storage.absolute(storage_uri or default_storage()))
     data_dir = storage.absolute(data_dir)
     dataset = check_data(cfg, data_dir)
     check_run_storage(storage_uri)  # nobody can write there: one message now, not a failed first checkpoint
