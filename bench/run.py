@@ -14,11 +14,16 @@ Groups:
   checkpoint - the stall of a checkpoint step with train.checkpoint_upload=sync and =async (Ray Train to a
              local SeaweedFS S3), in milliseconds; ratio: x a normal step of the same runs (see
              bench/checkpoint_stall.py)
+  urls     - `ldmflow shard` on 100k URL rows from a local HTTP server, 2 processes, capped at 15 minutes:
+             rows/s, peak resident memory and each process's open descriptors at start, warm and end
+             (see bench/url_fetch.py)
 
 Just the data-prep comparison (a few minutes on 2 cores):
   .venv/bin/python -m bench.run --dataprep-only [--dataprep-samples 5000] [--dataprep-repeats 3]
 Just the checkpoint stall:
   .venv/bin/python -m bench.run --checkpoint-only [--checkpoint-steps 30] [--checkpoint-repeats 1]
+Just the URL table:
+  .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 """
 
 from __future__ import annotations
@@ -234,6 +239,36 @@ def bench_checkpoint(work: Path, steps: int, every: int, repeats: int) -> tuple[
     return rows, details
 
 
+def bench_urls(work: Path, rows: int, cap_s: int) -> tuple[list[Row], dict]:
+    """The URL group's row (rows/s; its notes: peak memory, descriptors) and its details for the JSON."""
+    from bench.url_fetch import bench_urls as measure
+
+    result = measure(work, rows, cap_s)
+    case = f"ldmflow shard, {rows} URL rows, {result.processes} procs"
+    details = asdict(result) | {"rows_per_s": result.rows_per_s}
+    if result.unavailable:
+        return [Row("urls", case, math.nan, "rows/s", math.nan, note=f"not measured: {result.unavailable}")], details
+    fds = ", ".join(f"{p['role']} {p['fds_first']}/{p['fds_warm']}/{p['fds_last']}" for p in result.processes_seen)
+    note = f"peak RSS {result.peak_tree_rss_bytes / 2**20:.0f} MiB summed; fds first/warm/last: {fds}"
+    return [Row("urls", case, result.rows_per_s, "rows/s", note=note)], details
+
+
+def print_urls(details: dict) -> None:
+    if details["unavailable"]:
+        return
+    print(f"\nurls ({details['rows']} rows from a local HTTP server, {details['processes']} processes): "
+          f"{details['seconds']:.1f} s wall, {details['rows_per_s']:.0f} rows/s, {details['written']} written, "
+          f"skipped {details['skipped'] or 'none'}, {details['served']} requests served")
+    print(f"  peak RSS of the tree (summed, shared pages in each): {details['peak_tree_rss_bytes'] / 2**20:.0f} MiB")
+    for p in details["processes_seen"]:
+        print(f"  {p['role']:<6} pid {p['pid']}: open fds {p['fds_first']} at start, {p['fds_warm']} warm, "
+              f"{p['fds_last']} at end (max {p['fds_max']}); peak RSS {p['peak_rss_bytes'] / 2**20:.0f} MiB; "
+              f"{p['cpu_s']:.1f} CPU s")
+    before, after = details["busy_cores_other"]
+    print(f"  the server (this process) used {details['server_cpu_s']:.1f} CPU s; other processes kept {before:.1f} "
+          f"and {after:.1f} of {os.cpu_count()} cores busy just before and after")
+
+
 def print_checkpoint(details: dict) -> None:
     if "unavailable" in details:
         return
@@ -303,12 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-repeats", type=int, default=1,
                    help="sync + async run pairs in the checkpoint group, interleaved")
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-stall group")
+    p.add_argument("--url-rows", type=int, default=100_000, help="URL rows in the urls group")
+    p.add_argument("--url-cap", type=int, default=900, help="seconds the urls group's shard run may take")
+    p.add_argument("--no-urls", action="store_true", help="skip the urls group")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     only.add_argument("--checkpoint-only", action="store_true", help="run only the checkpoint-stall group")
+    only.add_argument("--urls-only", action="store_true", help="run only the urls group")
     p.add_argument("--out", default="bench/results/latest.json")
     args = p.parse_args(argv)
-    run_checkpoint = args.checkpoint_only or not (args.dataprep_only or args.no_checkpoint)
+    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only
+    run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)
     if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
         p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
                 "--checkpoint-every (a warm-up checkpoint, a counted one, the final one)")
@@ -318,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         os.environ.setdefault("LDMFLOW_RUNS_DIR", str(work / "runs"))
         rows: list[Row] = []
-        dataprep = checkpoint = None
-        every_group = not (args.dataprep_only or args.checkpoint_only)
+        dataprep = checkpoint = urls = None
+        every_group = not one_group
         if every_group:
             rows += bench_shard(work, args.samples)
             rows += bench_loader(work, batches=args.samples // 8)
@@ -333,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_rows, checkpoint = bench_checkpoint(work, args.checkpoint_steps, args.checkpoint_every,
                                                            args.checkpoint_repeats)
             rows += checkpoint_rows
+        if args.urls_only or (every_group and not args.no_urls):
+            url_rows, urls = bench_urls(work, args.url_rows, args.url_cap)
+            rows += url_rows
     rows = with_ratios(rows)
     print_table(rows)
+    if urls is not None:
+        print_urls(urls)
     if checkpoint is not None:
         print_checkpoint(checkpoint)
     if dataprep is not None:
@@ -359,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
         "dataprep": dataprep,
         "checkpoint": checkpoint,
+        "urls": urls,
     }), indent=2))
     print(f"\nwrote {out}")
     return 0
