@@ -152,6 +152,8 @@ def sample_tree(pid: int, traces: dict[int, ProcessTrace], tree_rss: list[int], 
                 fds, rss, cpu = proc.num_fds(), proc.memory_info().rss, proc.cpu_times()
         except psutil.NoSuchProcess:  # ended between the listing and the read
             continue
+        if fds == 0:  # exiting (its descriptors already closed by the kernel): not the end of its work
+            continue
         trace = traces.setdefault(proc.pid, ProcessTrace(proc.pid, "cli" if proc.pid == pid else "worker"))
         trace.times.append(now)
         trace.fds.append(fds)
