@@ -132,6 +132,16 @@ class _Loaded:
     data: bytes | None = None
     caption: str | None = None
     skip: Skip | None = None
+    sha256: str | None = None
+    """Of `data`, hashed once, where it was read (on a reader thread for remote items)."""
+    known: bool = False
+    """The dataset already holds these bytes: nothing else about the item is read or decoded."""
+
+    def identify(self, known: KnownDigests) -> None:
+        assert self.data is not None
+        if self.sha256 is None:
+            self.sha256 = hashlib.sha256(self.data).hexdigest()
+            self.known = self.sha256 in known
 
 
 def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | None = None) -> TaskResult:
@@ -170,14 +180,17 @@ def _sample(loaded: _Loaded, ctx: TaskContext, seen: set[str], keys: set[str],
         result.items += 1
         result.skip(loaded.skip)
         return None
-    assert loaded.data is not None and loaded.caption is not None
+    assert loaded.data is not None
     result.bytes_read += len(loaded.data)
     # The bytes were read once and are hashed once; known content is not decoded.
-    sha = hashlib.sha256(loaded.data).hexdigest()
-    if sha in ctx.known:
+    loaded.identify(ctx.known)
+    sha = loaded.sha256
+    assert sha is not None
+    if loaded.known:
         result.existing += 1
         return None
     result.items += 1
+    assert loaded.caption is not None
     caption = clean_caption(loaded.caption)
     if not caption and not ctx.keep_empty_captions:
         result.skip(Skip(loaded.source_id, "empty_caption", "caption is empty after clean-up"))
@@ -240,28 +253,28 @@ def _load(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
 
 
 def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:
+    """Read the image first: bytes the dataset already holds need no caption read."""
     loaded = _Loaded(source_id=ref.source_id)
-    if ref.caption is not None:
-        loaded.caption = ref.caption
-    else:
-        assert ref.caption_uri is not None
-        try:
-            raw = storage.storage_for(ref.caption_uri).read_bytes(ref.caption_uri)
-            loaded.caption = read_sidecar_caption(raw, ref.caption_uri, ctx.caption_field)
-        except UnicodeDecodeError as e:
-            loaded.skip = Skip(ref.source_id, "caption_not_utf8", f"{storage.basename(ref.caption_uri)}: {e}")
-        except (KeyError, ValueError) as e:
-            loaded.skip = Skip(ref.source_id, "missing_caption",
-                               f"{storage.basename(ref.caption_uri)} has no usable `{ctx.caption_field}` ({e})")
-        except (OSError, storage.StorageError) as e:
-            loaded.skip = Skip(ref.source_id, "unreadable_file", f"caption: {e}")
-        if loaded.skip is not None:
-            return loaded
     data = _read_image(ref.image, ctx)
     if isinstance(data, Skip):
         loaded.skip = Skip(ref.source_id, data.reason, data.detail)
-    else:
-        loaded.data = data
+        return loaded
+    loaded.data = data
+    loaded.identify(ctx.known)
+    if loaded.known or ref.caption is not None:
+        loaded.caption = ref.caption
+        return loaded
+    assert ref.caption_uri is not None
+    try:
+        raw = storage.storage_for(ref.caption_uri).read_bytes(ref.caption_uri)
+        loaded.caption = read_sidecar_caption(raw, ref.caption_uri, ctx.caption_field)
+    except UnicodeDecodeError as e:
+        loaded.skip = Skip(ref.source_id, "caption_not_utf8", f"{storage.basename(ref.caption_uri)}: {e}")
+    except (KeyError, ValueError) as e:
+        loaded.skip = Skip(ref.source_id, "missing_caption",
+                           f"{storage.basename(ref.caption_uri)} has no usable `{ctx.caption_field}` ({e})")
+    except (OSError, storage.StorageError) as e:
+        loaded.skip = Skip(ref.source_id, "unreadable_file", f"caption: {e}")
     return loaded
 
 
