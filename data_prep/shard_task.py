@@ -28,6 +28,7 @@ from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from data_prep import storage
 from data_prep.dataset import SampleRecord
@@ -257,7 +258,7 @@ def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:
     loaded = _Loaded(source_id=ref.source_id)
     data = _read_image(ref.image, ctx)
     if isinstance(data, Skip):
-        loaded.skip = Skip(ref.source_id, data.reason, data.detail)
+        loaded.skip = Skip(ref.source_id, data.reason, _without_query(data.detail, ref))
         return loaded
     loaded.data = data
     loaded.identify(ctx.known)
@@ -276,6 +277,15 @@ def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:
     except (OSError, storage.StorageError) as e:
         loaded.skip = Skip(ref.source_id, "unreadable_file", f"caption: {e}")
     return loaded
+
+
+def _without_query(detail: str, ref: ItemRef) -> str:
+    """A fetch error's detail without the URL's query string where the source id drops it (errors
+    quote the URL or its path; a signature must not reach the log and the run report either)."""
+    if ref.image == ref.source_id or not ref.image.startswith(("http://", "https://")):
+        return detail
+    query = urlsplit(ref.image).query
+    return detail.replace(query, "...") if query else detail
 
 
 def _read_image(uri: str, ctx: TaskContext) -> bytes | Skip:

@@ -24,7 +24,7 @@ from data_prep.known import digest_files
 from data_prep.manifest import SCHEMA_VERSION, Manifest, ShardInfo
 from data_prep.shard import build_shards
 from data_prep.shard_task import TaskContext
-from tests.data_prep.inputs import jpeg_bytes, write_folder
+from tests.data_prep.inputs import closed_port, jpeg_bytes, write_folder
 from tests.data_prep.test_shard_build import config
 
 
@@ -93,6 +93,12 @@ def test_a_re_signed_url_is_the_same_item_and_no_signature_is_stored(tmp_path, h
     # Asked for, the query is kept (where it names the image rather than signs it).
     kept = build_shards(config(table("SECRETaaa"), tmp_path / "kept", allow_private_hosts=True, keep_url_query=True))
     assert kept.written == 4 and b"X-Amz-Signature=SECRETaaa0" in stored_bytes(tmp_path / "kept")
+    # Nor in what the run reports about a URL it could not fetch (errors quote the URL's path and query).
+    refused_url = f"http://127.0.0.1:{closed_port()}/a.jpg?Signature=SECRETccc"
+    (tmp_path / "refused.csv").write_text(f"url,caption\n{refused_url},p\n")
+    refused = build_shards(config(tmp_path / "refused.csv", out, allow_private_hosts=True, fetch_retries=0))
+    assert refused.skipped == {"fetch_failed": 1} and "a.jpg" in refused.markdown()
+    assert "SECRET" not in refused.markdown()
 
 
 def _part_with(tmp_path: Path, name: str, shas: list[str]) -> Part:
