@@ -3,6 +3,7 @@
     OUTPUT/index.json                      the dataset: its parts, totals, content id (written last)
     OUTPUT/part-00000-<run>/manifest.json  one run's shards, skips, stats (written before the index)
     OUTPUT/part-00000-<run>/samples.jsonl.gz   key, content sha256, source id and shard of each sample
+    OUTPUT/part-00000-<run>/digests.bin    the part's sorted source sha256s (known.py; derived, rebuildable)
     OUTPUT/part-00000-<run>/shard-000000-000.tar ...
 
 The first `ldmflow shard` run writes part 0; a later run over a grown source writes only the new items
@@ -35,6 +36,8 @@ from data_prep.manifest import MANIFEST_NAME, Manifest, check_shard, read_manife
 INDEX_NAME = "index.json"
 INDEX_SCHEMA_VERSION = 1
 SAMPLES_NAME = "samples.jsonl.gz"
+DIGESTS_NAME = "digests.bin"
+"""The part's sorted source digests (known.py): derived from the samples file, so not in the manifest."""
 PART_PREFIX = "part-"
 _MOD = 2**256
 
@@ -259,7 +262,7 @@ def verify_dataset(uri: str) -> VerifyReport:
     listed = {s.name for s in dataset.shards} | {INDEX_NAME}
     for part in dataset.parts:
         prefix = f"{part.name}/" if part.name else ""
-        listed |= {prefix + MANIFEST_NAME, prefix + part.manifest.samples_file}
+        listed |= {prefix + MANIFEST_NAME, prefix + part.manifest.samples_file, prefix + DIGESTS_NAME}
     orphans = [o.name for o in storage.storage_for(uri).list(uri) if o.name not in listed]
     return VerifyReport(uri=uri, shards=len(dataset.shards), samples=dataset.total_samples, problems=problems,
                         orphans=orphans)

@@ -1,11 +1,15 @@
 """The shard stage: a source (folder, table, URLs, shards; local or S3) -> a new part of a dataset.
 
-    plan_source ─▶ drop items the dataset already has ─▶ tasks ─▶ run_task × N (processes or Ray Data)
-        │ Skip                                                        │ shards published as they complete
-        ▼                                                             ▼
-    counted by reason ◀── cross-task duplicates removed ◀── results ──┘
+    plan_source ─▶ tasks ─▶ run_task × N (processes or Ray Data): bytes the dataset has are counted, not kept
+        │ Skip                             │ shards published as they complete
+        ▼                                  ▼
+    counted by reason ◀── cross-task duplicates removed ◀── results
                                         │
-                     samples file ─▶ part manifest ─▶ index.json (last: the part becomes visible)
+            samples file, digest file ─▶ part manifest ─▶ index.json (last: the part becomes visible)
+
+What the dataset has is decided by content (sha256 of the source bytes, looked up in the parts' digest
+files, known.py), never by name: a folder whose files are named like earlier ones, or an image
+replaced in place, adds its new images; a re-signed URL to the same bytes adds nothing.
 
 A run never rewrites a published name: each run writes a new part folder with a unique name, so a
 reader streaming the dataset is never handed different bytes under a name it already knows. With
@@ -38,13 +42,13 @@ from data_prep.dataset import (
     content_sum,
     read_dataset,
     read_index,
-    read_samples,
     write_index,
     write_samples,
 )
 from data_prep.errors import DataPrepError
 from data_prep.http_fetch import FetchOptions, close_read_pool
 from data_prep.image_ops import IMAGE_FORMATS, RESIZE_MODES, ProcessOptions
+from data_prep.known import KnownDigests, digest_files, write_digests
 from data_prep.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardInfo, write_manifest
 from data_prep.shard_task import SKIP_EXAMPLES_PER_REASON, Task, TaskContext, TaskResult, run_task, staging
 from data_prep.shard_writer import ShardWriter
@@ -96,7 +100,11 @@ class ShardConfig:
     allowed_roots: tuple[str, ...] = ()
     """More folders or s3:// prefixes a table's paths may point into (see SourceOptions.allowed_roots)."""
     dedup: bool = True
-    """Skip items whose source bytes equal an earlier item's, in this run or an earlier part."""
+    """Skip items whose source bytes equal an earlier item's in this run. (Bytes an earlier part holds
+    are never added again, whatever this says: they are that part's items.)"""
+    keep_url_query: bool = False
+    """Keep URL query strings (signatures) in source ids, sample .json and samples.jsonl.gz (see
+    SourceOptions.keep_url_query); off, a re-signed URL is the same item."""
     source_format: str = "auto"
     """auto, folder, table or shards (see sources.py)."""
     url_column: str | None = None
@@ -137,7 +145,7 @@ class ShardConfig:
         require_choice(self.executor, "shard config `executor`", EXECUTORS)
         self.allowed_roots = tuple(os.fspath(r) for r in self.allowed_roots)
         for name in ("overwrite", "keep_empty_captions", "follow_symlinks", "allow_private_hosts", "dedup",
-                     "progress"):
+                     "keep_url_query", "progress"):
             require_bool(getattr(self, name), f"shard config `{name}`")
         if self.executor == "ray" and not self.ray_address:
             raise DataPrepError("shard config `executor: ray` needs `ray_address` (e.g. auto, or host:6379)")
@@ -161,7 +169,7 @@ class ShardConfig:
         return SourceOptions(source_format=self.source_format, url_column=self.url_column,
                              caption_column=self.caption_column, caption_field=self.caption_field,
                              keep_empty_captions=self.keep_empty_captions, follow_symlinks=self.follow_symlinks,
-                             allowed_roots=self.allowed_roots)
+                             allowed_roots=self.allowed_roots, keep_url_query=self.keep_url_query)
 
     def identity_options(self) -> dict[str, Any]:
         """The options that change what the shards hold: part of the dataset's content id."""
@@ -181,11 +189,11 @@ class ShardReport:
     part: str | None
     """The part this run added, or None when there was nothing new."""
     items: int
-    """Source items considered this run (new ones; items already in the dataset are not read)."""
+    """Source items considered this run, those already in the dataset not included."""
     written: int
     skipped: dict[str, int]
     existing: int
-    """Items the dataset already held from earlier runs (not read again)."""
+    """Items whose bytes the dataset already held from earlier runs (read and hashed, not written)."""
     shards: int
     bytes_written: int
     bytes_read: int
@@ -249,12 +257,13 @@ def _build(config: ShardConfig, progress: Callable[[int], None] | None) -> Shard
     plan = plan_source(config.source, config.source_options())
     store.check_writable(config.output)
     previous = _previous_parts(config)
-    # With overwrite the old parts are being replaced, so nothing in them counts as already present.
-    known_keys, known_sha = _known_samples([] if config.overwrite else previous)
     _remove_orphans(config.output, previous)
+    # With overwrite the old parts are being replaced, so nothing in them counts as already present.
+    known = KnownDigests() if config.overwrite else digest_files(previous)
 
     skips = list(plan.skips)
-    items, existing = _new_items(plan, known_keys, skips)
+    items = _listed_once(plan, skips)
+    existing = 0
     if not items and not plan.shards:
         return _nothing_new(config, previous, plan, skips, existing, started)
 
@@ -263,15 +272,13 @@ def _build(config: ShardConfig, progress: Callable[[int], None] | None) -> Shard
     ctx = TaskContext(part_uri=part_uri, process=config.process_options(), fetch=config.fetch_options(),
                       samples_per_shard=config.samples_per_shard, max_shard_bytes=config.max_shard_bytes,
                       caption_field=config.caption_field, keep_empty_captions=config.keep_empty_captions,
-                      dedup=config.dedup, known_sha256=frozenset(known_sha),
-                      known_keys=frozenset(known_keys) if plan.shards else frozenset(),
-                      read_threads=config.read_threads)
+                      dedup=config.dedup, known=known, read_threads=config.read_threads)
     tasks = _tasks(plan, items, config)
     total_items = sum(t.size for t in tasks) if not plan.shards else plan.expected_items
     try:
         results = _run(tasks, ctx, config, total_items, progress)
         records, shards, skipped, examples = _merge(results, ctx, skips)
-        existing += sum(r.existing for r in results)
+        existing = sum(r.existing for r in results)
         written = len(records)
         handled = len(plan.skips) + sum(r.items for r in results)
         if written == 0:  # every new item was skipped: no part (and an error if there is no dataset either)
@@ -312,6 +319,7 @@ def _part_manifest(config: ShardConfig, part_uri: str, records: list[SampleRecor
                    bytes_read: int) -> Manifest:
     """The new part's manifest, after writing its samples file (which the manifest names and hashes)."""
     samples_name, samples_sha = write_samples(part_uri, records)
+    write_digests(part_uri, [r.sha256 for r in records])
     duration = round(time.perf_counter() - started, 3)
     identity = config.identity_options()
     return Manifest(
@@ -357,16 +365,6 @@ def _previous_parts(config: ShardConfig) -> list[Part]:
     return dataset.parts
 
 
-def _known_samples(parts: list[Part]) -> tuple[set[str], set[str]]:
-    keys: set[str] = set()
-    shas: set[str] = set()
-    for part in parts:
-        for record in read_samples(part.uri, part.manifest):
-            keys.add(record.key)
-            shas.add(record.sha256)
-    return keys, shas
-
-
 def _remove_orphans(output: str, parts: list[Part]) -> None:
     """Delete part folders no index lists: what a killed run left behind (never visible to readers).
 
@@ -387,21 +385,18 @@ def _next_part_number(parts: list[Part]) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _new_items(plan: SourcePlan, known_keys: set[str], skips: list[Skip]):
-    """Items not yet in the dataset; repeats of the same source id are duplicates."""
+def _listed_once(plan: SourcePlan, skips: list[Skip]):
+    """The plan's items, each image URI once: a table naming the same image twice is a duplicate.
+    (Whether the dataset already holds an item is decided by its bytes, in the tasks.)"""
     items = []
     seen: set[str] = set()
-    existing = 0
     for ref in plan.items:
-        key = ref.key
-        if key in known_keys:
-            existing += 1
-        elif key in seen:
+        if ref.image in seen:
             skips.append(Skip(ref.source_id, "duplicate", "the source lists this item more than once"))
         else:
-            seen.add(key)
+            seen.add(ref.image)
             items.append(ref)
-    return items, existing
+    return items
 
 
 def _nothing_new(config: ShardConfig, previous: list[Part], plan: SourcePlan, skips: list[Skip], existing: int,

@@ -5,9 +5,11 @@ of items, or one existing tar), so its shard names (`shard-<task>-<n>.tar`) neve
 task's, and the output is the same whatever the number of processes. Everything here is a function of
 (task, context): no globals, no shared state, so process pools and Ray run it alike.
 
-Per item: read bytes (local, S3 or HTTP; remote reads overlap on a few threads) -> caption (sidecar,
-table or tar member; cleaned) -> exact de-duplication by source sha256 -> image_ops.process_image ->
-ShardWriter. Every problem with an item becomes a counted Skip with its own reason.
+Per item: read bytes once (local, S3 or HTTP; remote reads overlap on a few threads) -> their sha256,
+the item's identity: bytes the dataset already holds are counted as existing, not decoded ->
+caption (sidecar, table or tar member; cleaned) -> exact de-duplication within the run ->
+image_ops.process_image -> ShardWriter under key_for(source id, sha256). Every problem with an item
+becomes a counted Skip with its own reason.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from data_prep import storage
 from data_prep.dataset import SampleRecord
 from data_prep.http_fetch import FetchFailure, FetchOptions, fetch, read_pool
 from data_prep.image_ops import ImageSkip, ProcessOptions, process_image
+from data_prep.known import KnownDigests
 from data_prep.manifest import ShardInfo
 from data_prep.shard_writer import ShardWriter, shard_name
 from data_prep.sources import (
@@ -82,11 +86,9 @@ class TaskContext:
     caption_field: str = "caption"
     keep_empty_captions: bool = False
     dedup: bool = True
-    known_sha256: frozenset[str] = frozenset()
-    """Source sha256 of every sample already in the dataset's earlier parts."""
-    known_keys: frozenset[str] = frozenset()
-    """Keys already in the dataset's earlier parts. Item tasks arrive without them (dropped while
-    planning); shard tasks find keys only while reading, and count these as existing."""
+    known: KnownDigests = KnownDigests()
+    """Source sha256s of the dataset's earlier parts, by reference to their digest files (known.py):
+    the context's size does not grow with the dataset."""
     read_threads: int = 16
     """Concurrent remote reads (HTTP, S3) per task; local files are read inline."""
 
@@ -101,8 +103,9 @@ class TaskResult:
     examples: list[Skip] = field(default_factory=list)
     """The first few skips of each reason, for the log."""
     items: int = 0
+    """Items handled, those the dataset already holds not included."""
     existing: int = 0
-    """Items the dataset already holds (shard sources only: others are filtered while planning)."""
+    """Items whose bytes the dataset already holds (read and hashed, not decoded or written)."""
     bytes_read: int = 0
 
     def skip(self, item: Skip) -> None:
@@ -127,32 +130,39 @@ class _Loaded:
     """One item after reading: its bytes and caption, or the reason it is skipped."""
 
     source_id: str
-    key: str
     data: bytes | None = None
     caption: str | None = None
     skip: Skip | None = None
+    sha256: str | None = None
+    """Of `data`, hashed once, where it was read (on a reader thread for remote items)."""
+    known: bool = False
+    """The dataset already holds these bytes: nothing else about the item is read or decoded."""
+
+    def identify(self, known: KnownDigests) -> None:
+        assert self.data is not None
+        if self.sha256 is None:
+            self.sha256 = hashlib.sha256(self.data).hexdigest()
+            self.known = self.sha256 in known
 
 
 def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | None = None) -> TaskResult:
     """Process one task; its shards are published under ctx.part_uri as they complete."""
     result = TaskResult(index=task.index)
-    seen: set[str] = set()
+    seen: set[str] = set()  # sha256s written by this task
+    keys: set[str] = set()
     unreported = 0  # items handled since the last progress call
     with staging(ctx.part_uri) as (folder, publish):
         writer = ShardWriter(folder, ctx.samples_per_shard, max_bytes=ctx.max_shard_bytes,
                              name_for=lambda n: shard_name(task.index, n), publish=publish)
         with writer:
             for loaded in _load(task, ctx):
-                if loaded.key in ctx.known_keys:
-                    result.existing += 1
-                    continue
-                result.items += 1
-                made = _sample(loaded, ctx, seen, result)
+                made = _sample(loaded, ctx, seen, keys, result)
                 if made is not None:
                     sample, sha = made
                     writer.write(sample)
-                    result.records.append(SampleRecord(key=loaded.key, sha256=sha, source_id=loaded.source_id,
-                                                       shard=writer.last_name, caption=loaded.caption or ""))
+                    result.records.append(SampleRecord(key=sample["__key__"], sha256=sha,
+                                                       source_id=loaded.source_id, shard=writer.last_name,
+                                                       caption=loaded.caption or ""))
                 unreported += 1
                 if progress is not None and unreported >= PROGRESS_EVERY:
                     progress(unreported)
@@ -163,21 +173,35 @@ def run_task(task: Task, ctx: TaskContext, progress: Callable[[int], None] | Non
     return result
 
 
-def _sample(loaded: _Loaded, ctx: TaskContext, seen: set[str], result: TaskResult) -> tuple[dict, str] | None:
-    """The shard sample for a loaded item and its source sha256, or None after counting the skip."""
+def _sample(loaded: _Loaded, ctx: TaskContext, seen: set[str], keys: set[str],
+            result: TaskResult) -> tuple[dict, str] | None:
+    """The shard sample for a loaded item and its source sha256, or None after counting it as a skip or
+    as already in the dataset."""
     if loaded.skip is not None:
+        result.items += 1
         result.skip(loaded.skip)
         return None
-    assert loaded.data is not None and loaded.caption is not None
+    assert loaded.data is not None
     result.bytes_read += len(loaded.data)
+    # The bytes were read once and are hashed once; known content is not decoded.
+    loaded.identify(ctx.known)
+    sha = loaded.sha256
+    assert sha is not None
+    if loaded.known:
+        result.existing += 1
+        return None
+    result.items += 1
+    assert loaded.caption is not None
     caption = clean_caption(loaded.caption)
     if not caption and not ctx.keep_empty_captions:
         result.skip(Skip(loaded.source_id, "empty_caption", "caption is empty after clean-up"))
         return None
-    sha = hashlib.sha256(loaded.data).hexdigest()
-    if ctx.dedup and (sha in seen or sha in ctx.known_sha256):
-        where = "an earlier part" if sha in ctx.known_sha256 else "this run"
-        result.skip(Skip(loaded.source_id, "duplicate", f"same bytes (sha256 {sha[:12]}) as an item in {where}"))
+    if ctx.dedup and sha in seen:
+        result.skip(Skip(loaded.source_id, "duplicate", f"same bytes (sha256 {sha[:12]}) as an item in this run"))
+        return None
+    key = key_for(loaded.source_id, sha)
+    if key in keys:  # dedup off: the same item listed twice (readers group a tar's members by key)
+        result.skip(Skip(loaded.source_id, "duplicate_key", "the same source id and bytes as an earlier item"))
         return None
     try:
         processed = process_image(loaded.data, ctx.process)
@@ -185,10 +209,11 @@ def _sample(loaded: _Loaded, ctx: TaskContext, seen: set[str], result: TaskResul
         result.skip(Skip(loaded.source_id, e.reason, e.detail))
         return None
     seen.add(sha)
+    keys.add(key)
     loaded.caption = caption
     meta = {"source_id": loaded.source_id, "sha256": sha, **processed.metadata()}
     return {
-        "__key__": loaded.key,
+        "__key__": key,
         ctx.process.image_format: processed.data,
         "txt": caption.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
@@ -229,29 +254,38 @@ def _load(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
 
 
 def _load_item(ref: ItemRef, ctx: TaskContext) -> _Loaded:
-    loaded = _Loaded(source_id=ref.source_id, key=ref.key)
-    if ref.caption is not None:
-        loaded.caption = ref.caption
-    else:
-        assert ref.caption_uri is not None
-        try:
-            raw = storage.storage_for(ref.caption_uri).read_bytes(ref.caption_uri)
-            loaded.caption = read_sidecar_caption(raw, ref.caption_uri, ctx.caption_field)
-        except UnicodeDecodeError as e:
-            loaded.skip = Skip(ref.source_id, "caption_not_utf8", f"{storage.basename(ref.caption_uri)}: {e}")
-        except (KeyError, ValueError) as e:
-            loaded.skip = Skip(ref.source_id, "missing_caption",
-                               f"{storage.basename(ref.caption_uri)} has no usable `{ctx.caption_field}` ({e})")
-        except (OSError, storage.StorageError) as e:
-            loaded.skip = Skip(ref.source_id, "unreadable_file", f"caption: {e}")
-        if loaded.skip is not None:
-            return loaded
+    """Read the image first: bytes the dataset already holds need no caption read."""
+    loaded = _Loaded(source_id=ref.source_id)
     data = _read_image(ref.image, ctx)
     if isinstance(data, Skip):
-        loaded.skip = Skip(ref.source_id, data.reason, data.detail)
-    else:
-        loaded.data = data
+        loaded.skip = Skip(ref.source_id, data.reason, _without_query(data.detail, ref))
+        return loaded
+    loaded.data = data
+    loaded.identify(ctx.known)
+    if loaded.known or ref.caption is not None:
+        loaded.caption = ref.caption
+        return loaded
+    assert ref.caption_uri is not None
+    try:
+        raw = storage.storage_for(ref.caption_uri).read_bytes(ref.caption_uri)
+        loaded.caption = read_sidecar_caption(raw, ref.caption_uri, ctx.caption_field)
+    except UnicodeDecodeError as e:
+        loaded.skip = Skip(ref.source_id, "caption_not_utf8", f"{storage.basename(ref.caption_uri)}: {e}")
+    except (KeyError, ValueError) as e:
+        loaded.skip = Skip(ref.source_id, "missing_caption",
+                           f"{storage.basename(ref.caption_uri)} has no usable `{ctx.caption_field}` ({e})")
+    except (OSError, storage.StorageError) as e:
+        loaded.skip = Skip(ref.source_id, "unreadable_file", f"caption: {e}")
     return loaded
+
+
+def _without_query(detail: str, ref: ItemRef) -> str:
+    """A fetch error's detail without the URL's query string where the source id drops it (errors
+    quote the URL or its path; a signature must not reach the log and the run report either)."""
+    if ref.image == ref.source_id or not ref.image.startswith(("http://", "https://")):
+        return detail
+    query = urlsplit(ref.image).query
+    return detail.replace(query, "...") if query else detail
 
 
 def _read_image(uri: str, ctx: TaskContext) -> bytes | Skip:
@@ -297,7 +331,7 @@ def _load_shard(task: Task, ctx: TaskContext) -> Iterator[_Loaded]:
     for sample in iter_shard_samples(task.shard_uri, max_member_bytes=ctx.process.max_bytes):
         key = str(sample["__key__"])
         source_id = f"{task.shard_id}/{key}"
-        loaded = _Loaded(source_id=source_id, key=key_for(source_id))
+        loaded = _Loaded(source_id=source_id)
         ext = next((e for e in SHARD_IMAGE_EXTS if e in sample), None)
         if OVERSIZED in sample:
             cap = ctx.process.max_bytes

@@ -9,8 +9,11 @@ listing, not a million downloads, and the heavy work spreads over processes or R
     table  (.csv .tsv .jsonl .parquet, local or s3://)   a path-or-URL column and a caption column
     shards (a folder/prefix of .tar, or a dataset with index.json / manifest.json)   re-size, re-shard
 
-Keys: `key_for(source_id)`, a hash of the item's stable id (relative path, URL, or shard + key), so
-the same item gets the same key in every run; incremental runs rely on that to skip what they have.
+Identity: an item is its source bytes (their sha256), never its path: what a dataset already holds is
+decided by content, after the bytes are read (shard_task.py). Keys: `key_for(source_id, sha256)`, a
+hash of the item's id and its bytes, so the same item gets the same key in every run and two different
+images under the same name (batch1/0000.png, batch2/0000.png; an image replaced in place) get two.
+URL query strings (signatures, tokens) are not part of a source id unless asked for (`keep_url_query`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from data_prep import storage
 from data_prep.checks import require_choice
@@ -53,10 +57,6 @@ class ItemRef:
     """Caption text when the source already holds it (tables)."""
     caption_uri: str | None = None
     """Sidecar file holding the caption (folders): a .txt, or a .json with `caption_field`."""
-
-    @property
-    def key(self) -> str:
-        return key_for(self.source_id)
 
 
 @dataclass
@@ -109,20 +109,36 @@ class SourceOptions:
     """Folders and s3:// prefixes a table's local paths, file:// URLs and s3:// URIs may point into,
     besides the table's own folder. Anything else in a table (/etc/passwd, file:///root/.ssh/id_rsa,
     another team's bucket) is an `outside_allowed_root` skip: a table from anyone reads only there."""
+    keep_url_query: bool = False
+    """Keep the query string (and user info, fragment) of http(s) URLs in source ids, which samples'
+    .json and samples.jsonl.gz store. Off by default: for signed URLs it is a credential that changes
+    with every signing; turn it on only where the query names the image (?id=123) and is no secret."""
 
     def __post_init__(self) -> None:
         require_choice(self.source_format, "shard config `source_format`", SOURCE_FORMATS)
 
 
-def key_for(source_id: str) -> str:
-    """The shard key of a source item: the first 16 hex digits of sha1(source_id).
+def key_for(source_id: str, sha256: str) -> str:
+    """The shard key of a source item: the first 16 hex digits of sha1(source_id, source bytes sha256).
 
     A hash rather than the path itself because WebDataset splits member names at the first dot and
-    treats slashes as directories, so file names make invalid or colliding keys; and a hash of the id
-    (not of the bytes) keeps the key stable when an image is re-encoded or its caption edited.
+    treats slashes as directories, so file names make invalid or colliding keys. The bytes are in it
+    so that a key names one item's one content: the same item gets the same key in every run, and two
+    different images that share a name (two batches numbered alike, an image replaced in place) get two
+    keys instead of the second being taken for the first.
     16 hex digits = 64 bits: the chance of any collision stays below 1e-3 up to ~190M items.
     """
-    return hashlib.sha1(source_id.encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(f"{source_id}\0{sha256}".encode("utf-8")).hexdigest()[:16]
+
+
+def url_source_id(ref: str, keep_query: bool) -> str:
+    """A table cell as the item's source id: http(s) URLs without user info, query and fragment (unless
+    `keep_query`), so a re-signed URL is the same item and no signature is stored; others as they are."""
+    if keep_query or not ref.startswith(("http://", "https://")):
+        return ref
+    parts = urlsplit(ref)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def plan_source(source: str, options: SourceOptions) -> SourcePlan:
@@ -259,7 +275,8 @@ def _plan_table(source: str, options: SourceOptions) -> SourcePlan:
     for row, record in enumerate(rows):
         ref, caption = record.get(url_col), record.get(cap_col)
         ref = "" if _missing(ref) else str(ref).strip()
-        label = ref or f"row {row + 1}"
+        source_id = url_source_id(ref, options.keep_url_query)
+        label = source_id or f"row {row + 1}"
         if not ref:
             plan.skips.append(Skip(label, "missing_image", f"row {row + 1}: empty `{url_col}`"))
         elif not _is_utf8(ref):
@@ -269,10 +286,11 @@ def _plan_table(source: str, options: SourceOptions) -> SourcePlan:
         elif not _is_utf8(str(caption)):
             plan.skips.append(Skip(label, "caption_not_utf8", f"row {row + 1}: `{cap_col}` is not valid UTF-8"))
         elif (image := _resolve_row(ref, base)) is None or not any(_inside(image, root) for root in roots):
-            plan.skips.append(Skip(label, "outside_allowed_root", f"row {row + 1}: {ref!r} is outside {base} and "
+            plan.skips.append(Skip(label, "outside_allowed_root", f"row {row + 1}: {label!r} is outside {base} and "
                                    "the allowed roots; pass --allow-root to read there"))
         else:
-            plan.items.append(ItemRef(source_id=ref, image=image, caption="" if _missing(caption) else str(caption)))
+            plan.items.append(ItemRef(source_id=source_id, image=image,
+                                      caption="" if _missing(caption) else str(caption)))
     if not plan.items and not plan.skips:
         raise DataPrepError(f"table {source} has no rows")
     return plan

@@ -62,7 +62,7 @@ def shard_config_from_args(args: argparse.Namespace):
         max_image_bytes=args.max_image_bytes, samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes or None, keep_empty_captions=args.keep_empty_captions,
         follow_symlinks=args.follow_symlinks, allow_private_hosts=args.allow_private_hosts,
-        allowed_roots=tuple(args.allow_root),
+        allowed_roots=tuple(args.allow_root), keep_url_query=args.keep_url_query,
         dedup=not args.no_dedup, source_format=args.source_format, url_column=args.url_column,
         caption_column=args.caption_column, caption_field=args.caption_field, processes=args.processes,
         executor="ray" if args.ray_address else "processes", ray_address=args.ray_address,
@@ -243,6 +243,8 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--follow-symlinks", action="store_true",
                    help="read symlinked folders of a local folder source (default: count each as a skip)")
     g.add_argument("--no-dedup", action="store_true", help="keep exact duplicate images")
+    g.add_argument("--keep-url-query", action="store_true",
+                   help="store URL query strings in source ids (default: dropped; signatures are credentials)")
     g = p.add_argument_group("shards and speed")
     g.add_argument("--samples-per-shard", type=int, default=d["samples_per_shard"].default)
     g.add_argument("--max-shard-bytes", type=int, default=d["max_shard_bytes"].default, help="0: no byte limit")

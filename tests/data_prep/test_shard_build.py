@@ -52,9 +52,10 @@ def test_folder_becomes_a_verified_part_with_index(tmp_path):
     assert dataset.options["resolution"] == 32
     verified = verify_dataset(str(out))
     assert verified.ok and verified.orphans == [] and verified.samples == 20
-    # Nothing but the index, the part's manifest, its sample list and its shards; no temp files.
+    # Nothing but the index, the part's manifest, its sample list, its digests and its shards; no temp files.
     part = report.part
-    assert all_files(out) == sorted([INDEX_NAME, f"{part}/manifest.json", f"{part}/samples.jsonl.gz"]
+    assert all_files(out) == sorted([INDEX_NAME, f"{part}/manifest.json", f"{part}/samples.jsonl.gz",
+                                     f"{part}/digests.bin"]
                                     + [s.name for s in dataset.shards])
 
     keys = set()
@@ -68,11 +69,11 @@ def test_folder_becomes_a_verified_part_with_index(tmp_path):
                 if m.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(m).read())
                     key = m.name.split(".")[0]
-                    assert key == key_for(meta["source_id"]) and meta["source_id"] in names
+                    assert key == key_for(meta["source_id"], meta["sha256"]) and meta["source_id"] in names
                     assert meta["processed_size"] == [32, 32] and meta["original_size"] == [96, 80]
                     assert len(meta["sha256"]) == 64 and "aspect_bucket" in meta
                     keys.add(key)
-    assert keys == {key_for(n) for n in names}
+    assert len(keys) == 20
     manifest = dataset.parts[0].manifest
     assert manifest.stats["written"] == 20 and manifest.stats["duration_s"] > 0
     assert len(read_samples(dataset.parts[0].uri, manifest)) == 20
@@ -129,8 +130,9 @@ def test_incremental_runs_add_only_new_items(tmp_path):
     (src / "zz-copy-of-3.txt").write_text("a copy")
     second = build_shards(config(src, out))
 
-    assert second.part != first.part and second.written == 5 and second.existing == 12
-    assert second.skipped == {"duplicate": 1}
+    # The copy's bytes are already in the dataset, whatever its name: existing, not a new item.
+    assert second.part != first.part and second.written == 5 and second.existing == 13
+    assert second.skipped == {}
     dataset = read_dataset(str(out))
     assert [p.name for p in dataset.parts] == [first.part, second.part]
     assert dataset.total_samples == 17 == second.dataset_samples
@@ -139,7 +141,7 @@ def test_incremental_runs_add_only_new_items(tmp_path):
 
     index_before = (out / INDEX_NAME).read_bytes()
     third = build_shards(config(src, out))
-    assert third.nothing_new and third.written == 0 and third.existing == 17
+    assert third.nothing_new and third.written == 0 and third.existing == 18
     assert (out / INDEX_NAME).read_bytes() == index_before
     assert len(read_dataset(str(out)).parts) == 2
 

@@ -4,6 +4,7 @@ the same dataset, byte for byte in identity, as local processes make."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -91,3 +92,13 @@ def test_ray_data_executor_matches_local_processes(tmp_path, ray_head):
     assert verify_dataset(str(tmp_path / "ray")).ok
     assert [s.sha256 for s in read_dataset(str(tmp_path / "ray")).shards] == \
         [s.sha256 for s in read_dataset(str(tmp_path / "local")).shards]
+
+    # Incremental on Ray: the tasks find what the first part holds through its digest file.
+    write_folder(tmp_path / "src", 3, start=100)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "shard", "--source", str(tmp_path / "src"),
+                           "--output", str(tmp_path / "ray"), "--resolution", "32", "--samples-per-shard", "4",
+                           "--ray-address", ray_head, "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert read_dataset(str(tmp_path / "ray")).total_samples == 27
+    assert re.search(r"already in dataset\s+25\b", proc.stdout), proc.stdout

@@ -43,9 +43,9 @@ def test_s3_prefix_of_images_to_s3_shards(tmp_path, s3_bucket, s3_env):
     assert dataset.total_samples == 14 and all(s.uri.startswith(f"s3://{s3_bucket}/") for s in dataset.shards)
     verified = verify_dataset(out)
     assert verified.ok and verified.orphans == []
-    # Only published names in the bucket: the index, one part's manifest and sample list, its shards.
+    # Only published names in the bucket: the index, one part's manifest, sample list and digests, its shards.
     listed = keys(client, s3_bucket, "datasets/photos/")
-    assert len(listed) == 3 + len(dataset.shards) and not any("tmp" in k for k in listed)
+    assert len(listed) == 4 + len(dataset.shards) and not any("tmp" in k for k in listed)
     # The same items from a local folder are the same dataset.
     local = build_shards(ShardConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "local"), resolution=32,
                                      samples_per_shard=4, processes=1, progress=False))
