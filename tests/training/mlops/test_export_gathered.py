@@ -1,33 +1,22 @@
-"""Export at every ZeRO stage, EMA on and off: a real single-process DeepSpeed engine over the tiny
-UNet is trained by the worker's own functions and saved by worker.save_and_report (Ray's report
-replaced by a copy into storage), then exported and sampled. The final checkpoint carries the UNet
+"""Export at every ZeRO stage, EMA on and off: a real DeepSpeed engine over the tiny UNet (one
+process, or two gloo ranks) is trained by the worker's own functions and saved by
+save_and_report (Ray's report replaced by a copy into storage), then exported and sampled. The final checkpoint carries the UNet
 the workers gathered; the export must use it (or the EMA) and never consolidate optimizer shards."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from training.checkpoint.layout import UNET_FILE, CheckpointError, TrainState
+from tests.training.mlops.export_run import copying_report, module_weights, train_and_save
+from training.checkpoint.layout import UNET_FILE, CheckpointError
 from training.checkpoint.verify import read_state
-from training.config import load_config
-from training.loader.batch import Batch
-from training.loader.plan import LoaderState
 from training.mlops import export as export_module
-from training.models.assembly import build_components, frozen_hashes
-from training.runtime.checkpointing import save_and_report
-from training.runtime.context import WorkerContext
-from training.runtime.engine import build_ema, build_engine
-from training.tasks.ldm import LatentDiffusionTask
-
-ROOT = Path(__file__).resolve().parents[3]
-STEPS = 2
-
 
 @pytest.fixture
 def ray_report_copies(monkeypatch, tmp_path):
@@ -35,57 +24,8 @@ def ray_report_copies(monkeypatch, tmp_path):
     import ray.train
 
     stored = []
-
-    def report(metrics, checkpoint=None, **upload_options):
-        target = tmp_path / f"checkpoint_{len(stored):06d}"
-        shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
-        stored.append(target)
-        if upload_options.get("delete_local_checkpoint_after_upload"):
-            shutil.rmtree(checkpoint.path)  # as Ray does once the upload is done
-
-    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "report", copying_report(tmp_path, stored))
     return stored
-
-
-def module_weights(engine) -> dict[str, torch.Tensor]:
-    """The engine's module weights as fp32, gathered here independently of the worker's gather."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    if engine.zero_optimization_partition_weights():
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-
-
-def train_and_save(tmp_path: Path, stored: list, stage: int, precision: str, ema_on: bool,
-                   save_steps: tuple[int, ...] = (STEPS,)):
-    overrides = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.allow_cpu_half_precision=true",
-                 f"train.ema.enabled={str(ema_on).lower()}", f"train.max_steps={STEPS}", "train.batch_size=2",
-                 "train.grad_accum=1", "train.warmup_steps=0", "train.num_workers=1"]
-    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
-    ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
-    parts = build_components(cfg.model, seed=cfg.train.seed)
-    engine = build_engine(parts.unet, cfg.train, ctx)
-    ema = build_ema(engine.module, cfg.train)
-    task = LatentDiffusionTask(cfg, parts, device=ctx.device)
-    generator = torch.Generator().manual_seed(0)
-    state = TrainState(world_size=1, config=cfg.to_dict(), frozen=frozen_hashes(parts.vae, parts.text))
-    loader = LoaderState()
-    data = torch.Generator().manual_seed(1)
-    while state.step < cfg.train.max_steps:
-        batch = Batch(pixels=torch.randint(0, 256, (2, 3, 64, 64), generator=data, dtype=torch.uint8),
-                      captions=["a red circle", "a blue square"], keys=["a", "b"])
-        engine.backward(task.loss(engine, batch, generator))
-        engine.step()
-        if ema is not None:
-            ema.step(engine.module.parameters())
-        state.step += 1
-        state.samples_seen += 2
-        if state.step in save_steps:
-            save_and_report(engine, ema, state, loader, generator, ctx, {}, cfg.train,
-                            final=state.step == cfg.train.max_steps)
-    return engine, ema, stored[-1]
 
 
 def no_consolidation(monkeypatch):
@@ -108,7 +48,7 @@ def test_trains_exports_and_generates(tmp_path, process_group, ray_report_copies
                                       stage, precision, ema_on):
     from training.models.sampling import generate_images
 
-    engine, ema, ckpt = train_and_save(tmp_path, ray_report_copies, stage, precision, ema_on)
+    engine, ema, ckpt = train_and_save(ray_report_copies, stage, precision, ema_on)
     read_state(ckpt, verify_hashes=True)
     listed = json.loads((ckpt / "files/rank-0.json").read_text())["files"]
     assert UNET_FILE in listed, "the gathered UNet must be covered by rank 0's file list"
@@ -147,7 +87,7 @@ def test_intermediate_checkpoint_without_ema_exports(tmp_path, process_group, ra
     """A checkpoint before the last step has no gathered file and (EMA off) no EMA: ZeRO-1-3 exports
     consolidate DeepSpeed's fp32 master weights; stage 0, which writes no optimizer shards to
     consolidate, takes its model file. Either way the weights are the engine's at that step."""
-    engine, _, ckpt = train_and_save(tmp_path, ray_report_copies, stage, "fp32", False, save_steps=(1,))
+    engine, _, ckpt = train_and_save(ray_report_copies, stage, "fp32", False, save_steps=(1,))
     assert not (ckpt / UNET_FILE).exists()
     at_step_1 = {k: v.clone() for k, v in load_trained_weights(ckpt).items()}
     pipe, _ = export_module.build_pipeline(ckpt)
@@ -167,7 +107,7 @@ def load_trained_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_corrupt_gathered_file_is_refused(tmp_path, process_group, ray_report_copies):
-    _, _, ckpt = train_and_save(tmp_path, ray_report_copies, 1, "fp32", False)
+    _, _, ckpt = train_and_save(ray_report_copies, 1, "fp32", False)
     data = bytearray((ckpt / UNET_FILE).read_bytes())
     data[-1] ^= 0xFF
     (ckpt / UNET_FILE).write_bytes(bytes(data))
@@ -180,7 +120,7 @@ def test_a_checkpoint_pickles_nothing_of_this_project(tmp_path, process_group, r
     """A checkpoint is JSON, safetensors and tensor-only torch files: no pickled reference to a class
     or function of ldmflow, so one written before its modules moved (training/ regrouped into
     sub-packages) still loads after, as one written after loads in an older process."""
-    _, _, ckpt = train_and_save(tmp_path, ray_report_copies, stage, "fp32", stage != 3)  # EMA: not under ZeRO-3
+    _, _, ckpt = train_and_save(ray_report_copies, stage, "fp32", stage != 3)  # EMA: not under ZeRO-3
     pickles = sorted(ckpt.rglob("*.pt"))
     assert len(pickles) >= 3  # rng, DeepSpeed model states and optimizer states
     for path in pickles:
@@ -188,3 +128,59 @@ def test_a_checkpoint_pickles_nothing_of_this_project(tmp_path, process_group, r
         ours = [n for n in names if n.split(".")[0] in ("training", "data_prep", "pipelines", "__main__")]
         assert not ours, f"{path.relative_to(ckpt)} pickles {ours}"
     read_state(ckpt, verify_hashes=True)
+
+
+TWO_RANK_CASES = [(3, "bf16", False), (2, "bf16", True)]  # EMA: not under ZeRO-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,precision,ema_on", TWO_RANK_CASES,
+                         ids=[f"zero{s}-{p}-ema_{e}" for s, p, e in TWO_RANK_CASES])
+def test_two_ranks_export_the_consolidated_weights(tmp_path, stage, precision, ema_on):
+    """On 2 gloo ranks (each its own batches), the UNet the ranks gathered into the checkpoint and
+    the pipeline file the export writes from it hold the fp32 master weights that zero_to_fp32
+    consolidates from both ranks' optimizer partitions in this one process, rounded to bf16; with
+    EMA, the exported EMA is every rank's.
+
+    Exact, no tolerance: DeepSpeed's bf16 optimizers copy each updated fp32 master partition into the
+    bf16 parameters (round to nearest even), which is what .to(bfloat16) does; bf16 -> fp32 (the
+    export UNet) is exact. A difference is a wrong weight (another rank's slice, a stale step)."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tests.training.mlops.export_run import ENGINE_FILE, run_rank
+    from training.checkpoint.loading import consolidated_weights, load_unet_weights
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run_rank, args=(2, port, str(tmp_path), stage, precision, ema_on), nprocs=2, join=True)
+    ckpt = tmp_path / "checkpoint_000000"
+    state = read_state(ckpt, verify_hashes=True)
+    assert state.world_size == 2
+    assert len(list(ckpt.glob("deepspeed/*/*_rank_*_optim_states.pt"))) == 2
+
+    master = consolidated_weights(ckpt, state.tag)  # one process, both ranks' partitions
+    expected = {k: v.to(torch.bfloat16).float() for k, v in master.items()}
+    gathered = load_unet_weights(ckpt)
+    assert gathered.keys() == master.keys() and {t.dtype for t in gathered.values()} == {torch.bfloat16}
+    assert_equal_weights(gathered, expected, "the ranks gathered")
+    assert_equal_weights(load_file(str(tmp_path / ENGINE_FILE)), expected, "the engine held at the end")
+
+    pipe, _ = export_module.build_pipeline(ckpt, use_ema=False)
+    export_module.save_pipeline(pipe, tmp_path / "export")
+    exported = load_file(str(tmp_path / "export/unet/diffusion_pytorch_model.safetensors"))
+    assert_equal_weights(exported, expected, "the export wrote")
+    if ema_on:
+        shadows = [load_file(str(tmp_path / f"ema-rank-{r}.safetensors")) for r in range(2)]
+        assert all(torch.equal(shadows[0][i], shadows[1][i]) for i in shadows[0]), "the ranks' EMAs differ"
+        pipe, _ = export_module.build_pipeline(ckpt)
+        params = list(pipe.unet.parameters())
+        assert len(params) == len(shadows[1])
+        assert all(torch.equal(p, shadows[1][str(i)]) for i, p in enumerate(params)), "the export's EMA is not rank 1's"
+
+
+def assert_equal_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == expected.keys(), f"the weights {what} have other names than the consolidated ones"
+    differ = [k for k in expected if not torch.equal(got[k].float(), expected[k])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors {what} differ from the consolidated ones: {differ[:3]}"

@@ -19,6 +19,7 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
 
     from data_prep.shard import ShardConfig, build_shards
     from data_prep.synth import generate_synthetic
+    from training.checkpoint.loading import load_unet_weights
     from training.checkpoint.verify import read_state
     from training.config import load_config
     from training.mlops.export import build_pipeline
@@ -44,6 +45,7 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
     assert read_state(ckpt).step == 3
     # ZeRO-3 writes one parameter partition per rank.
     assert len(list(ckpt.glob("deepspeed/*/zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+    assert_gathered_equals_consolidated(ckpt)
     assert np.isfinite(outcome.metrics["loss"])
     assert np.isfinite(outcome.metrics["val_loss"]) and outcome.metrics["val_loss"] > 0
     from mlflow import MlflowClient
@@ -53,5 +55,35 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
 
     pipe, _ = build_pipeline(ckpt)
     assert pipe.unet.dtype == torch.float32
+    # The export loads the gathered file (upcast), not some other copy of the weights.
+    gathered = load_unet_weights(ckpt)
+    assert all(torch.equal(v, gathered[k].float()) for k, v in pipe.unet.state_dict().items())
     images = generate_images(pipe, ["a red circle on a blue background"], steps=2, guidance=3.0, seed=0)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+
+def assert_gathered_equals_consolidated(ckpt: Path) -> None:
+    """The UNet the 2 ranks gathered live from the engine (unet.safetensors, bf16) is the fp32 master
+    weights that zero_to_fp32 consolidates from both ranks' partitions on one process (the export's
+    path for checkpoints without the gathered file), rounded to bf16.
+
+    Exact, no tolerance: DeepSpeed's bf16 ZeRO-3 optimizer copies each updated fp32 master partition
+    into the bf16 parameter partition (round to nearest even), which is what .to(bfloat16) does, so
+    any difference is a wrong weight (another rank's slice, a stale step), not rounding."""
+    from training.checkpoint.loading import consolidated_weights, load_unet_weights
+    from training.checkpoint.verify import read_state
+    from training.config import config_from_dict
+    from training.models.assembly import build_components
+
+    state = read_state(ckpt)
+    gathered = load_unet_weights(ckpt)
+    master = consolidated_weights(ckpt, state.tag)
+    assert gathered.keys() == master.keys()
+    assert {t.dtype for t in gathered.values()} == {torch.bfloat16}
+    assert {t.dtype for t in master.values()} == {torch.float32}
+    differ = [k for k in master if not torch.equal(gathered[k], master[k].to(torch.bfloat16))]
+    assert not differ, f"{len(differ)} of {len(master)} gathered tensors differ from the consolidated ones: {differ[:3]}"
+    # Not vacuous: three steps moved the master weights away from the initial ones.
+    initial = build_components(config_from_dict(state.config).model, seed=state.config["train"]["seed"]).unet
+    moved = [k for k, v in initial.state_dict().items() if not torch.equal(v.float(), master[k])]
+    assert len(moved) > len(master) // 2
