@@ -10,6 +10,8 @@ One checkpoint directory holds everything a resume needs, saved together and res
     rng/rank-<r>.pt          each rank's generators, as tensors and plain numbers only
     files/rank-<r>.json      every file rank r wrote above, with its size and sha256
     train_state.json         step, samples seen, world size, resolved config, frozen-weight hashes
+    universal/               added on the first resume on another number of workers: the universal
+                             conversion, marked complete by its own universal/COMMITTED
     COMMITTED                JSON: step, tag, world size, sha256 of train_state.json and of every
                              rank's file list; written by rank 0 after every rank listed its files
 
@@ -52,6 +54,11 @@ VAE_FILE = "vae.safetensors"
 
 
 FILES_DIR = "files"
+
+
+UNIVERSAL_DIR = "universal"
+"""The checkpoint's DeepSpeed state converted once for another number of workers, with its own
+COMMITTED (training.checkpoint.universal_store); no rank lists it, and only an elastic resume reads it."""
 
 
 STATE_FILE = "train_state.json"

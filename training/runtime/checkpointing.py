@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, convert_to_universal, load_universal_checkpoint
+from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, load_universal_checkpoint
 from training.checkpoint.layout import DEEPSPEED_DIR, UNET_FILE, CheckpointError, TrainState
 from training.checkpoint.loading import (
     load_deepspeed_checkpoint,
@@ -37,6 +37,7 @@ from training.config import RunConfig, TrainConfig
 from training.loader.plan import LoaderState, restart_at_next_epoch
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import gather_unet_weights
+from training.runtime.restore_point import Restore, universal_copy
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +158,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Generator, ctx: WorkerContext,
+def restore(restore_point: Restore, engine, ema, generator: torch.Generator, ctx: WorkerContext,
             frozen: dict, payload: WorkerPayload) -> tuple[TrainState, LoaderState]:
-    """Load a verified checkpoint (`saved` is its read_state, hashes checked) into this rank.
+    """Load a verified checkpoint (restore_point.saved is its read_state, hashes checked) into this rank.
 
     Written by as many workers as now: each rank loads its own DeepSpeed partition, loader position
     and RNG. Written by a different number: the DeepSpeed state goes through a universal checkpoint
-    (converted by each rank into its own temp folder), the loader positions of all old ranks are
-    re-split over the new ranks, and the RNG is re-seeded from (seed, step, rank): the data and the
-    optimizer continue exactly, the noise draws cannot (they depended on the old rank layout)."""
+    (converted once by rank 0 and stored in the checkpoint; each rank fetches what it loads), the
+    loader positions of all old ranks are re-split over the new ranks, and the RNG is re-seeded from
+    (seed, step, rank): the data and the optimizer continue exactly, the noise draws cannot (they
+    depended on the old rank layout)."""
+    directory, saved, _ = restore_point
     cfg = payload.config
     if saved.frozen != frozen:
         raise CheckpointError(f"checkpoint {directory} was trained against different frozen weights")
@@ -182,8 +185,8 @@ def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Ge
         return state, loader
 
     with tempfile.TemporaryDirectory(prefix=f"ldm-universal-r{ctx.rank}-") as tmp:
-        tag = convert_to_universal(directory / DEEPSPEED_DIR, saved.tag, Path(tmp))
-        load_universal_checkpoint(engine, Path(tmp), tag)
+        folder, tag = universal_copy(restore_point, engine, ctx, Path(tmp))
+        load_universal_checkpoint(engine, folder, tag)
     generator.manual_seed(cfg.train.seed * 1000 + saved.step * 7919 + ctx.rank)
     return state, loader
 
