@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,16 +26,10 @@ from training.checkpoint.loading import (
     model_differences,
     restore_rng,
 )
-from training.checkpoint.writer import (
-    mark_committed,
-    rng_state,
-    save_ema,
-    save_rank_files,
-    save_unet_weights,
-    write_file_list,
-)
+from training.checkpoint.writer import rng_state, save_ema, save_rank_files, save_unet_weights
 from training.config import RunConfig, TrainConfig
 from training.loader.plan import LoaderState, restart_at_next_epoch
+from training.runtime.checkpoint_commit import CommittingUpload
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import gather_unet_weights
 from training.runtime.restore_point import Restore, universal_copy
@@ -56,12 +51,13 @@ def check_frozen(got: dict, expected: dict) -> dict:
 def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
                     ctx: WorkerContext, metrics: dict, train: TrainConfig, *, final: bool = False,
                     weights_file: str = UNET_FILE) -> None:
-    """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
-    rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
-    each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
-    has reported; readers verify the lists (see training.checkpointing), not the upload order.
-    With train.checkpoint_upload=async, report returns once Ray has taken the folder: the upload
-    runs beside the next steps and Ray deletes the local folder when it is done.
+    """Every rank saves its part into a local folder and hands it to ``ray.train.report``; Ray's
+    upload (with a training.runtime.checkpoint_commit.CommittingUpload) hashes and lists each rank's
+    files (files/rank-N.json), copies the folder into the checkpoint's storage directory, and there
+    rank 0 writes COMMITTED, with each list's digest, once every rank's files are in. Ray registers
+    the checkpoint once every rank has reported; readers verify the lists (training.checkpoint.verify).
+    With train.checkpoint_upload=async, report returns once Ray has taken the folder: hashing and
+    upload run beside the next steps and Ray deletes the local folder when it is done.
 
     The final checkpoint also holds `weights_file` (unet.safetensors or vae.safetensors): the trained
     module's full weights gathered by the workers (every rank takes part, rank 0 writes and lists
@@ -84,18 +80,14 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
             if ctx.rank == 0:
                 save_unet_weights(local, weights, step=state.step, name=weights_file)
             del weights
-        digest = write_file_list(local, ctx.rank)
-        file_lists = [digest]
-        if dist.is_initialized():
-            # Also the barrier: no rank's list is missing when rank 0 writes the marker.
-            file_lists = [""] * ctx.world_size
-            dist.all_gather_object(file_lists, digest)
-        if ctx.rank == 0:
-            mark_committed(local, state, file_lists)
+        # Hashing every file (seconds for large states) and the COMMITTED marker happen in Ray's
+        # upload thread (training.runtime.checkpoint_commit), not while every rank waits here.
+        upload_fn = CommittingUpload(ctx.rank, ctx.world_size, replace(state))  # the state as of this step
         upload = ray.train.CheckpointUploadMode.ASYNC if train.checkpoint_upload == "async" else \
             ray.train.CheckpointUploadMode.SYNC
         ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+                         checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=upload_fn)
         handed_over = True
     finally:
         if not handed_over:

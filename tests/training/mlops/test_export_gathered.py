@@ -32,13 +32,17 @@ STEPS = 2
 @pytest.fixture
 def ray_report_copies(monkeypatch, tmp_path):
     """ray.train.report(checkpoint=...) replaced by a copy of the rank's folder into storage."""
+    import pyarrow.fs
     import ray.train
 
     stored = []
 
     def report(metrics, checkpoint=None, **upload_options):
         target = tmp_path / f"checkpoint_{len(stored):06d}"
+        upload = upload_options["checkpoint_upload_fn"]  # what Ray's upload runs: hash, copy, mark complete
+        upload.seal(Path(checkpoint.path))
         shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
+        upload.commit(pyarrow.fs.LocalFileSystem(), str(target))
         stored.append(target)
         if upload_options.get("delete_local_checkpoint_after_upload"):
             shutil.rmtree(checkpoint.path)  # as Ray does once the upload is done
