@@ -7,8 +7,9 @@
                     `every` steps; train.checkpoint_upload=sync and =async in the same process, and with
                     repeats the next pair starts with the other mode, so a burst of load lands on both
     numbers         read back from MLflow (an isolated SQLite store): `step_seconds` of every step (the
-                    slowest rank's), `checkpoint_seconds` (rank 0's save_and_report: DeepSpeed save, file
-                    lists, ray.train.report) of every checkpoint step, and when rank 0 logged each step
+                    slowest rank's), `checkpoint_seconds` (rank 0's save_and_report: DeepSpeed save and
+                    ray.train.report; with sync upload also hashing and upload) of every checkpoint
+                    step, and when rank 0 logged each step
 
 Per mode, over all its runs (the final checkpoint is always left out: it also gathers the full UNet and
 waits for every upload to finish):
@@ -75,7 +76,7 @@ class ModeSummary:
     checkpoint_step_s: float
     """step_seconds + checkpoint_seconds at a checkpoint step: the whole stall."""
     save_and_report_s: float
-    """checkpoint_seconds alone: DeepSpeed save, file lists, ray.train.report (sync: the upload too)."""
+    """checkpoint_seconds alone: DeepSpeed save, ray.train.report (sync: hashing and upload too)."""
     after_s: float
     """step_seconds of the step after a checkpoint (the slowest rank's, waits for rank 0 included)."""
     normal_rank0_s: float

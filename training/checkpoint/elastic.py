@@ -12,8 +12,9 @@ built with ``"checkpoint": {"load_universal": true}`` cuts them for its own worl
             tag_u = convert_to_universal(<checkpoint>/deepspeed, tag, scratch)   # scratch: this rank's own
             load_universal_checkpoint(engine, scratch, tag_u)
 
-Every rank converts its own copy into its own scratch folder (a temporary directory): Ray may hand
-all ranks of a node the same storage directory, so nothing is ever written next to the checkpoint.
+In a run, one rank converts, into its own scratch folder, and publishes the result into the
+checkpoint's storage for every rank (training.checkpoint.universal_store); each rank then fetches
+only the files its engine loads (:func:`universal_files_loaded`).
 
 ZeRO-0 checkpoints are not partitioned: rank 0 saves the full module and optimizer state into
 ``mp_rank_00_model_states.pt``, and DeepSpeed checks the saved world size only for ZeRO partitions,
@@ -39,7 +40,7 @@ import importlib
 import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def deepspeed_universal_config(base: dict) -> dict:
 def convert_to_universal(deepspeed_dir: Path, tag: str, out_dir: Path) -> str:
     """Convert ``deepspeed_dir/tag`` (every rank's files, written by any number of ranks) into a
     universal checkpoint ``out_dir/<tag>_universal`` (and ``out_dir/latest_universal``); returns
-    that tag for :func:`load_universal_checkpoint`. `out_dir` must be private to this rank.
+    that tag for :func:`load_universal_checkpoint`. `out_dir` must be private to this process.
 
     Needs disk for an fp32 copy of the weights and of both Adam moments (12 bytes per parameter)
     plus the temporary fragments, which it removes. Raises CheckpointError when the checkpoint
@@ -143,6 +144,23 @@ def load_universal_checkpoint(engine, directory: Path, tag: str) -> None:
         del engine.checkpoint_engine.load  # back to the class's method
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load universal checkpoint {Path(directory) / tag}")
+
+
+def universal_files_loaded(engine) -> Callable[[str], bool]:
+    """Which files of a universal checkpoint (paths inside its tag folder) `engine` reads when it
+    loads it, so that a rank fetches only those. Under ZeRO-1/2 a rank loads a parameter's folder
+    (``zero/<name>/``) only where its own partition holds a fragment of that parameter (DeepSpeed
+    0.19.8's load_hp_checkpoint_state_from_checkpoint_dir skips a parameter whose ``_hp_mapping`` is
+    None), plus the shared files; ZeRO-3 ranks read every parameter's files, ZeRO-0 the one file."""
+    if engine.zero_optimization_stage() not in (1, 2):
+        return lambda rel: True
+    own = {name for param, name in engine.param_names.items() if getattr(param, "_hp_mapping", None) is not None}
+
+    def loaded(rel: str) -> bool:
+        parts = rel.split("/")
+        return not (len(parts) == 3 and parts[0] == "zero") or parts[1] in own
+
+    return loaded
 
 
 # --- internals --------------------------------------------------------------------------------

@@ -10,16 +10,18 @@ One checkpoint directory holds everything a resume needs, saved together and res
     rng/rank-<r>.pt          each rank's generators, as tensors and plain numbers only
     files/rank-<r>.json      every file rank r wrote above, with its size and sha256
     train_state.json         step, samples seen, world size, resolved config, frozen-weight hashes
+    universal/               added on the first resume on another number of workers: the universal
+                             conversion, marked complete by its own universal/COMMITTED
     COMMITTED                JSON: step, tag, world size, sha256 of train_state.json and of every
-                             rank's file list; written by rank 0 after every rank listed its files
+                             rank's file list; written last, by rank 0, once every rank's files are in
 
 Completeness. Each rank saves into its own local folder and reports it with
-``ray.train.report(checkpoint=...)``; Ray (2.60, synchronous upload) copies every rank's folder into
-the same storage directory independently, and registers the checkpoint once all ranks reported. So
-in storage, rank 0's ``COMMITTED`` can land before rank 1's shards, and a run killed mid-upload
-leaves a directory with a marker but not every file. The writer-side barrier (every rank has written
-and listed its files before rank 0 writes the marker) only makes the marker *truthful*; the real
-guarantee is the reader's: :func:`training.checkpoint.verify.read_state` trusts a checkpoint only
+``ray.train.report(checkpoint=...)``; Ray (2.60) copies every rank's folder into the same storage
+directory independently, and registers the checkpoint once all ranks reported. The upload function
+(training.runtime.checkpoint_commit) hashes each rank's files into its list first, in the upload
+thread, and rank 0 writes ``train_state.json`` and ``COMMITTED`` into storage only once every rank's
+list and every file it names are there at their sizes: the marker is *truthful*. The real guarantee
+is still the reader's: :func:`training.checkpoint.verify.read_state` trusts a checkpoint only
 when ``COMMITTED`` is there, ``train_state.json`` and every rank's file list match the digests it
 names, and every listed file is present with its listed size (and sha256, with
 ``verify_hashes=True``, which resume uses).
@@ -52,6 +54,11 @@ VAE_FILE = "vae.safetensors"
 
 
 FILES_DIR = "files"
+
+
+UNIVERSAL_DIR = "universal"
+"""The checkpoint's DeepSpeed state converted once for another number of workers, with its own
+COMMITTED (training.checkpoint.universal_store); no rank lists it, and only an elastic resume reads it."""
 
 
 STATE_FILE = "train_state.json"

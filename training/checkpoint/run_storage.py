@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from data_prep import storage
 from data_prep.storage import StorageError
+from training.checkpoint.layout import UNIVERSAL_DIR
 from training.checkpoint.verify import CheckpointRef
 
 if TYPE_CHECKING:
@@ -185,7 +186,8 @@ def download_checkpoint(uri: str, local_dir: Path, *, only: Callable[[str], bool
     """The checkpoint folder at `uri` as a local folder.
 
     A local checkpoint is returned in place (its absolute path; nothing is copied, whatever `only`
-    says: the caller reads what it needs). From S3, every file, or only those whose relative POSIX
+    says: the caller reads what it needs). From S3, every file (but a stored universal conversion,
+    training.checkpoint.universal_store, which only an elastic resume reads), or only those whose relative POSIX
     path (e.g. "files/rank-0.json") `only` accepts, is downloaded into `local_dir` (created;
     use a fresh one), each written under a temporary name and renamed, replacing what is there.
     Nothing is verified: call training.checkpoint.verify.read_state (with the same `only`) on the result.
@@ -199,7 +201,7 @@ def download_checkpoint(uri: str, local_dir: Path, *, only: Callable[[str], bool
     objects = store.list(uri)
     if not objects:
         raise StorageError(f"no checkpoint at {uri}: nothing is stored under it")
-    wanted = [o for o in objects if only is None or only(o.name)]
+    wanted = [o for o in objects if (only(o.name) if only is not None else not o.name.startswith(f"{UNIVERSAL_DIR}/"))]
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:

@@ -1,8 +1,10 @@
-"""Writing a checkpoint: each rank into its own local folder, then rank 0's COMMITTED marker.
+"""Writing a checkpoint: each rank into its own local folder, its file list, and rank 0's COMMITTED
+marker (see training.runtime.checkpoint_commit for when and where each is written).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict
@@ -93,14 +95,21 @@ def write_file_list(directory: Path, rank: int) -> str:
 
 def mark_committed(directory: Path, state: TrainState, file_lists: list[str]) -> None:
     """Rank 0, after every rank wrote and listed its files: `file_lists[r]` is rank r's list digest."""
+    write_json_atomic(directory / STATE_FILE, asdict(state))
+    write_json_atomic(directory / COMMITTED, committed_marker(state, (directory / STATE_FILE).read_bytes(), file_lists))
+
+
+def committed_marker(state: TrainState, state_json: bytes, file_lists: list[str] | list[bytes]) -> dict:
+    """The COMMITTED marker for `state` stored as `state_json`, whose rank r's file list is
+    `file_lists[r]`: its sha256, or its bytes (hashed here)."""
     if len(file_lists) != state.world_size:
         raise CheckpointError(f"{len(file_lists)} rank file lists for a world of {state.world_size}")
-    write_json_atomic(directory / STATE_FILE, asdict(state))
-    write_json_atomic(directory / COMMITTED, {
+    digests = [hashlib.sha256(x).hexdigest() if isinstance(x, bytes) else x for x in file_lists]
+    return {
         "format": FORMAT,
         "step": state.step,
         "tag": state.tag,
         "world_size": state.world_size,
-        "train_state_sha256": sha256_file(directory / STATE_FILE),
-        "file_lists": {f"{FILES_DIR}/rank-{r}.json": digest for r, digest in enumerate(file_lists)},
-    })
+        "train_state_sha256": hashlib.sha256(state_json).hexdigest(),
+        "file_lists": {f"{FILES_DIR}/rank-{r}.json": digest for r, digest in enumerate(digests)},
+    }

@@ -10,12 +10,13 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, convert_to_universal, load_universal_checkpoint
+from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, load_universal_checkpoint
 from training.checkpoint.layout import DEEPSPEED_DIR, UNET_FILE, CheckpointError, TrainState
 from training.checkpoint.loading import (
     load_deepspeed_checkpoint,
@@ -25,18 +26,13 @@ from training.checkpoint.loading import (
     model_differences,
     restore_rng,
 )
-from training.checkpoint.writer import (
-    mark_committed,
-    rng_state,
-    save_ema,
-    save_rank_files,
-    save_unet_weights,
-    write_file_list,
-)
+from training.checkpoint.writer import rng_state, save_ema, save_rank_files, save_unet_weights
 from training.config import RunConfig, TrainConfig
 from training.loader.plan import LoaderState, restart_at_next_epoch
+from training.runtime.checkpoint_commit import CommittingUpload
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import gather_unet_weights
+from training.runtime.restore_point import Restore, universal_copy
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +51,13 @@ def check_frozen(got: dict, expected: dict) -> dict:
 def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generator: torch.Generator,
                     ctx: WorkerContext, metrics: dict, train: TrainConfig, *, final: bool = False,
                     weights_file: str = UNET_FILE) -> None:
-    """Every rank saves its part into a local folder and lists it (files/rank-N.json); once every
-    rank has listed, rank 0 marks the checkpoint COMMITTED with each list's digest. Ray then copies
-    each rank's folder into one checkpoint in storage, rank by rank, and registers it once every rank
-    has reported; readers verify the lists (see training.checkpointing), not the upload order.
-    With train.checkpoint_upload=async, report returns once Ray has taken the folder: the upload
-    runs beside the next steps and Ray deletes the local folder when it is done.
+    """Every rank saves its part into a local folder and hands it to ``ray.train.report``; Ray's
+    upload (with a training.runtime.checkpoint_commit.CommittingUpload) hashes and lists each rank's
+    files (files/rank-N.json), copies the folder into the checkpoint's storage directory, and there
+    rank 0 writes COMMITTED, with each list's digest, once every rank's files are in. Ray registers
+    the checkpoint once every rank has reported; readers verify the lists (training.checkpoint.verify).
+    With train.checkpoint_upload=async, report returns once Ray has taken the folder: hashing and
+    upload run beside the next steps and Ray deletes the local folder when it is done.
 
     The final checkpoint also holds `weights_file` (unet.safetensors or vae.safetensors): the trained
     module's full weights gathered by the workers (every rank takes part, rank 0 writes and lists
@@ -83,18 +80,14 @@ def save_and_report(engine, ema, state: TrainState, loader: LoaderState, generat
             if ctx.rank == 0:
                 save_unet_weights(local, weights, step=state.step, name=weights_file)
             del weights
-        digest = write_file_list(local, ctx.rank)
-        file_lists = [digest]
-        if dist.is_initialized():
-            # Also the barrier: no rank's list is missing when rank 0 writes the marker.
-            file_lists = [""] * ctx.world_size
-            dist.all_gather_object(file_lists, digest)
-        if ctx.rank == 0:
-            mark_committed(local, state, file_lists)
+        # Hashing every file (seconds for large states) and the COMMITTED marker happen in Ray's
+        # upload thread (training.runtime.checkpoint_commit), not while every rank waits here.
+        upload_fn = CommittingUpload(ctx.rank, ctx.world_size, replace(state))  # the state as of this step
         upload = ray.train.CheckpointUploadMode.ASYNC if train.checkpoint_upload == "async" else \
             ray.train.CheckpointUploadMode.SYNC
         ray.train.report({**metrics, "step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
+                         checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True,
+                         checkpoint_upload_fn=upload_fn)
         handed_over = True
     finally:
         if not handed_over:
@@ -157,15 +150,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Generator, ctx: WorkerContext,
+def restore(restore_point: Restore, engine, ema, generator: torch.Generator, ctx: WorkerContext,
             frozen: dict, payload: WorkerPayload) -> tuple[TrainState, LoaderState]:
-    """Load a verified checkpoint (`saved` is its read_state, hashes checked) into this rank.
+    """Load a verified checkpoint (restore_point.saved is its read_state, hashes checked) into this rank.
 
     Written by as many workers as now: each rank loads its own DeepSpeed partition, loader position
     and RNG. Written by a different number: the DeepSpeed state goes through a universal checkpoint
-    (converted by each rank into its own temp folder), the loader positions of all old ranks are
-    re-split over the new ranks, and the RNG is re-seeded from (seed, step, rank): the data and the
-    optimizer continue exactly, the noise draws cannot (they depended on the old rank layout)."""
+    (converted once by rank 0 and stored in the checkpoint; each rank fetches what it loads), the
+    loader positions of all old ranks are re-split over the new ranks, and the RNG is re-seeded from
+    (seed, step, rank): the data and the optimizer continue exactly, the noise draws cannot (they
+    depended on the old rank layout)."""
+    directory, saved, _ = restore_point
     cfg = payload.config
     if saved.frozen != frozen:
         raise CheckpointError(f"checkpoint {directory} was trained against different frozen weights")
@@ -182,8 +177,8 @@ def restore(directory: Path, saved: TrainState, engine, ema, generator: torch.Ge
         return state, loader
 
     with tempfile.TemporaryDirectory(prefix=f"ldm-universal-r{ctx.rank}-") as tmp:
-        tag = convert_to_universal(directory / DEEPSPEED_DIR, saved.tag, Path(tmp))
-        load_universal_checkpoint(engine, Path(tmp), tag)
+        folder, tag = universal_copy(restore_point, engine, ctx, Path(tmp))
+        load_universal_checkpoint(engine, folder, tag)
     generator.manual_seed(cfg.train.seed * 1000 + saved.step * 7919 + ctx.rank)
     return state, loader
 

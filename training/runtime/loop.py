@@ -103,7 +103,7 @@ class Trainer:
                            dataset_content_id=payload.dataset_content_id)
         loader_state: LoaderState | None = None
         with checkpoint_directory(payload, ctx) as restore_point:
-            directory, saved = restore_point if restore_point is not None else (None, None)
+            saved = restore_point.saved if restore_point is not None else None
             elastic = saved is not None and saved.world_size != ctx.world_size
             # On another worker count than configured or saved, each worker's accumulation keeps the
             # global batch (train.elastic_batch); DeepSpeed must be built with it.
@@ -112,7 +112,7 @@ class Trainer:
             engine = build_engine(task.module, train, ctx, load_universal=elastic)
             ema = build_ema(engine.module, cfg.train) if ctx.rank == 0 else None  # only rank 0 saves it
             if saved is not None:
-                state, loader_state = restore(directory, saved, engine, ema, generator, ctx, frozen, payload)
+                state, loader_state = restore(restore_point, engine, ema, generator, ctx, frozen, payload)
                 log.info("rank %d resumed at step %d (written by %d workers, now %d)", ctx.rank, state.step,
                          saved.world_size, ctx.world_size)
         stream = ShardStream(payload.data, rank=ctx.rank, world_size=ctx.world_size,

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch.distributed as dist
 
 from training.checkpoint.layout import (
     COMMITTED,
     DEEPSPEED_DIR,
+    EMA_FILE,
     FILES_DIR,
     STATE_FILE,
     UNET_FILE,
@@ -31,14 +34,26 @@ from training.checkpoint.layout import (
     CheckpointError,
     TrainState,
 )
+from data_prep.storage import s3_bytes_read
+from training.checkpoint.elastic import universal_files_loaded
 from training.checkpoint.run_storage import checkpoint_uri, download_checkpoint
+from training.checkpoint.universal_store import (
+    fetch_conversion,
+    publish_conversion,
+    stored_conversion,
+    wait_for_conversion,
+)
 from training.checkpoint.verify import listed_files, read_state, verified_checkpoints
 from training.runtime.context import WorkerContext, WorkerPayload
 
 log = logging.getLogger(__name__)
 
-Restore = tuple[Path, TrainState]
-"""A verified local copy of a checkpoint (what this rank loads) and its state."""
+class Restore(NamedTuple):
+    """A verified local copy of a checkpoint (what this rank loads), its state, and where it is stored."""
+
+    directory: Path
+    saved: TrainState
+    uri: str
 
 
 def small_file(rel: str) -> bool:
@@ -46,14 +61,18 @@ def small_file(rel: str) -> bool:
     return rel in (COMMITTED, STATE_FILE) or rel.startswith((f"{FILES_DIR}/", "loader/"))
 
 
-def rank_files(saved: TrainState, listed: list[dict], rank: int, world_size: int) -> Callable[[str], bool]:
+def rank_files(saved: TrainState, listed: list[dict], rank: int, world_size: int, *,
+               convert: bool = False) -> Callable[[str], bool]:
     """Which files of a checkpoint rank `rank` of a group of `world_size` loads. On as many workers as
     wrote it: the small files, the files its own rank listed (its ZeRO partition and RNG; rank 0's also
-    the EMA) and DeepSpeed's shared module file. On another number of workers the universal conversion
-    reads every rank's partitions. Never the final gathered weights, which only the export reads."""
+    the EMA) and DeepSpeed's shared module file. On another number of workers: the small files and
+    (rank 0) the EMA; the DeepSpeed state comes from the stored universal conversion
+    (universal_copy), and only the rank that makes it (`convert`) reads every rank's partitions.
+    Never the final gathered weights, which only the export reads."""
     export_only = (UNET_FILE, VAE_FILE)
     if saved.world_size != world_size:
-        return lambda rel: rel not in export_only
+        partitions = f"{DEEPSPEED_DIR}/{saved.tag}/"
+        return lambda rel: small_file(rel) or (rank == 0 and rel == EMA_FILE) or (convert and rel.startswith(partitions))
     own = set(listed[rank]) - set(export_only)
     shared = f"{DEEPSPEED_DIR}/{saved.tag}/mp_rank_00_model_states.pt"  # ZeRO 0-2's module file, every rank's
     return lambda rel: small_file(rel) or rel == shared or rel in own
@@ -64,10 +83,26 @@ def fetch_verified(uri: str, local_dir: Path, ctx: WorkerContext) -> Restore:
     local storage: in place), its sha256 checked; CheckpointError when it does not verify."""
     local = download_checkpoint(uri, local_dir, only=small_file)
     saved = read_state(local, only=lambda rel: False)  # the marker, the state and the lists
+    convert = saved.world_size != ctx.world_size and ctx.rank == 0 and stored_conversion(uri) is None
     needed = rank_files(saved, [listed_files(local, r) for r in range(saved.world_size)], ctx.rank,
-                        ctx.world_size)
+                        ctx.world_size, convert=convert)
     local = download_checkpoint(uri, local_dir, only=lambda rel: needed(rel) and not small_file(rel))
-    return local, read_state(local, verify_hashes=True, only=needed)
+    return Restore(local, read_state(local, verify_hashes=True, only=needed), uri)
+
+
+def universal_copy(restore_point: Restore, engine, ctx: WorkerContext, scratch: Path) -> tuple[Path, str]:
+    """(folder, tag) of this rank's copy of the universal conversion of `restore_point`, for an engine
+    built to load one. The group's rank 0 makes it once and stores it in the checkpoint (or finds it
+    stored by an earlier resume); the other ranks wait for it; each fetches only what `engine` loads."""
+    attempt = _from_rank0(secrets.token_hex(8) if ctx.rank == 0 else None, ctx)
+    conversion = stored_conversion(restore_point.uri) if ctx.rank == 0 else None
+    if ctx.rank == 0 and conversion is None:
+        conversion = publish_conversion(restore_point.uri, restore_point.directory / DEEPSPEED_DIR,
+                                        restore_point.saved.tag, scratch / "convert", attempt)
+        return scratch / "convert", conversion.tag  # what it just made and stored: nothing to fetch back
+    if conversion is None:
+        conversion = wait_for_conversion(restore_point.uri, attempt, ctx.rank)
+    return fetch_conversion(conversion, scratch / "fetched", universal_files_loaded(engine)), conversion.tag
 
 
 @contextmanager
@@ -81,6 +116,7 @@ def checkpoint_directory(payload: WorkerPayload, ctx: WorkerContext) -> Iterator
     if ctx.rank == 0 or not together:
         candidates = _candidates(ray.train.get_checkpoint(), payload.run_location)
     candidates = _from_rank0(candidates, ctx)
+    began = s3_bytes_read()
     for step, uri in candidates:
         with tempfile.TemporaryDirectory(prefix=f"ldm-restore-r{ctx.rank}-") as tmp:
             restore, problem = None, ""
@@ -92,6 +128,8 @@ def checkpoint_directory(payload: WorkerPayload, ctx: WorkerContext) -> Iterator
             if not any(problems):
                 log.info("rank %d resumes from the step-%d checkpoint %s", ctx.rank, step, uri)
                 yield restore
+                # What a restore costs on S3 (0 on local storage); the universal fetch included.
+                log.info("rank %d read %.1f MB from storage for its restore", ctx.rank, (s3_bytes_read() - began) / 1e6)
                 return
             for rank, reason in enumerate(problems):
                 if reason and ctx.rank == 0:

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow.fs
 import torch
 
 from training.checkpoint.layout import TrainState
@@ -32,7 +33,11 @@ def copying_report(storage: Path, stored: list):
 
     def report(metrics, checkpoint=None, **upload_options):
         target = storage / f"checkpoint_{len(stored):06d}"
+        upload = upload_options["checkpoint_upload_fn"]  # what Ray's upload runs: hash, copy, mark complete
+        upload.seal(Path(checkpoint.path))
         shutil.copytree(checkpoint.path, target, dirs_exist_ok=True)
+        if upload.rank == 0:  # as CommittingUpload.__call__: rank 0 marks the checkpoint complete
+            upload.commit(pyarrow.fs.LocalFileSystem(), str(target))
         stored.append(target)
         if upload_options.get("delete_local_checkpoint_after_upload"):
             shutil.rmtree(checkpoint.path)  # as Ray does once the upload is done

@@ -55,7 +55,7 @@ def test_a_checkpoint_that_fails_its_hash_check_is_skipped(tmp_path, no_ray_chec
     flip_a_byte(newer / OPTIM.format(tag=TAG, rank=0))
     ctx = WorkerContext(rank=0, world_size=WORLD, device=torch.device("cpu"))
     with caplog.at_level(logging.WARNING), checkpoint_directory(payload_for(run), ctx) as restore:
-        directory, saved = restore
+        directory, saved, _ = restore
         assert Path(directory) == older and saved.step == 4
     assert f"skipping the step-4 checkpoint {newer}: on rank 0" in caplog.text and "sha256" in caplog.text
 
@@ -70,7 +70,7 @@ def test_a_rank_does_not_verify_what_it_does_not_load(tmp_path, no_ray_checkpoin
     newest = sorted(run.iterdir())[-1]
     flip_a_byte(newest / OPTIM.format(tag=TAG, rank=0))  # rank 0's partition: rank 1 never reads it
     ctx = WorkerContext(rank=1, world_size=WORLD, device=torch.device("cpu"))
-    with checkpoint_directory(payload_for(run), ctx) as (directory, saved):
+    with checkpoint_directory(payload_for(run), ctx) as (directory, saved, _):
         assert Path(directory) == newest and saved.step == 4
 
 
@@ -83,9 +83,12 @@ def test_from_s3_each_rank_downloads_only_its_part(tmp_path, s3_bucket):
     total = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     fetched = {}
     for rank in range(WORLD):
-        local, saved = fetch_verified(uri, tmp_path / f"r{rank}", WorkerContext(rank, WORLD, torch.device("cpu")))
+        began = storage.s3_bytes_read()
+        local, saved, _ = fetch_verified(uri, tmp_path / f"r{rank}", WorkerContext(rank, WORLD, torch.device("cpu")))
+        read = storage.s3_bytes_read() - began
         files = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
         fetched[rank] = files
+        assert read == sum(files.values()) < total  # each byte read from S3 once, and only what it loads
         assert OPTIM.format(tag=TAG, rank=rank) in files and f"rng/rank-{rank}.pt" in files
         other = 1 - rank
         assert OPTIM.format(tag=TAG, rank=other) not in files and f"rng/rank-{other}.pt" not in files
