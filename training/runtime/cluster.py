@@ -12,15 +12,11 @@ on it.)
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import urllib.parse
 
 from data_prep import storage
 from training.errors import ConfigError
-
-log = logging.getLogger(__name__)
-
 
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
