@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.data or args.storage or args.config != args.default_config:
             raise UsageError("--resume continues a run with its own config, data and storage; "
                              "give only --max-steps, --num-workers or --set train.<key> with it")
-        outcome, cfg = resume(args.resume, overrides_from_args(args), allow_new_data=args.allow_new_data)
+        outcome, cfg = resume(args.resume, overrides_from_args(args), allow_new_data=args.allow_new_data,
+                              forward_credentials=args.forward_credentials)
         if cfg.task != want:
             print(f"note: run {args.resume} trained a `{cfg.task}` model; published as such", file=sys.stderr)
     else:
@@ -122,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             other = "train-vae" if cfg.task == "vae" else "train"
             raise UsageError(f"{args.config} is a `{cfg.task}` config: run it with `ldmflow {other}`")
         check_data(cfg, args.data)
-        outcome = train(cfg, args.data, storage_uri=args.storage)
+        outcome = train(cfg, args.data, storage_uri=args.storage, forward_credentials=args.forward_credentials)
     print(f"MLflow run {outcome.run_id}; final checkpoint {outcome.checkpoint_dir}")
     if cfg.task == "vae":
         vae = publish_vae(outcome, cfg)
@@ -194,6 +195,7 @@ def cmd_flow(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         overwrite_shards=args.overwrite,
         vae_config_path=args.vae_config,
+        forward_credentials=args.forward_credentials,
     )
     print(json.dumps(summary, indent=2))
     return 0 if summary["state"] == "COMPLETED" else 1
@@ -207,6 +209,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="shorthand for --set train.max_steps=N")
     p.add_argument("--num-workers", type=int, help="shorthand for --set train.num_workers=N")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--forward-credentials", action="store_true",
+                   help="hand this environment's AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN and MLFLOW_TRACKING_USERNAME/"
+                        "PASSWORD/TOKEN to every Ray node (through the job's runtime environment); default: each node "
+                        "uses its own credentials")
 
 
 def add_shard_args(p: argparse.ArgumentParser) -> None:

@@ -72,16 +72,17 @@ def shard_task(source: str, output: str, resolution: int, samples_per_shard: int
 
 
 @task(retries=0, cache_policy=NO_CACHE)
-def train_task(config: RunConfig, data: str) -> TrainOutcome:
+def train_task(config: RunConfig, data: str, forward_credentials: bool = False) -> TrainOutcome:
     """`config` is the resolved run config: the task never re-reads a preset file, which a worker in
-    another folder or on another machine might not find."""
-    return train(config, data)
+    another folder or on another machine might not find. `forward_credentials`: as `ldmflow train
+    --forward-credentials` (read from the task's own environment; never a flow parameter's value)."""
+    return train(config, data, forward_credentials=forward_credentials)
 
 
 @task(retries=0, cache_policy=NO_CACHE)
-def train_vae_task(config: RunConfig, data: str) -> PublishedVAE:
+def train_vae_task(config: RunConfig, data: str, forward_credentials: bool = False) -> PublishedVAE:
     """`ldmflow train-vae` as a task: trains, exports and logs the VAE; returns its folder and scores."""
-    published = publish_vae(train(config, data), config)
+    published = publish_vae(train(config, data, forward_credentials=forward_credentials), config)
     get_run_logger().info("VAE %s: scaling factor %.4f, held-out PSNR %s dB", published.path,
                           published.scaling_factor, "-" if published.psnr is None else f"{published.psnr:.2f}")
     return published
@@ -96,12 +97,13 @@ def publish_task(config: RunConfig, outcome: TrainOutcome) -> RegisteredVersion:
 def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
                  source: str | None = None, synth_n: int = 64, work_dir: str = "runs/work",
                  samples_per_shard: int = 16, overwrite_shards: bool = False, vae_config_path: str | None = None,
-                 vae_overrides: list[str] | None = None) -> dict:
+                 vae_overrides: list[str] | None = None, forward_credentials: bool = False) -> dict:
     """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
 
     With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
     first and the LDM is trained on it (model.vae.pretrained set to the exported folder). Returns
-    plain data (what `ldmflow flow` prints): the shards, the VAE, the run and the model version."""
+    plain data (what `ldmflow flow` prints): the shards, the VAE, the run and the model version.
+    `forward_credentials` hands the training tasks' S3/MLflow credentials to every Ray node."""
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
     vae_cfg = load_config(vae_config_path, list(vae_overrides or [])) if vae_config_path else None
@@ -115,10 +117,10 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
                         overwrite_shards)
     result: dict = {"shards": asdict(shards)}
     if vae_cfg is not None:
-        vae = train_vae_task(vae_cfg, shards.output)
+        vae = train_vae_task(vae_cfg, shards.output, forward_credentials)
         result["vae"] = asdict(vae)
         cfg = load_config(config_path, [*overrides, f"model.vae.pretrained={vae.path}"])
-    outcome = train_task(cfg, shards.output)
+    outcome = train_task(cfg, shards.output, forward_credentials)
     version = publish_task(cfg, outcome)
     model = {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@{CANDIDATE}"}
     return {**result, "run_id": outcome.run_id, "metrics": outcome.metrics, "model": model}

@@ -50,4 +50,8 @@ class WorkerPayload:
     """A checkpoint whose loader positions point into other data (its dataset_content_id differs)
     restarts the data at the next epoch instead of being refused (`--resume --allow-new-data`)."""
     storage_env: dict[str, str] = field(default_factory=dict)
-    """The driver's S3 endpoint and region (data_prep.storage.env_for_workers), set in each worker."""
+    """The driver's S3 endpoint and region (data_prep.storage.env_for_workers), set in each worker.
+    Never credentials: this payload is kept in Ray's state (training.runtime.cluster says how they go)."""
+    driver_marker: str | None = None
+    """A file the driver wrote under run_location for this launch: a worker that cannot see it is
+    not looking at the driver's storage (training.runtime.preflight)."""

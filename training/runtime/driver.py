@@ -20,9 +20,10 @@ from training.checkpoint.verify import latest_verified_checkpoint, read_state
 from training.config import RunConfig, config_from_dict
 from training.errors import ConfigError, DataError
 from training.loader.batch import trains_on_any
-from training.locations import runs_dir, setup_mlflow
+from training.locations import runs_dir, setup_mlflow, tracking_uri
 from training.mlops.publish import TrainOutcome
 from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG, ensure_experiment, git_commit
+from training.runtime.cluster import forwarded_credentials, refuse_node_local
 from training.runtime.launcher import launch, prepare_cluster
 from training.tasks import frozen_hashes_for
 
@@ -56,18 +57,23 @@ def default_storage() -> str:
     return os.environ.get(STORAGE_ENV) or str(runs_dir() / "ray")
 
 
-def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None) -> TrainOutcome:
+def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
+          forward_credentials: bool = False) -> TrainOutcome:
     """Train `cfg` on the dataset at `data_dir` (local or s3://) inside a new MLflow run; checkpoints
-    go to `storage_uri` (default: `default_storage()`); returns the final checkpoint."""
+    go to `storage_uri` (default: `default_storage()`); returns the final checkpoint.
+    `forward_credentials` hands this environment's S3 and MLflow credentials to every node
+    (training.runtime.cluster); otherwise each node uses its own."""
     import mlflow
 
+    given = bool(storage_uri or os.environ.get(STORAGE_ENV))
     # Ray reaches the runs through pyarrow, which has no "a//b" keys: Ray and the storage layer then
     # name the same objects only if the root has no empty segments.
     storage_uri = storage.collapse_slashes(storage.absolute(storage_uri or default_storage()))
     data_dir = storage.absolute(data_dir)
     dataset = check_data(cfg, data_dir)
     check_run_storage(storage_uri)  # nobody can write there: one message now, not a failed first checkpoint
-    frozen = _prepare(cfg)
+    forward = forwarded_credentials() if forward_credentials else None
+    frozen = _prepare(cfg, storage_uri, storage_given=given, forward=forward)
     uri = setup_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {
@@ -86,11 +92,12 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None) -> T
                            "data.parts": len(dataset.parts)})
         # The Ray run is named after the MLflow run, so `--resume RUN_ID` finds its checkpoints again
         # after the driver died (a head pod, a flow worker, a laptop).
-        return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id)
+        return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id,
+                              forward=forward)
 
 
 def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
-           allow_new_data: bool = False) -> tuple[TrainOutcome, RunConfig]:
+           allow_new_data: bool = False, forward_credentials: bool = False) -> tuple[TrainOutcome, RunConfig]:
     """Continue the MLflow run `run_id` from its latest verified checkpoint in storage (after its
     driver died, or to train further with a higher train.max_steps): same run, steps continuing.
 
@@ -128,7 +135,10 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
                           f"reaches train.max_steps={cfg.train.max_steps}; pass --max-steps to train further")
     new_data = _changed_data(run_id, tags, check_data(cfg, data_dir), allow_new_data)
     check_run_storage(storage_uri)
-    frozen = _prepare(cfg, check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
+    forward = forwarded_credentials() if forward_credentials else None
+    # The run's storage was chosen when it started; workers check that they share it (preflight).
+    frozen = _prepare(cfg, storage_uri, storage_given=True, forward=forward,
+                      check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
     log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
     with mlflow.start_run(run_id=run_id):
         resumes = int(tags.get("resumes", "0")) + 1
@@ -142,7 +152,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
         # The workers find the run's latest verified checkpoint themselves (the one checked above,
         # unless a later one appeared meanwhile).
         outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,
-                                 allow_new_data=bool(new_data))
+                                 allow_new_data=bool(new_data), forward=forward)
     return outcome, cfg
 
 
@@ -198,24 +208,28 @@ def ray_run_name(run_id: str) -> str:
     return f"train-{run_id}"
 
 
-def _prepare(cfg: RunConfig, check=None) -> dict:
+def _prepare(cfg: RunConfig, storage_uri: str, *, storage_given: bool, forward: dict[str, str] | None,
+             check=None) -> dict:
     """Load the frozen models and join or start Ray: every error they raise comes before a run exists
     or a worker starts. `check(frozen_hashes)` runs in between (resume's model check)."""
 
     frozen = frozen_hashes_for(cfg)  # a wrong model path fails here
     if check is not None:
         check(frozen)
-    prepare_cluster(cfg)  # and a request Ray cannot place fails here
+    prepare_cluster(cfg, forward)  # and a request Ray cannot place fails here
+    # So does a cluster of several nodes with a storage folder or tracking store only this one has.
+    refuse_node_local(storage_uri, storage_given=storage_given, tracking_uri=tracking_uri())
     return frozen
 
 
-def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str, tracking_uri: str, frozen: dict,
-                   content_id: str, *, allow_new_data: bool = False) -> TrainOutcome:
+def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str, tracking: str, frozen: dict,
+                   content_id: str, *, allow_new_data: bool = False,
+                   forward: dict[str, str] | None = None) -> TrainOutcome:
     import mlflow
 
     result = launch(cfg, data_dir, storage_uri=storage_uri, name=ray_run_name(run_id), mlflow_run_id=run_id,
-                    tracking_uri=tracking_uri, frozen=frozen, dataset_content_id=content_id,
-                    allow_new_data=allow_new_data)
+                    tracking_uri=tracking, frozen=frozen, dataset_content_id=content_id,
+                    allow_new_data=allow_new_data, forward_env=forward)
     mlflow.set_tag("checkpoint", result.checkpoint)
     return TrainOutcome(run_id=run_id, checkpoint_dir=result.checkpoint, metrics=result.metrics,
                         dataset_content_id=content_id, config_hash=cfg.hash, data=data_dir)

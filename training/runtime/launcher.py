@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ from training.checkpoint.run_storage import checkpoint_uri, ray_storage
 from training.checkpoint.verify import latest_verified_checkpoint
 from training.config import RunConfig
 from training.errors import ConfigError
+from training.runtime.cluster import check_job_forwards
 from training.runtime.context import WorkerPayload
 from training.runtime.loop import worker_entry
+from training.runtime.preflight import PreflightError, StopOnPreflightFailure
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +37,29 @@ class LaunchResult:
     metrics: dict
 
 
-def ensure_ray(cfg: RunConfig) -> None:
+def ensure_ray(cfg: RunConfig, forward_env: dict[str, str] | None = None) -> None:
+    """Join RAY_ADDRESS's cluster or start a local Ray. `forward_env` (`--forward-credentials`:
+    training.runtime.cluster) goes into the job's runtime environment, which every process of the job
+    on every node inherits, Ray Train's controller and workers included."""
     import ray
 
     if ray.is_initialized():
+        if forward_env:
+            check_job_forwards(ray.get_runtime_context().runtime_env.get("env_vars") or {}, forward_env)
         return
-    quiet = {"worker_process_setup_hook": "training.quiet.quiet_ray_internals"}
+    runtime_env: dict = {"worker_process_setup_hook": "training.quiet.quiet_ray_internals"}
+    if forward_env:
+        runtime_env["env_vars"] = dict(forward_env)
+        log.info("forwarding %s to every node of the Ray job", ", ".join(sorted(forward_env)))
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=quiet)
+        ray.init(address=address, runtime_env=runtime_env)
         return
     # A local Ray gets enough logical CPUs for the requested workers even on a 2-core machine:
     # the workers share the cores, which is what a CPU smoke run wants. (So check_resources' CPU
     # check never fires for a Ray started here; GPUs are whatever Ray detects on this machine.)
     wanted = cfg.train.num_workers * cfg.train.cpus_per_worker + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, runtime_env=quiet)
+    ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, runtime_env=runtime_env)
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -145,10 +156,10 @@ def _describe(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
 
 
-def prepare_cluster(cfg: RunConfig) -> None:
+def prepare_cluster(cfg: RunConfig, forward_env: dict[str, str] | None = None) -> None:
     """Join or start Ray and refuse a request it cannot place; callable early (before model
     loading or an MLflow run) and again by `launch`, which does both anyway."""
-    ensure_ray(cfg)
+    ensure_ray(cfg, forward_env)
     check_resources(cfg)
 
 
@@ -171,7 +182,7 @@ def scaling_config(cfg: RunConfig):
 
 def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow_run_id: str | None,
            tracking_uri: str | None, frozen: dict, dataset_content_id: str = "",
-           allow_new_data: bool = False) -> LaunchResult:
+           allow_new_data: bool = False, forward_env: dict[str, str] | None = None) -> LaunchResult:
     """Run training to cfg.train.max_steps and return the final checkpoint.
 
     Ray keeps the run under `storage_uri`/`name` (local or s3://; on a cluster it must be storage
@@ -181,14 +192,17 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    prepare_cluster(cfg)
+    prepare_cluster(cfg, forward_env)
     storage_path, filesystem = ray_storage(storage_uri)
+    run_location = storage.join(storage_uri, name)
+    marker = storage.join(run_location, f".ldmflow-driver-{secrets.token_hex(8)}")
+    storage.storage_for(marker).put_bytes(marker, b"")
     payload = WorkerPayload(
-        config=cfg, data=str(data_dir), frozen=frozen, run_location=storage.join(storage_uri, name),
+        config=cfg, data=str(data_dir), frozen=frozen, run_location=run_location,
         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, sample_log=os.environ.get(SAMPLE_LOG_ENV),
         dataset_content_id=dataset_content_id, allow_new_data=allow_new_data,
         # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data and storage).
-        storage_env=storage.env_for_workers(),
+        storage_env=storage.env_for_workers(), driver_marker=marker,
     )
     trainer = TorchTrainer(
         worker_entry(payload),
@@ -199,17 +213,34 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[StopOnPreflightFailure()],
         ),
     )
     log.info("training %s on %s %s workers (ZeRO-%d), checkpoints in %s", name, cfg.train.num_workers
              if cfg.train.min_workers is None else f"{cfg.train.min_workers}-{cfg.train.num_workers}",
              "GPU" if cfg.train.use_gpu else "CPU", cfg.train.zero_stage, storage.join(storage_uri, name))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = _fit(trainer)
+    finally:
+        storage.storage_for(marker).delete(marker)
     registered = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
     return LaunchResult(checkpoint=final_checkpoint(registered, payload.run_location, cfg.train.max_steps),
                         metrics=dict(result.metrics or {}))
+
+
+def _fit(trainer):
+    """trainer.fit(), with a worker's failed pre-flight raised as itself (one line for the CLI)."""
+    from ray.train import ControllerError
+
+    try:
+        result = trainer.fit()
+    except ControllerError as e:
+        if isinstance(e.controller_failure, PreflightError):
+            raise e.controller_failure from None
+        raise
+    if result.error is not None:
+        raise result.error
+    return result
 
 
 def final_checkpoint(registered: str | None, run_location: str, max_steps: int) -> str:

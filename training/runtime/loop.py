@@ -28,6 +28,7 @@ from training.runtime.checkpointing import check_frozen, remove_orphaned_uploads
 from training.runtime.context import WorkerContext, WorkerPayload
 from training.runtime.engine import build_ema, build_engine, micro_batches
 from training.runtime.metrics import LossWindow, SampleLog, StepLogger, publish_worker_processes
+from training.runtime.preflight import worker_preflight
 from training.runtime.restore_point import checkpoint_directory
 from training.runtime.validation import Validation
 from training.tasks import build_task
@@ -49,6 +50,7 @@ def train_loop_per_worker(payload: WorkerPayload) -> None:
         # DeepSpeed picks its accelerator once, on first use; without a GPU it must be told.
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.update(payload.storage_env)
+    worker_preflight(payload, ctx)  # this node's own access, in seconds, before anything is built
     torch.set_num_threads(payload.config.train.cpus_per_worker)
     trainer = Trainer.build(payload, ctx)
     try:
