@@ -188,7 +188,7 @@ def test_launch_asks_ray_for_gpus_exactly_when_configured(monkeypatch, tmp_path,
             raise Asked(scaling_config)
 
     monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")  # an autoscaling cluster
-    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(launcher, "ensure_ray", lambda cfg, forward_env=None: None)
     monkeypatch.setattr(launcher, "check_resources", lambda cfg: None)  # tested above
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
     cfg = load_config(preset)

@@ -35,7 +35,7 @@ def no_ray(monkeypatch):
     """Starting Ray is a failure here: every refusal must come before it."""
     import training.runtime.driver
 
-    def refuse(cfg):
+    def refuse(*args, **kwargs):
         raise AssertionError("Ray was started before the refusal")
 
     monkeypatch.setattr(training.runtime.driver, "prepare_cluster", refuse)
