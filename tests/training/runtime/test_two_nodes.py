@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -249,5 +250,13 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
     assert max(by_epoch[last].values()) == 1, by_epoch[last]
     spans = {e for pid, r in sample_log(tmp_path / "log") if r["step"] in (start, start + 1) for e in r["epochs"]}
     assert spans and max(spans) < last, (spans, last)
+    # What each rank read from S3 to restore (issue 12, item 1): on the same worker count, its own part
+    # and the shared files, never the whole checkpoint (every rank read all of it before).
+    total = sum(f.stat().st_size for f in (tmp_path / "final").rglob("*") if f.is_file())
+    read = [float(m) * 1e6 for m in re.findall(r"rank \d+ read ([\d.]+) MB from storage for its restore", out)]
+    print(f"restore reads per rank: {', '.join(f'{r / 1e6:.1f} MB' for r in read)} of a {total / 1e6:.1f} MB checkpoint")
+    assert len(read) >= state.world_size, out[-4000:]  # every rank of the group that resumed
+    if lose == "worker":
+        assert all(r < 0.9 * total for r in read), (read, total)
     print(f"lost the second node's {lose} after the step-{killed['after_step']} checkpoint; resumed from step "
           f"{start} on {state.world_size} worker(s); epochs 0-{last - 1} complete, {len(spans)} spanning the restart")
