@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from data_prep.dataset import read_dataset, verify_dataset
 from data_prep.shard import ShardConfig, build_shards
 from tests.data_prep.inputs import write_folder
+from tests.training.runtime.ray_nodes import wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +54,7 @@ def ray_head(monkeypatch):
                             stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                time.sleep(0.5)
+        wait_for_port(port, head)
         yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)
