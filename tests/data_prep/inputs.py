@@ -106,22 +106,27 @@ def kill_cli_when(args: list[str], cwd: Path, ready, timeout: float = 90) -> Non
     Fails the test if the child exits first or `ready()` stays false for `timeout` seconds.
     """
     import signal
+    import tempfile
     import time
 
     import pytest
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+    # Output to a file, not a pipe that nobody reads while waiting (a full pipe would block the child).
+    output = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, stdout=output,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while not ready():
             if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be killed:\n{proc.stdout.read().decode()}")
+                output.seek(0)
+                pytest.fail(f"the run ended before it could be killed:\n{output.read().decode(errors='replace')}")
             if time.monotonic() > deadline:
                 pytest.fail(f"the run did not reach the point to kill it within {timeout} s")
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
+        output.close()
         if proc.poll() is None:
             proc.kill()

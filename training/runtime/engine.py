@@ -13,6 +13,7 @@ from training.checkpoint.elastic import deepspeed_universal_config
 from training.config import TrainConfig
 from training.errors import ConfigError
 from training.runtime.context import WorkerContext
+from training.runtime.jit_ops import load_deepspeed_ops
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, 
     checkpoint (a resume on a different number of workers), which must be known before it is built."""
     import deepspeed
 
+    load_deepspeed_ops()  # before deepspeed.initialize, which would wait forever on a killed loader's lock
     unet.to(ctx.device)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]

@@ -116,5 +116,28 @@ def second_node_env(base: dict, home: Path) -> dict:
 
 
 def train_workers_of(node: subprocess.Popen) -> set[int]:
-    return {p.pid for p in psutil.Process(node.pid).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())}
+    """The pids of the Ray Train workers running under `node`. A worker killed by an earlier test can
+    linger as a zombie until its raylet reaps it, and any child can exit between the listing and the
+    read of its command line: neither is a running worker."""
+    try:
+        children = psutil.Process(node.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    workers = set()
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "RayTrainWorker" in " ".join(child.cmdline()):
+                workers.add(child.pid)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return workers
+
+
+def wait_for_no_train_workers(cluster: "Cluster", timeout: float = 60) -> None:
+    """After a test killed its driver mid-run: wait (bounded) until Ray has reaped the run's workers,
+    so the next test in the module does not start on a cluster whose CPUs they still hold."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(train_workers_of(node) for node in (cluster.head, cluster.second) if node.poll() is None):
+            return
+        time.sleep(0.5)

@@ -36,6 +36,7 @@ from tests.training.runtime.ray_nodes import (
     ray_node,
     second_node_env,
     train_workers_of,
+    wait_for_no_train_workers,
     wait_for_nodes,
     wait_for_port,
 )
@@ -190,6 +191,10 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
     data, store = shard(tmp_path, f"s3://{s3_bucket}/shards-{lose}"), f"s3://{s3_bucket}/ray"
     elastic = ["--set", "train.min_workers=1"] if lose == "node" else []
     run_name = f"two-nodes-{uuid.uuid4().hex[:10]}"
+    # The driver's output goes to a file, not a pipe: nobody reads a pipe while the test waits, and a
+    # full one (the error reports of a lost node fill 64 KiB) would block the driver mid-run.
+    log_path = tmp_path / "driver.log"
+    log_file = log_path.open("w")
     driver = subprocess.Popen(
         train_command(data, "--storage", store, "--forward-credentials",
                       "--set", f"train.max_steps={STEPS}", "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}",
@@ -197,11 +202,11 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
                       "--set", f"tracking.run_name={run_name}", *elastic),
         cwd=ROOT, env={**cluster.env, **_s3_env(), "RAY_ADDRESS": cluster.address,
                        "MLFLOW_TRACKING_URI": mlflow_server.uri, "LDMFLOW_SAMPLE_LOG": str(tmp_path / "log")},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=log_file, stderr=subprocess.STDOUT)
     client = MlflowClient(mlflow_server.uri)
-    killed, run, out = None, None, ""
+    killed, run = None, None
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900  # for the whole run, kill and restart included
         while driver.poll() is None and time.monotonic() < deadline:
             run = find_run(client, run_name)
             if run is not None:
@@ -222,10 +227,15 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
                     killed = {"pids": pids, "after_step": latest.step}
                     break
             time.sleep(0.5)
-        out, _ = driver.communicate(timeout=600)
+        if killed:
+            driver.wait(timeout=max(60.0, deadline - time.monotonic()))
     finally:
+        log_file.close()
         if driver.poll() is None:
             driver.kill()
+            driver.wait()
+            wait_for_no_train_workers(cluster)
+    out = log_path.read_text(errors="replace")
     assert killed, f"never killed the second node's worker:\n{out[-3000:]}"
     assert driver.returncode == 0, out[-5000:]
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(client.get_run(run.info.run_id).data.params)
