@@ -25,7 +25,7 @@ from tests.training.run_logs import find_run, last_trained_step
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[3]
-STEPS = 36
+STEPS = 18
 CHECKPOINT_EVERY = 6
 KILL_AFTER_STEP = 8
 """The kill waits for a verified checkpoint and for the workers to have trained past this step."""
