@@ -14,7 +14,9 @@ from PIL import Image, ImageFilter
 
 from data_prep.synth import COLOURS, SHAPES, generate_synthetic
 from tests.training.tiny_pipeline import save_tiny_pipeline
-from training.eval.shapes import Classified, Prompt, adherence, classify, heldout_prompts
+from data_prep.synth import HELDOUT_COMBINATIONS
+from training.errors import EvaluationError
+from training.eval.shapes import Classified, Prompt, adherence, classify, heldout_prompts, seen_prompts
 from training.models.sampling import SamplerDefaults
 
 N = 300
@@ -46,7 +48,8 @@ def test_ground_truth_images_score_at_least_0_98(truth):
 def test_soft_shifted_noisy_images_still_score_high(truth):
     """A model's output: soft edges (Gaussian blur), every colour off by up to 30 per channel, pixel
     noise. Measured: 1.000 on all three at 64 px; at 32 px, where a blur of 1 px is a tenth of the
-    smallest shape, colour and background 1.000 and shape 0.97-0.99 (blurred stars look like circles)."""
+    smallest shape, colour 0.997, background 1.000 and shape 0.933: the classifier rejects a blurred
+    small star that matches a circle or diamond almost as well (margin under 0.02) rather than guess."""
     size, images, prompts = truth
     rng = np.random.default_rng(0)
     soft = []
@@ -56,12 +59,12 @@ def test_soft_shifted_noisy_images_still_score_high(truth):
         soft.append(np.clip(pixels, 0, 255).round().astype(np.uint8))
     scores = adherence(np.stack(soft), prompts)
     assert scores["colour_adherence"] >= 0.98 and scores["background_adherence"] >= 0.98, scores
-    assert scores["shape_adherence"] >= (0.98 if size == 64 else 0.95), scores
+    assert scores["shape_adherence"] >= (0.98 if size == 64 else 0.92), scores
 
 
 def test_wrong_prompts_score_near_chance(truth):
     _, images, prompts = truth
-    wrong = heldout_prompts(N, seed=5)  # unrelated to the images
+    wrong = seen_prompts(N, seed=5)  # unrelated to the images
     scores = adherence(stack(images), wrong)
     assert scores["colour_adherence"] < 0.25 and scores["background_adherence"] < 0.25, scores  # chance 0.10
     assert scores["shape_adherence"] < 0.30, scores  # chance 0.17
@@ -72,13 +75,28 @@ def test_a_blank_image_has_no_shape():
     assert classify(blank) == Classified(shape=None, colour=None, background="green")
 
 
-def test_heldout_prompts_are_seeded_distinct_and_balanced():
-    prompts = heldout_prompts(60, seed=1)
-    assert prompts == heldout_prompts(60, seed=1) != heldout_prompts(60, seed=2)
+def test_heldout_prompts_come_only_from_the_heldout_combinations_seeded_and_balanced():
+    prompts = heldout_prompts(36, seed=1)
+    assert {(p.shape, p.colour, p.background) for p in prompts} == HELDOUT_COMBINATIONS  # all of them
+    assert heldout_prompts(12, seed=1) == heldout_prompts(12, seed=1) != heldout_prompts(12, seed=2)
+    twelve = heldout_prompts(12, seed=3)
+    assert len(set(twelve)) == 12 and {(p.shape, p.colour, p.background) for p in twelve} < HELDOUT_COMBINATIONS
+    assert {sum(p.shape == s for p in twelve) for s in SHAPES} == {2}  # balanced over shapes
+    assert max(sum(p.colour == c for p in twelve) for c in COLOURS) <= 2
+    with pytest.raises(EvaluationError, match="held-out .* prompts must be 1-36, got 37"):
+        heldout_prompts(37)
+
+
+def test_seen_prompts_are_training_combinations_seeded_distinct_and_balanced():
+    prompts = seen_prompts(60, seed=1)
+    assert prompts == seen_prompts(60, seed=1) != seen_prompts(60, seed=2)
     assert len(set(prompts)) == 60 and all(p.colour != p.background for p in prompts)
-    assert {prompts.count(p) for p in prompts} == {1}
+    assert not {(p.shape, p.colour, p.background) for p in prompts} & HELDOUT_COMBINATIONS
     assert {sum(p.shape == s for p in prompts) for s in SHAPES} == {10}
     assert {sum(p.colour == c for p in prompts) for c in COLOURS} == {6}
+    assert len(seen_prompts(504)) == 504  # 540 combinations less the 36 held out
+    with pytest.raises(EvaluationError, match="seen .* prompts must be 1-504"):
+        seen_prompts(0)
 
 
 def test_evaluate_a_registered_model_through_mlflow(tmp_path, capsys):
