@@ -99,6 +99,27 @@ def test_seen_prompts_are_training_combinations_seeded_distinct_and_balanced():
         seen_prompts(0)
 
 
+def test_evaluate_model_is_deterministic_and_names_its_set(tmp_path):
+    """The same model and seed give the same images, scores and set id; another seed, images per prompt
+    or sampler setting gives another id (a gate must not compare across them). Scores are split into the
+    held-out prompts' and the seen prompts'."""
+    from training.eval.evaluate import evaluate_model
+
+    folder = str(save_tiny_pipeline(tmp_path / "pipeline", SamplerDefaults(sampler="ddim", steps=2, guidance=2.0)))
+    first = evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=7)
+    again = evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=7)
+    assert np.array_equal(first.images, again.images) and first.metrics == again.metrics
+    assert first.eval_set_id == again.eval_set_id and len(first.eval_set_id) == 16
+    assert first.prompts == heldout_prompts(2, seed=7) and first.seen_prompts == seen_prompts(3, seed=7)
+    assert first.images.shape[0] == 10 and first.metrics["n"] == 4 and first.metrics["seen_n"] == 6
+    held = first.classified[:4]
+    assert first.metrics["shape_adherence"] == np.mean([c.shape == p.shape for c, p in zip(held, first.expected)])
+    others = {evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=8).eval_set_id,
+              evaluate_model(folder, prompts=2, seen=3, per_prompt=1, seed=7).eval_set_id,
+              evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=7, steps=3).eval_set_id}
+    assert first.eval_set_id not in others and len(others) == 3
+
+
 def test_evaluate_a_registered_model_through_mlflow(tmp_path, capsys):
     """A tiny random pipeline, registered as the runner registers one; `ldmflow evaluate` runs it over
     3 prompts x 2 images with the sampler defaults the folder records, and records the scores on the
@@ -123,20 +144,28 @@ def test_evaluate_a_registered_model_through_mlflow(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert f"models:/ldm-eval-test/{version.version}: 3 prompts x 2 images, sampler dpm++, 2 steps" in printed
+    # Held-out and seen figures side by side, under the evaluation set's id.
+    results = json.loads((out / "results.json").read_text())
+    assert f"evaluation set {results['eval_set_id']}" in printed
+    assert [line.split()[0] for line in printed.splitlines() if line.split()[:1] and len(line.split()) == 4] == \
+        ["adherence", "colour", "shape", "background"]
 
     client = MlflowClient()
     metrics = client.get_run(run.info.run_id).data.metrics
     tags = client.get_model_version("ldm-eval-test", version.version).tags
     for attribute in ("colour", "shape", "background"):
-        assert 0.0 <= metrics[f"eval_{attribute}_adherence"] <= 1.0
-        assert 0.0 <= float(tags[f"eval.{attribute}_adherence"]) <= 1.0
-    assert json.loads(tags["eval.settings"]) == {"prompts": 3, "per_prompt": 2, "sampler": "dpm++", "steps": 2,
-                                                 "guidance": 3.0, "seed": 4}
+        for key in (f"{attribute}_adherence", f"seen_{attribute}_adherence"):
+            assert metrics[f"eval_{key}"] == pytest.approx(results["metrics"][key])
+            assert float(tags[f"eval.{key}"]) == pytest.approx(results["metrics"][key], abs=5e-5)
+    assert tags["eval.n"] == tags["eval.seen_n"] == "6" and tags["eval.set_id"] == results["eval_set_id"]
+    assert json.loads(tags["eval.settings"]) == {"prompts": 3, "seen_prompts": 3, "per_prompt": 2, "sampler": "dpm++",
+                                                 "steps": 2, "guidance": 3.0, "seed": 4}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/grid.png", "eval/results.json"}
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (2 * 32, 3 * 32)  # a row per prompt, a column per image
-    results = json.loads((out / "results.json").read_text())
-    assert [r["prompt"] for r in results["images"][::2]] == [p.caption for p in heldout_prompts(3, seed=4)]
+        assert grid.size == (2 * 32, 6 * 32)  # a row per prompt (3 held-out, 3 seen), a column per image
+    assert [r["prompt"] for r in results["images"][::2]] == [p.caption for p in heldout_prompts(3, seed=4)
+                                                             + seen_prompts(3, seed=4)]
+    assert [r["set"] for r in results["images"]] == ["held-out"] * 6 + ["seen"] * 6
 
     # The same model through `ldmflow generate`, naming the sampler the folder does not default to.
     code = main(["generate", "--model", "models:/ldm-eval-test@candidate", "--prompt", "a red circle on a blue "
