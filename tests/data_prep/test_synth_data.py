@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from data_prep.errors import DataPrepError
-from data_prep.synth import COLOURS, SHAPES, SynthSample, generate_synthetic
+from data_prep.synth import COLOURS, HELDOUT_COMBINATIONS, SHAPES, SynthSample, generate_synthetic
 
 
 def _files(directory):
@@ -73,3 +73,20 @@ def test_rejects_non_positive_count(tmp_path, n):
 def test_leaves_no_temp_files(tmp_path):
     generate_synthetic(tmp_path, 10)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_heldout_combinations_are_never_drawn_and_every_value_is_still_trained(tmp_path):
+    """The held-out list is what evaluation's compositional prompts come from: the generator must never
+    draw one (so no shard holds it), and every shape, colour and background, and every pair of them,
+    must still be drawn in other combinations, or a held-out prompt would ask for something never seen."""
+    grid = {(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if b != c}
+    assert HELDOUT_COMBINATIONS < grid and 24 <= len(HELDOUT_COMBINATIONS) <= 60
+    training = grid - HELDOUT_COMBINATIONS
+    for i, j in ((0, 1), (0, 2), (1, 2)):  # (shape, colour), (shape, background), (colour, background)
+        assert {(t[i], t[j]) for t in training} == {(t[i], t[j]) for t in grid}
+    samples = generate_synthetic(tmp_path, 3000, seed=0, image_size=16)
+    drawn = {(s.shape, s.colour, s.background) for s in samples}
+    assert not drawn & HELDOUT_COMBINATIONS
+    assert len(drawn) > 0.95 * len(training)  # 3000 draws over 504 combinations: the rest all turn up
+    assert {s.shape for s in samples} == set(SHAPES)
+    assert {s.colour for s in samples} == {s.background for s in samples} == set(COLOURS)

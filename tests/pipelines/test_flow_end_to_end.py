@@ -156,7 +156,7 @@ def test_evaluate_scores_the_registered_model_and_records_it(flow_result, mlflow
 
     summary, _ = flow_result
     evaluation = run_evaluation("models:/ldm-e2e@candidate", prompts=2, per_prompt=2, steps=2, out_dir=tmp_path)
-    assert evaluation.grid_path.is_file() and len(evaluation.images) == 4
+    assert evaluation.grid_path.is_file() and len(evaluation.images) == 8  # 2 held-out and 2 seen prompts x 2
     metrics = mlflow_client.get_run(summary["run_id"]).data.metrics
     for key in ("colour_adherence", "shape_adherence", "background_adherence"):
         assert 0.0 <= metrics[f"eval_{key}"] <= 1.0

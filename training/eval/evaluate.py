@@ -1,9 +1,14 @@
-"""Evaluating a model on the shapes task: generate for held-out prompts, score caption adherence
-(training.eval.shapes) and the fixed-timestep held-out loss, record the results in MLflow.
+"""Evaluating a model on the shapes task: generate for held-out prompts (combinations no training shard
+holds: compositional generalisation) and for seen ones (training combinations), score caption adherence
+on each (training.eval.shapes) and the fixed-timestep held-out loss, record the results in MLflow.
+
+An evaluation names the set it was scored on (`Evaluation.eval_set_id`: the prompts, images per prompt,
+seed and sampler settings), so a gate compares two models only on the same set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,7 +24,8 @@ from data_prep.image_ops import encode_image
 from data_prep.synth import COLOURS, SHAPES
 from training.config import config_from_dict
 from training.errors import EvaluationError
-from training.eval.shapes import ATTRIBUTES, Classified, Prompt, classify, heldout_prompts, score_classified
+from training.eval.shapes import (ATTRIBUTES, Classified, Prompt, classify, heldout_prompts, score_classified,
+                                  seen_prompts)
 from training.loader.batch import read_split
 from training.locations import runs_dir, setup_mlflow
 from training.mlops.generate import request_params
@@ -42,17 +48,24 @@ class Evaluation:
     model_uri: str
     """The URI evaluated; a models:/ alias is pinned to the version it pointed at."""
     prompts: list[Prompt]
-    """The held-out prompts, each asked `per_prompt` times."""
+    """The held-out prompts (synth's HELDOUT_COMBINATIONS, never trained on), each asked `per_prompt` times."""
     per_prompt: int
     """Images per prompt."""
     params: dict
     """The request: sampler, steps, guidance and seed (image j of `images` started from seed + j)."""
     images: np.ndarray
-    """(len(prompts) * per_prompt, H, W, 3) uint8; prompt p's images are p * per_prompt onwards."""
+    """(len(all_prompts) * per_prompt, H, W, 3) uint8; all_prompts[p]'s images are p * per_prompt onwards:
+    the held-out prompts' first, then the seen ones'."""
     classified: list[Classified]
     """What `classify` read in each image."""
     metrics: dict[str, float]
-    """colour_adherence, shape_adherence, background_adherence (fractions of images) and n."""
+    """On the held-out prompts: colour_adherence, shape_adherence, background_adherence (fractions of
+    images) and n (images); on the seen prompts the same with a seen_ prefix."""
+    seen_prompts: list[Prompt] = field(default_factory=list)
+    """Prompts of combinations the training set holds, each asked `per_prompt` times."""
+    eval_set_id: str = ""
+    """What the scores were measured on: a hash of the prompts, per_prompt, seed, sampler, steps and
+    guidance. Two evaluations compare only when their ids are equal."""
     run_id: str | None = None
     """The MLflow run that logged the model (models:/ and runs:/ URIs): where results are recorded."""
     model_name: str | None = None
@@ -62,9 +75,14 @@ class Evaluation:
     """Where save_results wrote the grid of images (a row per prompt)."""
 
     @property
+    def all_prompts(self) -> list[Prompt]:
+        """The held-out prompts, then the seen ones: the order of `images`."""
+        return [*self.prompts, *self.seen_prompts]
+
+    @property
     def expected(self) -> list[Prompt]:
         """The prompt of each image."""
-        return [p for p in self.prompts for _ in range(self.per_prompt)]
+        return [p for p in self.all_prompts for _ in range(self.per_prompt)]
 
     def grid(self) -> np.ndarray:
 
@@ -72,11 +90,13 @@ class Evaluation:
 
     def results(self) -> dict:
         """Everything but the pixels, as JSON: settings, scores, and what each image was read as."""
+        held = len(self.prompts) * self.per_prompt
         return {
             "model_uri": self.model_uri, "per_prompt": self.per_prompt, "params": self.params,
-            "metrics": self.metrics,
-            "images": [{"prompt": p.caption, "expected": asdict(p), "classified": asdict(c)}
-                       for p, c in zip(self.expected, self.classified)],
+            "eval_set_id": self.eval_set_id, "metrics": self.metrics,
+            "images": [{"prompt": p.caption, "set": "held-out" if i < held else "seen", "expected": asdict(p),
+                        "classified": asdict(c)}
+                       for i, (p, c) in enumerate(zip(self.expected, self.classified))],
         }
 
     def table(self) -> str:
@@ -84,30 +104,36 @@ class Evaluation:
         lines = [f"{self.model_uri}: {len(self.prompts)} prompts x {self.per_prompt} images, sampler "
                  f"{p.get('sampler', '?')}, {p.get('steps', '?')} steps, guidance {p.get('guidance', '?')}, "
                  f"seed {p['seed']}",
-                 f"{'attribute':<12}{'adherence':>10}{'chance':>8}"]
+                 f"held-out: {len(self.prompts)} combinations never trained on; seen: {len(self.seen_prompts)} "
+                 f"training combinations; evaluation set {self.eval_set_id}",
+                 f"{'adherence':<12}{'held-out':>10}{'seen':>8}{'chance':>8}"]
         chance = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "background": 1 / len(COLOURS)}
         for a in ATTRIBUTES:
-            lines.append(f"{a:<12}{self.metrics[f'{a}_adherence']:>10.3f}{chance[a]:>8.2f}")
+            seen = self.metrics.get(f"seen_{a}_adherence")
+            lines.append(f"{a:<12}{self.metrics[f'{a}_adherence']:>10.3f}"
+                         f"{'-' if seen is None else f'{seen:.3f}':>8}{chance[a]:>8.2f}")
         if "val_loss" in self.metrics:
             lines.append(f"held-out loss at fixed timesteps: {self.metrics['val_loss']:.4f}")
         return "\n".join(lines)
 
 
-def evaluate_model(model_uri: str, *, prompts: int = 12, per_prompt: int = 4, steps: int | None = None,
-                   guidance: float | None = None, sampler: str | None = None, seed: int = 0,
-                   batch_size: int = 32) -> Evaluation:
+def evaluate_model(model_uri: str, *, prompts: int = 12, seen: int | None = None, per_prompt: int = 4,
+                   steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                   seed: int = 0, batch_size: int = 32) -> Evaluation:
     """Generate `per_prompt` images for each of `prompts` held-out prompts (heldout_prompts(prompts,
-    seed=seed)) with the model at `model_uri`, and score them. The model is a models:/ or runs:/
-    URI (loaded as its MLflow pyfunc) or a local pipeline folder. Requests of up to `batch_size`
-    images; image j starts from the noise of seed + j whatever the batching. Steps, guidance and
-    sampler left None take the model's recorded defaults."""
+    seed=seed)) and of `seen` (default: as many) seen prompts (seen_prompts(seen, seed=seed)) with the
+    model at `model_uri`, and score each set. The model is a models:/ or runs:/ URI (loaded as its
+    MLflow pyfunc) or a local pipeline folder. Requests of up to `batch_size` images; image j starts
+    from the noise of seed + j whatever the batching, so a model and a seed give the same images.
+    Steps, guidance and sampler left None take the model's recorded defaults."""
 
     if per_prompt < 1 or batch_size < 1:
         raise EvaluationError(f"per_prompt and batch_size must be >= 1, got {per_prompt} and {batch_size}")
-    chosen = heldout_prompts(prompts, seed=seed)
+    held = heldout_prompts(prompts, seed=seed)
+    familiar = seen_prompts(prompts if seen is None else seen, seed=seed)
     source = _resolve(model_uri)
     predict, defaults = _load(source.uri)
-    expected = [p for p in chosen for _ in range(per_prompt)]
+    expected = [p for p in [*held, *familiar] for _ in range(per_prompt)]
     captions = [p.caption for p in expected]
     params = request_params(seed=seed, sampler=sampler, steps=steps, guidance=guidance)
     batches = []
@@ -115,11 +141,23 @@ def evaluate_model(model_uri: str, *, prompts: int = 12, per_prompt: int = 4, st
         batches.append(predict(captions[start:start + batch_size], {**params, "seed": seed + start}))
     images = np.concatenate(batches)
     classified = [classify(image) for image in images]
+    n_held = len(held) * per_prompt
+    metrics = {**score_classified(classified[:n_held], expected[:n_held]),
+               **{f"seen_{k}": v for k, v in score_classified(classified[n_held:], expected[n_held:]).items()}}
+    resolved = {**defaults, **params}
     return Evaluation(
-        model_uri=source.uri, prompts=chosen, per_prompt=per_prompt, params={**defaults, **params}, images=images,
-        classified=classified, metrics=score_classified(classified, expected), run_id=source.run_id,
-        model_name=source.name, model_version=source.version,
+        model_uri=source.uri, prompts=held, seen_prompts=familiar, per_prompt=per_prompt, params=resolved,
+        images=images, classified=classified, metrics=metrics, run_id=source.run_id, model_name=source.name,
+        model_version=source.version, eval_set_id=evaluation_set_id(held, familiar, per_prompt, resolved),
     )
+
+
+def evaluation_set_id(held: list[Prompt], seen: list[Prompt], per_prompt: int, params: dict) -> str:
+    """16 hex digits of a sha256 over what decides the scores besides the model: the prompts in order,
+    images per prompt, the seed and the sampler settings. A gate compares scores only under one id."""
+    identity = {"heldout": [p.caption for p in held], "seen": [p.caption for p in seen], "per_prompt": per_prompt,
+                **{k: params.get(k) for k in ("seed", "sampler", "steps", "guidance")}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -221,9 +259,10 @@ TAG_PREFIX = "eval."
 
 
 def record(evaluation: Evaluation) -> None:
-    """Log the scores to the run that produced the model (metrics eval_<attribute>_adherence, the grid
-    and results.json under eval/) and tag the model version with them (eval.<attribute>_adherence,
-    eval.settings). A local pipeline folder has neither: nothing is recorded."""
+    """Log the scores to the run that produced the model (metrics eval_<attribute>_adherence on the
+    held-out prompts, eval_seen_<attribute>_adherence on the seen ones, the grid and results.json under
+    eval/) and tag the model version with them (eval.<attribute>_adherence, eval.seen_..., eval.n,
+    eval.seen_n, eval.set_id, eval.settings). A local pipeline folder has neither: nothing is recorded."""
     if evaluation.run_id is None:
         log.info("%s is not an MLflow model: results not recorded", evaluation.model_uri)
         return
@@ -239,9 +278,12 @@ def record(evaluation: Evaluation) -> None:
     client.log_image(evaluation.run_id, evaluation.grid(), "eval/grid.png")
     client.log_dict(evaluation.run_id, evaluation.results(), "eval/results.json")
     if evaluation.model_version is not None:
-        settings = {"prompts": len(evaluation.prompts), "per_prompt": evaluation.per_prompt, **evaluation.params}
+        settings = {"prompts": len(evaluation.prompts), "seen_prompts": len(evaluation.seen_prompts),
+                    "per_prompt": evaluation.per_prompt, **evaluation.params}
         tags = {**{TAG_PREFIX + k: f"{v:.4f}" for k, v in scores.items()},
                 TAG_PREFIX + "n": str(evaluation.metrics["n"]),
+                TAG_PREFIX + "seen_n": str(evaluation.metrics.get("seen_n", 0)),
+                TAG_PREFIX + "set_id": evaluation.eval_set_id,
                 TAG_PREFIX + "settings": json.dumps(settings, sort_keys=True)}
         for key, value in tags.items():
             client.set_model_version_tag(evaluation.model_name, evaluation.model_version, key, value)

@@ -14,7 +14,9 @@ from PIL import Image, ImageFilter
 
 from data_prep.synth import COLOURS, SHAPES, generate_synthetic
 from tests.training.tiny_pipeline import save_tiny_pipeline
-from training.eval.shapes import Classified, Prompt, adherence, classify, heldout_prompts
+from data_prep.synth import HELDOUT_COMBINATIONS
+from training.errors import EvaluationError
+from training.eval.shapes import Classified, Prompt, adherence, classify, heldout_prompts, seen_prompts
 from training.models.sampling import SamplerDefaults
 
 N = 300
@@ -46,7 +48,8 @@ def test_ground_truth_images_score_at_least_0_98(truth):
 def test_soft_shifted_noisy_images_still_score_high(truth):
     """A model's output: soft edges (Gaussian blur), every colour off by up to 30 per channel, pixel
     noise. Measured: 1.000 on all three at 64 px; at 32 px, where a blur of 1 px is a tenth of the
-    smallest shape, colour and background 1.000 and shape 0.97-0.99 (blurred stars look like circles)."""
+    smallest shape, colour 0.997, background 1.000 and shape 0.933: the classifier rejects a blurred
+    small star that matches a circle or diamond almost as well (margin under 0.02) rather than guess."""
     size, images, prompts = truth
     rng = np.random.default_rng(0)
     soft = []
@@ -56,12 +59,12 @@ def test_soft_shifted_noisy_images_still_score_high(truth):
         soft.append(np.clip(pixels, 0, 255).round().astype(np.uint8))
     scores = adherence(np.stack(soft), prompts)
     assert scores["colour_adherence"] >= 0.98 and scores["background_adherence"] >= 0.98, scores
-    assert scores["shape_adherence"] >= (0.98 if size == 64 else 0.95), scores
+    assert scores["shape_adherence"] >= (0.98 if size == 64 else 0.92), scores
 
 
 def test_wrong_prompts_score_near_chance(truth):
     _, images, prompts = truth
-    wrong = heldout_prompts(N, seed=5)  # unrelated to the images
+    wrong = seen_prompts(N, seed=5)  # unrelated to the images
     scores = adherence(stack(images), wrong)
     assert scores["colour_adherence"] < 0.25 and scores["background_adherence"] < 0.25, scores  # chance 0.10
     assert scores["shape_adherence"] < 0.30, scores  # chance 0.17
@@ -72,13 +75,49 @@ def test_a_blank_image_has_no_shape():
     assert classify(blank) == Classified(shape=None, colour=None, background="green")
 
 
-def test_heldout_prompts_are_seeded_distinct_and_balanced():
-    prompts = heldout_prompts(60, seed=1)
-    assert prompts == heldout_prompts(60, seed=1) != heldout_prompts(60, seed=2)
+def test_heldout_prompts_come_only_from_the_heldout_combinations_seeded_and_balanced():
+    prompts = heldout_prompts(36, seed=1)
+    assert {(p.shape, p.colour, p.background) for p in prompts} == HELDOUT_COMBINATIONS  # all of them
+    assert heldout_prompts(12, seed=1) == heldout_prompts(12, seed=1) != heldout_prompts(12, seed=2)
+    twelve = heldout_prompts(12, seed=3)
+    assert len(set(twelve)) == 12 and {(p.shape, p.colour, p.background) for p in twelve} < HELDOUT_COMBINATIONS
+    assert {sum(p.shape == s for p in twelve) for s in SHAPES} == {2}  # balanced over shapes
+    assert max(sum(p.colour == c for p in twelve) for c in COLOURS) <= 2
+    with pytest.raises(EvaluationError, match="held-out .* prompts must be 1-36, got 37"):
+        heldout_prompts(37)
+
+
+def test_seen_prompts_are_training_combinations_seeded_distinct_and_balanced():
+    prompts = seen_prompts(60, seed=1)
+    assert prompts == seen_prompts(60, seed=1) != seen_prompts(60, seed=2)
     assert len(set(prompts)) == 60 and all(p.colour != p.background for p in prompts)
-    assert {prompts.count(p) for p in prompts} == {1}
+    assert not {(p.shape, p.colour, p.background) for p in prompts} & HELDOUT_COMBINATIONS
     assert {sum(p.shape == s for p in prompts) for s in SHAPES} == {10}
     assert {sum(p.colour == c for p in prompts) for c in COLOURS} == {6}
+    assert len(seen_prompts(504)) == 504  # 540 combinations less the 36 held out
+    with pytest.raises(EvaluationError, match="seen .* prompts must be 1-504"):
+        seen_prompts(0)
+
+
+def test_evaluate_model_is_deterministic_and_names_its_set(tmp_path):
+    """The same model and seed give the same images, scores and set id; another seed, images per prompt
+    or sampler setting gives another id (a gate must not compare across them). Scores are split into the
+    held-out prompts' and the seen prompts'."""
+    from training.eval.evaluate import evaluate_model
+
+    folder = str(save_tiny_pipeline(tmp_path / "pipeline", SamplerDefaults(sampler="ddim", steps=2, guidance=2.0)))
+    first = evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=7)
+    again = evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=7)
+    assert np.array_equal(first.images, again.images) and first.metrics == again.metrics
+    assert first.eval_set_id == again.eval_set_id and len(first.eval_set_id) == 16
+    assert first.prompts == heldout_prompts(2, seed=7) and first.seen_prompts == seen_prompts(3, seed=7)
+    assert first.images.shape[0] == 10 and first.metrics["n"] == 4 and first.metrics["seen_n"] == 6
+    held = first.classified[:4]
+    assert first.metrics["shape_adherence"] == np.mean([c.shape == p.shape for c, p in zip(held, first.expected)])
+    others = {evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=8).eval_set_id,
+              evaluate_model(folder, prompts=2, seen=3, per_prompt=1, seed=7).eval_set_id,
+              evaluate_model(folder, prompts=2, seen=3, per_prompt=2, seed=7, steps=3).eval_set_id}
+    assert first.eval_set_id not in others and len(others) == 3
 
 
 def test_evaluate_a_registered_model_through_mlflow(tmp_path, capsys):
@@ -105,20 +144,28 @@ def test_evaluate_a_registered_model_through_mlflow(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert f"models:/ldm-eval-test/{version.version}: 3 prompts x 2 images, sampler dpm++, 2 steps" in printed
+    # Held-out and seen figures side by side, under the evaluation set's id.
+    results = json.loads((out / "results.json").read_text())
+    assert f"evaluation set {results['eval_set_id']}" in printed
+    assert [line.split()[0] for line in printed.splitlines() if line.split()[:1] and len(line.split()) == 4] == \
+        ["adherence", "colour", "shape", "background"]
 
     client = MlflowClient()
     metrics = client.get_run(run.info.run_id).data.metrics
     tags = client.get_model_version("ldm-eval-test", version.version).tags
     for attribute in ("colour", "shape", "background"):
-        assert 0.0 <= metrics[f"eval_{attribute}_adherence"] <= 1.0
-        assert 0.0 <= float(tags[f"eval.{attribute}_adherence"]) <= 1.0
-    assert json.loads(tags["eval.settings"]) == {"prompts": 3, "per_prompt": 2, "sampler": "dpm++", "steps": 2,
-                                                 "guidance": 3.0, "seed": 4}
+        for key in (f"{attribute}_adherence", f"seen_{attribute}_adherence"):
+            assert metrics[f"eval_{key}"] == pytest.approx(results["metrics"][key])
+            assert float(tags[f"eval.{key}"]) == pytest.approx(results["metrics"][key], abs=5e-5)
+    assert tags["eval.n"] == tags["eval.seen_n"] == "6" and tags["eval.set_id"] == results["eval_set_id"]
+    assert json.loads(tags["eval.settings"]) == {"prompts": 3, "seen_prompts": 3, "per_prompt": 2, "sampler": "dpm++",
+                                                 "steps": 2, "guidance": 3.0, "seed": 4}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/grid.png", "eval/results.json"}
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (2 * 32, 3 * 32)  # a row per prompt, a column per image
-    results = json.loads((out / "results.json").read_text())
-    assert [r["prompt"] for r in results["images"][::2]] == [p.caption for p in heldout_prompts(3, seed=4)]
+        assert grid.size == (2 * 32, 6 * 32)  # a row per prompt (3 held-out, 3 seen), a column per image
+    assert [r["prompt"] for r in results["images"][::2]] == [p.caption for p in heldout_prompts(3, seed=4)
+                                                             + seen_prompts(3, seed=4)]
+    assert [r["set"] for r in results["images"]] == ["held-out"] * 6 + ["seen"] * 6
 
     # The same model through `ldmflow generate`, naming the sampler the folder does not default to.
     code = main(["generate", "--model", "models:/ldm-eval-test@candidate", "--prompt", "a red circle on a blue "
