@@ -9,9 +9,16 @@ finishes the rest.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,3 +201,184 @@ def register_pipeline(run_id: str, pipeline_dir: Path, name: str, tags: dict[str
         client.set_model_version_tag(name, found.version, key, value)
     client.set_registered_model_alias(name, CANDIDATE, found.version)
     return found
+
+
+# --- the champion: reading versions, serialised moves, their record ----------------------------
+
+CHAMPION = "champion"
+STACK_TAG = "ldmflow.champion_stack"
+"""Registered-model tag: the versions that were champion, oldest first (JSON); rollback pops it."""
+STACK_LIMIT = 100
+LOCK_SUFFIX = ".promotion-lock"
+USER_ENV = "LDMFLOW_USER"
+
+
+def _not_found(e: Exception) -> bool:
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def require_model(client: MlflowClient, name: str):
+    """The registered model `name`, or RegistryError naming the models there are."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+    known = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(LOCK_SUFFIX))
+    raise RegistryError(f"no registered model {name!r} in the MLflow registry at {mlflow.get_registry_uri()} "
+                        f"(there are: {', '.join(known) or 'none'})") from None
+
+
+def resolve_version(client: MlflowClient, name: str, ref: str):
+    """Version `ref` of `name`: a version number or an alias (`champion`, `candidate`, ...)."""
+    from mlflow.exceptions import MlflowException
+
+    model = require_model(client, name)
+    try:
+        if ref.isdigit():
+            return client.get_model_version(name, ref)
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException as e:
+        if not _not_found(e) and "alias" not in str(e).lower():
+            raise
+    aliases = ", ".join(sorted(model.aliases)) or "none"
+    versions = ", ".join(str(mv.version) for mv in model_versions(client, name)) or "none"
+    raise RegistryError(f"{name!r} has no version or alias {ref!r} (versions: {versions}; aliases: {aliases})"
+                        ) from None
+
+
+def current_champion(client: MlflowClient, name: str):
+    """The version alias `champion` points at now, or None. Read fresh each time: alias writes are
+    last-writer-wins, so a value read earlier may be stale."""
+    return require_model(client, name).aliases.get(CHAMPION) and client.get_model_version_by_alias(name, CHAMPION)
+
+
+def user() -> str:
+    import getpass
+
+    return os.environ.get(USER_ENV) or getpass.getuser()
+
+
+@dataclass
+class Move:
+    """One move of the `champion` alias, as recorded on the versions."""
+
+    name: str
+    version: str
+    previous: str | None
+    action: str
+    """`gate` (a promotion the gate decided), `force` (a person overrode it) or `rollback`."""
+    by: str
+    at: str
+    why: str
+
+
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str, *, ttl_s: float = 1800.0, wait_s: float = 1800.0,
+                   poll_s: float = 1.0) -> Iterator[str]:
+    """Serialise the champion moves of model `name` across processes and machines.
+
+    MLflow has no compare-and-swap on aliases (the last write wins), but creating a registered model
+    is atomic on the server (names are unique in its store), so a registered model named
+    `<name>.promotion-lock` is the lock: whoever creates it holds it, and deletes it when done. Its
+    tags name the owner and an expiry, so a lock left by a crashed gate is broken after `ttl_s`
+    (two processes breaking one expired lock at once could both proceed: the only window left).
+    Waits up to `wait_s` for a live lock, then raises RegistryError naming its owner."""
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    owner = f"{user()}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"owner": owner, "expires": f"{time.time() + ttl_s:.0f}"},
+                description=f"held by {owner} while it moves the champion of {name}; deleted when done")
+            break
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock).tags
+        except MlflowException as e:
+            if _not_found(e):
+                continue  # released between our create and our read
+            raise
+        if float(held.get("expires", 0)) < time.time():
+            log.warning("breaking the expired promotion lock of %s held by %s", name, held.get("owner"))
+            _delete_quietly(client, lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"the champion of {name!r} is being moved by {held.get('owner')} (lock {lock!r}); "
+                                f"try again later, or delete that registered model if its owner is gone")
+        time.sleep(poll_s)
+    try:
+        yield owner
+    finally:
+        try:
+            if client.get_registered_model(lock).tags.get("owner") == owner:
+                client.delete_registered_model(lock)
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+
+
+def _delete_quietly(client: MlflowClient, model: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(model)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+
+
+def champion_stack(client: MlflowClient, name: str) -> list[str]:
+    """The versions that were champion, oldest first, ending with the current one (an alias moved by
+    hand outside this module is appended)."""
+    model = require_model(client, name)
+    stack = [str(v) for v in json.loads(model.tags.get(STACK_TAG, "[]"))]
+    current = model.aliases.get(CHAMPION)
+    if current is not None and (not stack or stack[-1] != str(current)):
+        stack.append(str(current))
+    return stack
+
+
+def move_champion(client: MlflowClient, name: str, version: str, *, action: str, why: str,
+                  by: str | None = None) -> Move:
+    """Point `champion` at `version` and record the move: tags champion.{by,at,from,action,why} on the
+    new champion, champion.replaced_{by,at} on the old one, and the champion stack on the model. Call
+    it holding promotion_lock; it re-reads the champion itself, so `from` is what it replaced."""
+    from datetime import datetime, timezone
+
+    target = resolve_version(client, name, str(version))
+    stack = champion_stack(client, name)
+    previous = stack[-1] if stack else None
+    move = Move(name=name, version=str(target.version), previous=previous, action=action, by=by or user(),
+                at=datetime.now(timezone.utc).isoformat(timespec="seconds"), why=why)
+    if action == "rollback":
+        stack = stack[:-1]
+    else:
+        stack.append(move.version)
+    client.set_registered_model_alias(name, CHAMPION, move.version)
+    for key, value in {"by": move.by, "at": move.at, "from": previous or "none", "action": action,
+                       "why": why}.items():
+        client.set_model_version_tag(name, move.version, f"champion.{key}", value)
+    if previous is not None and previous != move.version:
+        client.set_model_version_tag(name, previous, "champion.replaced_by", move.version)
+        client.set_model_version_tag(name, previous, "champion.replaced_at", move.at)
+    client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack[-STACK_LIMIT:]))
+    log.info("%s: champion %s -> %s (%s by %s: %s)", name, previous, move.version, action, move.by, why)
+    return move
+
+
+def rollback(client: MlflowClient, name: str, *, why: str, by: str | None = None) -> Move:
+    """Restore the champion before the current one (the champion stack's previous entry)."""
+    with promotion_lock(client, name):
+        stack = champion_stack(client, name)
+        if len(stack) < 2:
+            current = stack[-1] if stack else "none"
+            raise RegistryError(f"{name!r} has no earlier champion to restore (champion now: {current})")
+        return move_champion(client, name, stack[-2], action="rollback", why=why, by=by)
