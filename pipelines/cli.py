@@ -14,6 +14,7 @@ import sys
 
 from data_prep.errors import DataPrepError
 from pipelines.console import quiet_third_party
+from pipelines.registry_cli import add_registry_parser
 from training.errors import ConfigError, DataError, EvaluationError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -342,6 +343,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-config", help="a `task: vae` config (e.g. shapes-vae): train the VAE on the shards "
                                         "first and the LDM on it")
     p.set_defaults(func=cmd_flow)
+    add_registry_parser(sub)
     return root
 
 

@@ -28,6 +28,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from training.config import RunConfig, load_config  # noqa: E402
+from training.eval.gate import Decision, promote_if_better  # noqa: E402
 from training.mlops.publish import PublishedVAE, TrainOutcome, publish, publish_vae  # noqa: E402
 from training.mlops.registry import CANDIDATE, RegisteredVersion  # noqa: E402
 from training.runtime.driver import train  # noqa: E402
@@ -93,17 +94,29 @@ def publish_task(config: RunConfig, outcome: TrainOutcome) -> RegisteredVersion:
     return publish(outcome, config)
 
 
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def gate_task(config: RunConfig, version: RegisteredVersion) -> Decision:
+    """The promotion gate on the new version (config.gate): champion only if it beats the current one.
+    A retry is safe: a version already champion is left as it is."""
+    decision = promote_if_better(version.name, version.version, config.gate)
+    get_run_logger().info("%s v%s: %s (%s)", version.name, version.version,
+                          "now champion" if decision.promoted else "not promoted", decision.reason)
+    return decision
+
+
 @flow(name="ldm-train-pipeline", log_prints=True)
 def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
                  source: str | None = None, synth_n: int = 64, work_dir: str = "runs/work",
                  samples_per_shard: int = 16, overwrite_shards: bool = False, vae_config_path: str | None = None,
-                 vae_overrides: list[str] | None = None, forward_credentials: bool = False) -> dict:
+                 vae_overrides: list[str] | None = None, forward_credentials: bool = False,
+                 promote: bool = True) -> dict:
     """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
 
     With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
     first and the LDM is trained on it (model.vae.pretrained set to the exported folder). Returns
     plain data (what `ldmflow flow` prints): the shards, the VAE, the run and the model version.
-    `forward_credentials` hands the training tasks' S3/MLflow credentials to every Ray node."""
+    `forward_credentials` hands the training tasks' S3/MLflow credentials to every Ray node.
+    `promote`: run the gate (config.gate) on the new version, which may make it `champion`."""
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
     vae_cfg = load_config(vae_config_path, list(vae_overrides or [])) if vae_config_path else None
@@ -123,6 +136,10 @@ def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
     outcome = train_task(cfg, shards.output, forward_credentials)
     version = publish_task(cfg, outcome)
     model = {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@{CANDIDATE}"}
+    if promote:
+        decision = gate_task(cfg, version)
+        model["gate"] = {"promoted": decision.promoted, "reason": decision.reason, "candidate": decision.candidate,
+                         "champion_version": decision.champion_version, "champion": decision.champion}
     return {**result, "run_id": outcome.run_id, "metrics": outcome.metrics, "model": model}
 
 

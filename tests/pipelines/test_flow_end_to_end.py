@@ -33,7 +33,8 @@ def flow_result(tmp_path_factory):
             config_path="shapes",
             overrides=[*small, f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
                        "train.checkpoints_to_keep=2", "tracking.model_name=ldm-e2e", "tracking.sample_steps=2",
-                       "validation.every=3"],
+                       "validation.every=3", "gate.prompts=2", "gate.per_prompt=1", "gate.steps=2",
+                       "gate.first_floor=0", "gate.floor=0"],
             vae_config_path="shapes-vae", vae_overrides=[*small, "train.max_steps=4", "train.log_every=2"],
             synth_n=48, work_dir=str(work), samples_per_shard=8, overwrite_shards=False,
         )
@@ -191,6 +192,16 @@ def test_registered_version_has_alias_and_tags(flow_result, mlflow_client):
     assert mv.status == "READY"
     assert mv.tags["dataset_content_id"] == summary["shards"]["content_id"]
     assert {"git_commit", "config_hash", "metric.loss"} <= set(mv.tags)
+
+
+def test_the_gate_made_the_first_version_champion(flow_result, mlflow_client):
+    summary, _ = flow_result
+    gate = summary["model"]["gate"]
+    assert gate["promoted"] and gate["champion_version"] is None and "first version" in gate["reason"]
+    mv = mlflow_client.get_model_version_by_alias("ldm-e2e", "champion")
+    assert str(mv.version) == summary["model"]["version"]
+    assert mv.tags["gate.decision"] == "promoted" and mv.tags["champion.action"] == "gate"
+    assert float(mv.tags["gate.shape_adherence"]) == gate["candidate"]["shape_adherence"]
 
 
 def test_publishing_again_does_not_create_a_version(flow_result, mlflow_client):

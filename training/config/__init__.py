@@ -5,6 +5,7 @@ checked against the field's type before any work starts. Each field carries a do
 it controls; validation lives in ``__post_init__`` and names the field and the allowed values.
 """
 
+from training.config.gate import GateConfig
 from training.config.model import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
@@ -28,7 +29,7 @@ from training.errors import ConfigError
 
 __all__ = [
     "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "TASKS",
-    "ConfigError", "EMAConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "TextEncoderConfig",
+    "ConfigError", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "TextEncoderConfig",
     "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
     "config_from_dict", "load_config", "parse_override", "resolve_config_path",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from training.config.checks import check_key
+from training.config.gate import GateConfig
 from training.config.model import ModelConfig
 from training.config.train import TrackingConfig, TrainConfig, ValidationConfig
 from training.errors import ConfigError
@@ -34,6 +35,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    """When a registered version becomes `champion` (training.eval.gate); not hashed."""
 
     def __post_init__(self) -> None:
         check_key(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
@@ -66,7 +69,9 @@ class RunConfig:
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON of the resolved config (tags runs and model versions)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        data = self.to_dict()
+        data.pop("gate")  # promotion rules change nothing a run trains
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
