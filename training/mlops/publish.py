@@ -20,6 +20,7 @@ from training.mlops.export import (
     export_vae,
     fetch_for_export,
     latent_scaling_factor,
+    request_limits,
     save_pipeline,
     save_vae,
 )
@@ -58,9 +59,10 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
         pipe, _ = build_pipeline(fetch_for_export(outcome.checkpoint_dir, Path(tmp)))
     t = cfg.tracking
     defaults = SamplerDefaults(sampler=t.sampler, steps=t.sample_steps, guidance=t.guidance)
-    out_dir = save_pipeline(pipe, runs_dir() / "exports" / outcome.run_id / "pipeline", defaults=defaults)
+    out_dir = save_pipeline(pipe, runs_dir() / "exports" / outcome.run_id / "pipeline", defaults=defaults,
+                            limits=request_limits(cfg))
     images = generate_images(pipe, t.sample_prompts, steps=t.sample_steps, guidance=t.guidance, sampler=t.sampler,
-                             seed=0)
+                             seed=0, max_batch=cfg.serving.max_batch)
     with mlflow.start_run(run_id=outcome.run_id):
         mlflow.log_image(image_grid(images), "samples/final.png")
     tags = {
