@@ -15,6 +15,7 @@ from training.config import RunConfig
 from training.errors import ConfigError
 from training.loader.batch import read_split, to_model_input
 from training.locations import runs_dir, setup_mlflow
+from training.mlops.checkpoint_artifacts import log_checkpoint
 from training.mlops.export import (
     build_pipeline,
     export_vae,
@@ -65,6 +66,7 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
                              seed=0, max_batch=cfg.serving.max_batch)
     with mlflow.start_run(run_id=outcome.run_id):
         mlflow.log_image(image_grid(images), "samples/final.png")
+    log_checkpoint(outcome.run_id, outcome.checkpoint_dir)  # the final checkpoint's model, fetchable from the run
     tags = {
         "git_commit": git_commit(),
         "dataset_content_id": outcome.dataset_content_id,
@@ -112,6 +114,7 @@ def publish_vae(outcome: TrainOutcome, cfg: RunConfig, *, scaling_samples: int =
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(out_dir), VAE_ARTIFACT)
         mlflow.set_tags({"vae_path": str(out_dir), "scaling_factor": f"{scaling:.6g}"})
+    log_checkpoint(outcome.run_id, outcome.checkpoint_dir)
     log.info("VAE of run %s: %s (scaling factor %.4f, held-out PSNR %s)", outcome.run_id, out_dir, scaling,
              f"{metrics['export_val_psnr']:.2f} dB" if "export_val_psnr" in metrics else "not measured")
     return PublishedVAE(run_id=outcome.run_id, path=str(out_dir), uri=f"runs:/{outcome.run_id}/{VAE_ARTIFACT}",
