@@ -29,7 +29,7 @@ from training.errors import ConfigError
 
 __all__ = [
     "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "TASKS",
-    "ConfigError", "EMAConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "ServingConfig", "TextEncoderConfig",
-    "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
+    "ConfigError", "EMAConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "ServingConfig",
+    "TextEncoderConfig", "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
     "config_from_dict", "load_config", "parse_override", "resolve_config_path",
 ]

@@ -142,7 +142,8 @@ def test_rest_requests_get_images_and_bad_requests_a_400_with_a_clear_message(se
     assert np.array(body["predictions"]).shape == (1, 32, 32, 3)
 
     refused = {
-        "at most 2 prompts, got 3": {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS * 2][:3]}},
+        "at most 2 prompts, got 3": {"dataframe_split": {"columns": ["prompt"],
+                                                          "data": [[p] for p in (PROMPTS * 2)[:3]]}},
         "param `steps` must be between 1 and 3, got 500": {"inputs": {"prompt": PROMPTS[:1]}, "params": {"steps": 500}},
         "param `guidance` must be between 1 and 8, got 50": {"inputs": {"prompt": PROMPTS[:1]},
                                                              "params": {"guidance": 50.0}},
