@@ -247,3 +247,24 @@ def test_generate_from_registry_in_a_fresh_process(flow_result, tmp_path):
     for f in files:
         with Image.open(f) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
+
+
+def test_published_model_has_limits_an_example_and_its_final_checkpoint_on_the_run(flow_result, mlflow_client):
+    """publish records the config's `serving` limits in the model, logs an input example, and logs the
+    final checkpoint's model files to the run (issue 13)."""
+    import mlflow
+
+    from training.mlops.checkpoint_artifacts import ARTIFACTS_TAG, STEP_TAG
+    from training.models.sampling import LIMITS_FILE, RequestLimits
+
+    summary, _ = flow_result
+    tags = mlflow_client.get_run(summary["run_id"]).data.tags
+    assert tags[STEP_TAG] == str(STEPS) and tags[ARTIFACTS_TAG] == f"runs:/{summary['run_id']}/checkpoints/step-{STEPS}"
+    logged = {a.path for a in mlflow_client.list_artifacts(summary["run_id"], f"checkpoints/step-{STEPS}")}
+    assert {f"checkpoints/step-{STEPS}/{name}" for name in ("unet.safetensors", "ema.safetensors",
+                                                           "train_state.json", "COMMITTED")} <= logged
+    model = mlflow.models.get_model_info("models:/ldm-e2e@candidate")
+    assert model.saved_input_example_info is not None
+    limits = json.loads(Path(mlflow.artifacts.download_artifacts(
+        f"models:/ldm-e2e@candidate/artifacts/pipeline/{LIMITS_FILE}")).read_text())
+    assert RequestLimits(**limits) == RequestLimits(max_image_size=None)  # the config's defaults

@@ -16,6 +16,7 @@ from training.config.model import (
     VAEConfig,
 )
 from training.config.run import TASKS, RunConfig, config_from_dict, load_config, parse_override, resolve_config_path
+from training.config.serving import ServingConfig
 from training.config.train import (
     CHECKPOINT_UPLOADS,
     LR_SCHEDULES,
@@ -29,7 +30,7 @@ from training.errors import ConfigError
 
 __all__ = [
     "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "TASKS",
-    "ConfigError", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "TextEncoderConfig",
-    "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
+    "ConfigError", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "ServingConfig",
+    "TextEncoderConfig", "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
     "config_from_dict", "load_config", "parse_override", "resolve_config_path",
 ]

@@ -17,6 +17,7 @@ import yaml
 from training.config.checks import check_key
 from training.config.gate import GateConfig
 from training.config.model import ModelConfig
+from training.config.serving import ServingConfig
 from training.config.train import TrackingConfig, TrainConfig, ValidationConfig
 from training.errors import ConfigError
 
@@ -37,6 +38,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     """When a registered version becomes `champion` (training.eval.gate); not hashed."""
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    """Request limits of the registered model (it changes no training: not part of a run's identity)."""
 
     def __post_init__(self) -> None:
         check_key(self.task in TASKS, "task", f"one of {', '.join(TASKS)}", self.task)
@@ -44,6 +47,17 @@ class RunConfig:
             steps = self.model.scheduler.num_train_timesteps
             check_key(all(t < steps for t in self.validation.timesteps), "validation.timesteps",
                    f"timesteps below model.scheduler.num_train_timesteps ({steps})", self.validation.timesteps)
+            # The exported model's defaults (tracking.*) are what a request naming nothing gets:
+            # they must be servable within its own limits.
+            serving = self.serving
+            check_key(self.tracking.sample_steps <= serving.max_steps, "tracking.sample_steps",
+                      f"<= serving.max_steps ({serving.max_steps})", self.tracking.sample_steps)
+            check_key(serving.min_guidance <= self.tracking.guidance <= serving.max_guidance, "tracking.guidance",
+                      f"within serving.min_guidance..max_guidance ({serving.min_guidance}..{serving.max_guidance})",
+                      self.tracking.guidance)
+            if serving.max_image_size is not None:
+                check_key(serving.max_image_size >= self.model.resolution, "serving.max_image_size",
+                          f"null or >= model.resolution ({self.model.resolution})", serving.max_image_size)
         if self.task == "vae":
             check_key(self.model.vae.pretrained is None, "model.vae.pretrained",
                    "null for `train-vae` (the VAE it trains is built from model.vae's shape fields)",

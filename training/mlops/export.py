@@ -22,7 +22,7 @@ from training.checkpoint.verify import listed_files, read_state
 from training.config import RunConfig, config_from_dict
 from training.models.assembly import build_components, frozen_hashes, new_vae
 from training.models.noise import sampling_scheduler
-from training.models.sampling import DEFAULTS_FILE, SamplerDefaults
+from training.models.sampling import DEFAULTS_FILE, LIMITS_FILE, RequestLimits, SamplerDefaults
 from training.tasks.vae import AutoencoderObjective
 
 log = logging.getLogger(__name__)
@@ -133,14 +133,32 @@ def build_pipeline(checkpoint_dir: Path, *, use_ema: bool = True) -> tuple[Stabl
     return pipe, cfg
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path, defaults: SamplerDefaults | None = None) -> Path:
+def save_pipeline(pipe: StableDiffusionPipeline, out_dir: Path, defaults: SamplerDefaults | None = None,
+                  limits: RequestLimits | None = None) -> Path:
     """Write the pipeline folder atomically: a half-written folder never sits at `out_dir`. The folder
     records `defaults` (sampler, steps, guidance; SamplerDefaults() when None) in sampler_defaults.json,
-    which the pyfunc model and its signature use for requests that do not name them."""
+    which the pyfunc model and its signature use for requests that do not name them, and `limits`
+    (RequestLimits() when None) in serving_limits.json, which the pyfunc enforces on every request."""
     with storage.temporary_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_defaults(tmp, defaults or SamplerDefaults())
+        write_limits(tmp, limits or RequestLimits())
     return Path(out_dir)
+
+
+def write_limits(pipeline_dir: str | Path, limits: RequestLimits) -> Path:
+    """Record `limits` in the pipeline folder (training.models.sampling.read_limits reads them)."""
+    path = Path(pipeline_dir) / LIMITS_FILE
+    storage.put_bytes(path, (json.dumps(asdict(limits), indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def request_limits(cfg: RunConfig) -> RequestLimits:
+    """The run config's `serving` section as the limits its exported model enforces."""
+    s = cfg.serving
+    return RequestLimits(max_prompts=s.max_prompts, max_batch=s.max_batch, max_steps=s.max_steps,
+                         min_guidance=s.min_guidance, max_guidance=s.max_guidance,
+                         max_image_size=s.max_image_size)
 
 
 def write_defaults(pipeline_dir: str | Path, defaults: SamplerDefaults) -> Path:

@@ -15,11 +15,13 @@ from training.config import RunConfig
 from training.errors import ConfigError
 from training.loader.batch import read_split, to_model_input
 from training.locations import runs_dir, setup_mlflow
+from training.mlops.checkpoint_artifacts import log_checkpoint
 from training.mlops.export import (
     build_pipeline,
     export_vae,
     fetch_for_export,
     latent_scaling_factor,
+    request_limits,
     save_pipeline,
     save_vae,
 )
@@ -58,11 +60,13 @@ def publish(outcome: TrainOutcome, cfg: RunConfig):
         pipe, _ = build_pipeline(fetch_for_export(outcome.checkpoint_dir, Path(tmp)))
     t = cfg.tracking
     defaults = SamplerDefaults(sampler=t.sampler, steps=t.sample_steps, guidance=t.guidance)
-    out_dir = save_pipeline(pipe, runs_dir() / "exports" / outcome.run_id / "pipeline", defaults=defaults)
+    out_dir = save_pipeline(pipe, runs_dir() / "exports" / outcome.run_id / "pipeline", defaults=defaults,
+                            limits=request_limits(cfg))
     images = generate_images(pipe, t.sample_prompts, steps=t.sample_steps, guidance=t.guidance, sampler=t.sampler,
-                             seed=0)
+                             seed=0, max_batch=cfg.serving.max_batch)
     with mlflow.start_run(run_id=outcome.run_id):
         mlflow.log_image(image_grid(images), "samples/final.png")
+    log_checkpoint(outcome.run_id, outcome.checkpoint_dir)  # the final checkpoint's model, fetchable from the run
     tags = {
         "git_commit": git_commit(),
         "dataset_content_id": outcome.dataset_content_id,
@@ -110,6 +114,7 @@ def publish_vae(outcome: TrainOutcome, cfg: RunConfig, *, scaling_samples: int =
         mlflow.log_metrics(metrics)
         mlflow.log_artifacts(str(out_dir), VAE_ARTIFACT)
         mlflow.set_tags({"vae_path": str(out_dir), "scaling_factor": f"{scaling:.6g}"})
+    log_checkpoint(outcome.run_id, outcome.checkpoint_dir)
     log.info("VAE of run %s: %s (scaling factor %.4f, held-out PSNR %s)", outcome.run_id, out_dir, scaling,
              f"{metrics['export_val_psnr']:.2f} dB" if "export_val_psnr" in metrics else "not measured")
     return PublishedVAE(run_id=outcome.run_id, path=str(out_dir), uri=f"runs:/{outcome.run_id}/{VAE_ARTIFACT}",

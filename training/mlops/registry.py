@@ -71,8 +71,29 @@ def signature(defaults: SamplerDefaults | None = None):
             ParamSpec("steps", "long", defaults.steps),
             ParamSpec("guidance", "double", defaults.guidance),
             ParamSpec("seed", "long", 0),
+            # None: the size the model was trained at (the pyfunc checks both against its limits).
+            ParamSpec("height", "long", None),
+            ParamSpec("width", "long", None),
         ]),
     )
+
+
+EXAMPLE_PROMPT = "a red circle on a blue background"
+
+
+def serving_log_model_kwargs(pipeline_dir: Path) -> dict:
+    """The log_model arguments that describe how the model is called: its signature (the folder's
+    recorded sampler defaults) and an input example, one prompt with the cheapest request (1 step).
+    MLflow saves the example as the model's serving_input_example.json and, at logging, loads the
+    model and serves that example once: a version whose pyfunc cannot answer a request is caught
+    then (a warning in MLflow 3.17), and costs one model load and one denoising step. The request
+    limits travel in the pipeline folder itself (serving_limits.json), read by the pyfunc."""
+    import pandas as pd
+
+    defaults = read_defaults(pipeline_dir)
+    example = (pd.DataFrame({"prompt": [EXAMPLE_PROMPT]}),
+               {"sampler": defaults.sampler, "steps": 1, "guidance": defaults.guidance, "seed": 0})
+    return {"signature": signature(defaults), "input_example": example}
 
 
 def pip_requirements() -> list[str]:
@@ -153,8 +174,8 @@ def log_pipeline_model(client: MlflowClient, run_id: str, pipeline_dir: Path) ->
             artifacts={pyfunc_model.PIPELINE_ARTIFACT: str(pipeline_dir)},
             code_paths=[str(shipped)],
             model_config={pyfunc_model.SAMPLING_MODULE: module},
-            signature=signature(read_defaults(pipeline_dir)),
             pip_requirements=pip_requirements(),
+            **serving_log_model_kwargs(pipeline_dir),
         )
     return info.model_uri
 

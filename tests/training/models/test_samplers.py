@@ -84,8 +84,10 @@ def test_recorded_defaults_round_trip_and_serve_a_param_less_request(folder, mod
     recorded = {"sampler": "dpm++", "steps": 3, "guidance": 2.0, "seed": 0}
     assert np.array_equal(model.predict(None, PROMPTS[:1]), generate(model, PROMPTS[:1], **recorded))
     # Through MLflow a missing param is filled from the signature: the same recorded values.
+    # height/width None: the size the model was trained at.
     params = {p.name: p.default for p in signature(read_defaults(folder)).params.params}
-    assert params == recorded
+    assert params == {**recorded, "height": None, "width": None}
+    assert np.array_equal(model.predict(None, PROMPTS[:1], params), generate(model, PROMPTS[:1], **recorded))
 
 
 @pytest.mark.parametrize("kwargs,field", [({"sampler": "euler"}, "sampler"), ({"steps": 0}, "steps"),
