@@ -85,7 +85,7 @@ class MlflowServer:
     """`start()` it, use `uri`, `stop()` it."""
 
     def __init__(self, folder: Path, *, startup_timeout: float = 120.0, s3: S3Server | None = None,
-                 s3_prefix: str = ""):
+                 s3_prefix: str = "", extra_args: tuple[str, ...] = ()):
         self.folder = Path(folder)
         self.startup_timeout = startup_timeout
         self.uri = ""
@@ -96,6 +96,8 @@ class MlflowServer:
         self.artifacts_destination = str(self.folder / "artifacts")
         """What `--artifacts-destination` names: the local folder, or s3://BUCKET/PREFIX once started with S3."""
         self._relay: _S3Relay | None = None
+        self.extra_args = tuple(extra_args)
+        """More `mlflow server` options (e.g. --allowed-hosts)."""
 
     def server_env(self) -> dict[str, str]:
         """The server's environment: the caller's without any AWS_* or MLflow S3 setting, plus (with S3)
@@ -139,7 +141,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-             "--artifacts-destination", self.artifacts_destination, "--serve-artifacts"],
+             "--artifacts-destination", self.artifacts_destination, "--serve-artifacts", *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.server_env())
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

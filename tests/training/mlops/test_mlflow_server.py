@@ -91,7 +91,7 @@ def test_a_pipeline_sized_folder_goes_through_the_proxy_and_back(proxied_server,
     upload_s = time.monotonic() - t0
 
     stored = {k.split("/pipeline/", 1)[1]: size for k, size in _s3_keys(proxied_server).items() if "/pipeline/" in k}
-    assert {k: v for k, v in stored.items()} == {rel: (folder / rel).stat().st_size for rel in local}
+    assert stored == {rel: (folder / rel).stat().st_size for rel in local}
     assert not (proxied_server.folder / "artifacts").exists(), "artifacts must go to S3, not the server's disk"
 
     t0 = time.monotonic()
@@ -198,3 +198,31 @@ def test_train_register_champion_and_load_elsewhere(proxied_server, tmp_path, ca
     assert result["shape"] == [1, 64, 64, 3] and result["dtype"] == "uint8", result
     assert result["max"] > result["min"], "a constant image is no generation"
     print(f"train+publish {train_s:.1f} s, consumer load+generate {consume_s:.1f} s")
+
+
+def test_allowed_hosts_is_what_lets_service_names_in(tmp_path):
+    """What infra/ relies on: MLflow refuses a Host header it was not told about (a Kubernetes Service
+    name), matches `--allowed-hosts` entries exactly (port included), and keeps /health open either way
+    (so probes pass while clients are refused)."""
+    import urllib.error
+    import urllib.request
+
+    service = "mlflow.mlops.svc.cluster.local:5000"
+    server = MlflowServer(tmp_path / "hosts", extra_args=("--allowed-hosts", f"{service},127.0.0.1:*")).start()
+
+    def status(path: str, host: str) -> int:
+        request = urllib.request.Request(f"{server.uri}{path}", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        assert status(search, service) == 200
+        assert status(search, "mlflow.mlops.svc.cluster.local") == 403, "entries match host:port exactly"
+        assert status(search, "mlflow.example.com") == 403
+        assert status("/health", "mlflow.example.com") == 200
+    finally:
+        server.stop()
