@@ -122,8 +122,10 @@ def test_without_the_setting_a_client_goes_around_the_proxy(proxied_server, tmp_
     assert Path(got).read_text() == "through the proxy"
     # MLflow's own default: presigned, straight to the S3 host.
     monkeypatch.delenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD")
-    # Each presigned chunk is retried 5 times with back-off (hard-coded in mlflow.utils.request_utils
-    # .download_chunk, about a minute), then the error blames the path, not the unreachable S3 host.
+    # Each attempt at a presigned chunk retries 5 times with back-off (hard-coded in mlflow.utils.request_utils
+    # .download_chunk: about a minute), and the failed chunk is attempted again MLFLOW_HTTP_REQUEST_MAX_RETRIES
+    # times (default 7: about 12 minutes in all); then the error blames the path, not the unreachable S3 host.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with caplog.at_level("WARNING"), pytest.raises(MlflowException, match="Failed to download"):
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="small.txt",
                                             dst_path=str(tmp_path / "b"))
