@@ -25,6 +25,7 @@ RAY_UP = INFRA / "ray" / "cluster.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 RAYJOB = INFRA / "kuberay" / "rayjob-train.yaml"
 SECRET = INFRA / "kuberay" / "secret.example.yaml"
+MLFLOW_K8S = INFRA / "k8s" / "mlflow-server.yaml"
 
 CLI_SUBCOMMANDS = {"synth", "shard", "train", "generate", "flow"}
 PRESETS = {"tiny", "small", "sd15", "sdxl"}
@@ -139,7 +140,7 @@ YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"}
 
 
 def test_infra_has_the_expected_specs():
-    for path in (DOCKERFILE, DOCKERIGNORE, COMPOSE, RAY_UP, RAYCLUSTER, RAYJOB, INFRA / "README.md"):
+    for path in (DOCKERFILE, DOCKERIGNORE, COMPOSE, RAY_UP, RAYCLUSTER, RAYJOB, MLFLOW_K8S, INFRA / "README.md"):
         assert path.is_file(), f"missing {rel(path)}"
 
 
@@ -379,14 +380,70 @@ def test_compose_worker_gets_the_project_env_vars(compose):
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
+def flag(args: list[str], name: str) -> str | None:
+    """The value after `name` in an argument list (None when absent)."""
+    return args[args.index(name) + 1] if name in args else None
+
+
+def check_mlflow_server_command(args: list[str], where: str) -> None:
+    """What every MLflow server spec here must say: a PostgreSQL store, S3 artifacts served through the
+    proxy, a bind address reachable from outside the container, and the host names clients use."""
+    assert args[:2] == ["mlflow", "server"], f"{where}: not an `mlflow server` command: {args}"
+    assert (flag(args, "--backend-store-uri") or "").startswith("postgresql+psycopg://"), \
+        f"{where}: the store must be PostgreSQL (psycopg 3 is what the services image installs)"
+    assert (flag(args, "--artifacts-destination") or "").startswith("s3://"), f"{where}: artifacts must go to S3"
+    # --serve-artifacts is MLflow's default today; explicit, so the proxy survives a default change.
+    assert "--serve-artifacts" in args and "--no-serve-artifacts" not in args, f"{where}: artifacts must be proxied"
+    assert flag(args, "--host") == "0.0.0.0", f"{where}: in a container the server binds 0.0.0.0 (default 127.0.0.1)"
+    hosts = flag(args, "--allowed-hosts")
+    assert hosts, f"{where}: without --allowed-hosts MLflow >= 3.5 refuses service and ingress host names"
+    assert "*" not in [h.strip() for h in hosts.split(",")], f"{where}: --allowed-hosts '*' disables the check"
+
+
 def test_compose_mlflow_uses_postgres_and_s3_and_buckets_are_created(compose):
     services = compose["services"]
-    cmd = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri postgresql" in cmd and "@postgres:5432/" in cmd
-    bucket = re.search(r"--artifacts-destination s3://([\w.-]+)", cmd).group(1)
+    args = [interpolate(str(a)) for a in services["mlflow"]["command"]]
+    check_mlflow_server_command(args, "compose mlflow")
+    assert "@postgres:5432/" in flag(args, "--backend-store-uri")
+    bucket = flag(args, "--artifacts-destination").removeprefix("s3://").split("/")[0]
     init_cmd = services["create-buckets"]["command"]
     assert bucket in init_cmd, f"artifact bucket {bucket} is not created by create-buckets"
-    assert "mlflow" in services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    # Containers reach it as mlflow:5000 (the worker's MLFLOW_TRACKING_URI); the host as localhost:PORT.
+    hosts = flag(args, "--allowed-hosts").split(",")
+    assert "mlflow:*" in hosts and "localhost:*" in hosts
+    env = services["mlflow"]["environment"]
+    assert env["MLFLOW_S3_ENDPOINT_URL"] and env["AWS_SECRET_ACCESS_KEY"]
+    assert env["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"] == "path"
+
+
+def test_compose_publishes_ports_on_loopback_unless_told_otherwise(compose):
+    for name, svc in compose["services"].items():
+        for port in published_ports(svc):
+            host_ip = port.rsplit(":", 1)[0] if ":" in port else ""
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} on every host interface; bind 127.0.0.1"
+
+
+def test_k8s_mlflow_server_spec():
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MLFLOW_K8S.read_text()) if d}
+    deployment, service = docs["Deployment"], docs["Service"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    # The store URI (it carries the database password) and S3 keys come from a secret, never inline.
+    for key in ("BACKEND_STORE_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "secretKeyRef" in env[key]["valueFrom"], f"{key} must come from a secret"
+    store_hint = re.search(r"BACKEND_STORE_URI='([^']+)'", MLFLOW_K8S.read_text()).group(1)
+    # Kubernetes expands $(VAR) in command from the container's env; the secret's value is documented above.
+    args = [store_hint if a == "$(BACKEND_STORE_URI)" else str(a) for a in container["command"]]
+    check_mlflow_server_command(args, rel(MLFLOW_K8S))
+    assert env["MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE"]["value"] == "path"
+    # Clients send Host: <service>.<namespace>.svc.cluster.local:<port>; it must be allowed, exactly.
+    port = service["spec"]["ports"][0]["port"]
+    tracking = load_yaml(SECRET)["stringData"]["MLFLOW_TRACKING_URI"]
+    netloc = re.match(r"https?://([^/]+)", tracking).group(1)
+    assert netloc.startswith(f"{service['metadata']['name']}.") and netloc.endswith(f":{port}")
+    assert netloc in flag(args, "--allowed-hosts").split(","), f"clients use {netloc}; --allowed-hosts lacks it"
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_create_buckets_is_idempotent():
@@ -484,8 +541,10 @@ def test_raycluster_autoscales():
 def test_secret_example_names_the_project_env_vars():
     data = load_yaml(SECRET)["stringData"]
     for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                "MLFLOW_S3_ENDPOINT_URL", "PREFECT_API_URL"):
+                "PREFECT_API_URL"):
         assert var in data
+    # MLflow artifacts go through the server's proxy: only the server's own spec names MLflow's S3 endpoint.
+    assert "MLFLOW_S3_ENDPOINT_URL" not in data
     assert data["LDMFLOW_STORAGE"].startswith("s3://"), "checkpoints must go where every pod reaches"
 
 
