@@ -85,6 +85,7 @@ class RunConfig:
         """sha256 of the canonical JSON of the resolved config (tags runs and model versions)."""
         data = self.to_dict()
         data.pop("gate")  # promotion rules change nothing a run trains
+        data.pop("serving")  # nor do the registered model's request limits
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -248,7 +248,7 @@ def _load(uri: str):
     model = mlflow.pyfunc.load_model(uri)
     schema = model.metadata.get_params_schema()
     # MLflow fills what a request leaves out from the signature: its defaults are the model's.
-    defaults = {p.name: p.default for p in schema.params} if schema else {}
+    defaults = {p.name: p.default for p in schema.params if p.default is not None} if schema else {}
     return (lambda prompts, params: model.predict(pd.DataFrame({"prompt": prompts}), params=params)), defaults
 
 
