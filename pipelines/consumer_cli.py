@@ -17,11 +17,11 @@ def quiet_retries() -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines.cli import UsageError
+    from training.errors import ConfigError
     from training.mlops.generate import generate_from_registry
 
     if args.n < 1 or (args.steps is not None and args.steps < 1):
-        raise UsageError("--n and --steps must be >= 1")
+        raise ConfigError("--n and --steps must be >= 1")
     quiet_retries()
     paths = generate_from_registry(args.model, args.prompt, args.out, n=args.n, seed=args.seed,
                                    steps=args.steps, guidance=args.guidance, sampler=args.sampler)

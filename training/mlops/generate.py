@@ -127,7 +127,11 @@ def generate_from_registry(model_uri: str, prompt: str, out_dir: str | Path, *, 
     s3:// prefix), one batched request; steps, guidance and sampler left None take the model's
     recorded defaults."""
     check_uri(model_uri)
-    storage.storage_for(out_dir).check_writable(str(out_dir))  # before the (slow) model load
+    # Checked before the (slow) model load; a local folder is made only once there are images for it.
+    if storage.is_s3(out_dir):
+        storage.storage_for(out_dir).check_writable(str(out_dir))
+    elif Path(storage.local_path(out_dir)).is_file():
+        raise ModelLoadError(f"--out {out_dir} is an existing file; give a folder")
     predict = load_generator(model_uri)
     images = predict([prompt] * n, request_params(seed=seed, sampler=sampler, steps=steps, guidance=guidance))
     if not storage.is_s3(out_dir):
