@@ -3,8 +3,8 @@
 Names and seeds are fixed by position: image j of prompt i is ``p{i:05d}-{j:03d}.png`` and starts
 from the noise of ``seed + i * per_prompt + j``. Each image is published atomically
 (storage.put_bytes), so an image that exists is complete; a rerun skips what exists and generates the
-rest, and the result is byte for byte what one uninterrupted run writes (the pyfunc's image k of a
-request is the image its prompt gives alone with seed + k, so batching does not change a pixel).
+rest, and the result is byte for byte what one uninterrupted run with the same batch size writes
+(requests are fixed slices of the plan: see _requests).
 ``index.json`` (the manifest: model, params, every image with its prompt, seed and sha256) is written
 last, atomically, once every image exists: a folder without it is unfinished.
 """
@@ -44,7 +44,7 @@ class BatchJob:
     seed: int = 0
     """Image j of prompt i starts from the noise of seed + i * per_prompt + j."""
     batch_size: int = 8
-    """Images per model request (memory, not results: the images are the same for any value)."""
+    """Images per model request; keep it for a rerun (another value may change images in their last bits)."""
     steps: int | None = None
     guidance: float | None = None
     sampler: str | None = None
@@ -123,16 +123,13 @@ def plan(prompts: list[str], per_prompt: int, seed: int) -> list[Item]:
     return [Item(i, j, p, seed + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
 
 
-def _runs(todo: list[Item], batch_size: int) -> Iterator[list[Item]]:
-    """Requests of at most batch_size images with consecutive seeds (a request gives image k seed + k)."""
-    batch: list[Item] = []
-    for item in todo:
-        if batch and (len(batch) == batch_size or item.seed != batch[-1].seed + 1):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
+def _requests(items: list[Item], batch_size: int) -> list[list[Item]]:
+    """The plan cut into fixed requests of batch_size consecutive images (consecutive seeds: a request
+    gives image k seed + k). Fixed, not formed from what is missing, because a batched UNet call on CPU
+    is not bit-identical across batch compositions (BLAS blocking): an image is always made by the
+    same request, so a resumed run writes the bytes an uninterrupted one does (with the same
+    --batch-size)."""
+    return [items[k:k + batch_size] for k in range(0, len(items), batch_size)]
 
 
 class _Progress:
@@ -167,24 +164,27 @@ def run_batch(job: BatchJob, *, load: Callable[[str], Predict] = load_generator)
     store.check_writable(job.out)
     items = plan(prompts, job.per_prompt, job.seed)
     present = {o.name for o in store.list(job.out, recursive=False) if o.size > 0}
-    todo = [item for item in items if item.name not in present]
-    if job.max_new is not None:
-        todo = todo[:job.max_new]
-    skipped = len(items) - len([i for i in items if i.name not in present])
-    log.info("generate-batch: %d images, %d already in %s, %d to write now", len(items), skipped, job.out, len(todo))
+    skipped = sum(item.name in present for item in items)
+    todo = [r for r in _requests(items, job.batch_size) if any(item.name not in present for item in r)]
+    log.info("generate-batch: %d images, %d already in %s", len(items), skipped, job.out)
     written = 0
     if todo:
         predict = load(job.model)
         progress = _Progress(len(items), skipped)
         try:
-            for batch in _runs(todo, job.batch_size):
-                params = request_params(seed=batch[0].seed, sampler=job.sampler, steps=job.steps,
+            for request in todo:
+                if job.max_new is not None and written >= job.max_new:
+                    break
+                params = request_params(seed=request[0].seed, sampler=job.sampler, steps=job.steps,
                                         guidance=job.guidance)
-                images = predict([item.prompt for item in batch], params)
-                for item, image in zip(batch, images, strict=True):
+                images = predict([item.prompt for item in request], params)
+                new = [(item, image) for item, image in zip(request, images, strict=True) if item.name not in present]
+                if job.max_new is not None:
+                    new = new[:job.max_new - written]
+                for item, image in new:
                     store.put_bytes(storage.join(job.out, item.name), png_bytes(image))
-                written += len(batch)
-                progress.update(len(batch))
+                written += len(new)
+                progress.update(len(new))
         finally:
             progress.close()
     missing = len(items) - skipped - written

@@ -90,12 +90,12 @@ def test_generate_batch_stopped_halfway_resumes_to_what_one_run_writes(server, t
     names = [f"p{i:05d}-{j:03d}.png" for i in range(3) for j in range(2)]
     assert sorted(once) == sorted([*names, "index.json"])
 
-    # Stopped after 3 images (another batch size, so resumed requests start mid-prompt), then rerun.
-    code, out, err = run(capsys, *common, "--out", tmp_path / "twice", "--batch-size", 2, "--limit", 3)
+    # Stopped after 3 images (mid-request), then rerun.
+    code, out, err = run(capsys, *common, "--out", tmp_path / "twice", "--batch-size", 4, "--limit", 3)
     assert code == 0, err
     assert "3 images written, 0 already there" in out and "rerun" in out
     assert sorted(_files(tmp_path / "twice")) == names[:3]  # no index until every image exists
-    code, out, err = run(capsys, *common, "--out", tmp_path / "twice", "--batch-size", 2)
+    code, out, err = run(capsys, *common, "--out", tmp_path / "twice", "--batch-size", 4)
     assert code == 0, err
     assert "3 images written, 3 already there, 6 in all" in out
     assert _files(tmp_path / "twice") == once  # byte for byte, index included
