@@ -124,7 +124,8 @@ def test_generate_batch_writes_to_s3(server, s3_bucket, tmp_path, capsys):
     assert "2 images written, 1 already there" in out
     local = tmp_path / "local"
     assert run(capsys, *common[:-1], local)[0] == 0
-    listed = {o.name: storage.storage_for(out_uri).read_bytes(o.uri) for o in storage.storage_for(out_uri).list(out_uri)}
+    s3 = storage.storage_for(out_uri)
+    listed = {o.name: s3.read_bytes(o.uri) for o in s3.list(out_uri)}
     assert listed == _files(local)
 
 
