@@ -15,7 +15,7 @@ import sys
 from data_prep.errors import DataPrepError
 from pipelines.console import quiet_third_party
 from pipelines.registry_cli import add_registry_parser
-from training.errors import ConfigError, DataError, EvaluationError
+from training.errors import ConfigError, DataError, EvaluationError, ModelLoadError, PromptFileError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -134,23 +134,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif not args.no_register:
         version = publish(outcome, cfg)
         print(f"registered {version.name} version {version.version} with alias candidate")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from training.mlops.generate import generate_from_registry
-
-    if args.n < 1 or (args.steps is not None and args.steps < 1):
-        raise UsageError("--n and --steps must be >= 1")
-    from mlflow.exceptions import MlflowException
-
-    try:
-        paths = generate_from_registry(args.model, args.prompt, args.out, n=args.n, seed=args.seed,
-                                       steps=args.steps, guidance=args.guidance, sampler=args.sampler)
-    except MlflowException as e:
-        raise UsageError(f"cannot load {args.model} from MLflow: {e.message}") from None
-    for path in paths:
-        print(path)
     return 0
 
 
@@ -313,14 +296,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-new-data", action="store_true", help="with --resume: continue on changed data")
     p.set_defaults(func=cmd_train, no_register=False)
 
-    p = sub.add_parser("generate", help="load a registered model through MLflow and write PNGs")
-    p.add_argument("--model", required=True, help="e.g. models:/ldm-tiny@candidate")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
-    add_sampling_args(p)
-    p.set_defaults(func=cmd_generate)
+    from pipelines.consumer_cli import add_consumer_commands
+
+    add_consumer_commands(sub, add_sampling_args)
 
     p = sub.add_parser("evaluate", help="score caption adherence (colour, shape, background) of a model on held-out "
                                         "synthetic prompts; record it in MLflow")
@@ -354,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, DataPrepError, DataError, EvaluationError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, DataPrepError, DataError, EvaluationError, ModelLoadError, PromptFileError,
+            FileNotFoundError) as e:
         print(f"ldmflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -152,3 +152,27 @@ def run_pipeline(**kwargs) -> dict:
     else:
         summary["message"] = state.message
     return summary
+
+
+# --- batch generation ------------------------------------------------------------------------
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def batch_generate_task(job: dict) -> dict:
+    # A retry is cheap: run_batch skips the images an earlier try already published.
+    from training.mlops.batch_generate import BatchJob, run_batch
+
+    return asdict(run_batch(BatchJob(**job)))
+
+
+@flow(name="ldm-batch-generate", log_prints=True)
+def batch_generate_flow(model: str, prompts: str, out: str, per_prompt: int = 1, seed: int = 0,
+                        batch_size: int = 8, steps: int | None = None, guidance: float | None = None,
+                        sampler: str | None = None) -> dict:
+    """Images for every prompt of `prompts` from `model` (e.g. models:/NAME@champion) into `out`
+    (a folder or s3:// prefix); index.json lists them once all exist. See training.mlops.batch_generate."""
+    result = batch_generate_task({"model": model, "prompts": prompts, "out": out, "per_prompt": per_prompt,
+                                  "seed": seed, "batch_size": batch_size, "steps": steps, "guidance": guidance,
+                                  "sampler": sampler})
+    print(f"{result['written']} images written, {result['skipped']} already there -> {result['index']}")
+    return {k: v for k, v in result.items() if k != "names"}

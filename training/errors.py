@@ -13,3 +13,12 @@ class ConfigError(ValueError):
 
 class EvaluationError(ValueError):
     """An evaluation cannot run as asked (a model URI of an unknown form, too many prompts, ...)."""
+
+
+class ModelLoadError(ValueError):
+    """A model URI is malformed, names no model/version/alias, or its server does not answer; the
+    message names the URI and what to do."""
+
+
+class PromptFileError(ValueError):
+    """A prompt file cannot be read as prompts; the message names the file and the fix."""
