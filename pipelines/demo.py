@@ -1,9 +1,12 @@
 """``make demo``: the whole chain on the embedded default, then checks that each part worked.
 
 Synthetic shapes (32 px) -> shards -> the VAE, then the latent diffusion model, each trained by Ray +
-DeepSpeed (2 workers) -> MLflow runs and a registered model, all as one Prefect flow; then the
-registered model is evaluated through MLflow (does it draw the prompted shape in the prompted colour
-on the prompted background?) and generates images. Exits non-zero when any check fails.
+DeepSpeed (2 workers) -> MLflow runs, a registered version (alias `candidate`) and the promotion gate
+(configs/shapes.yaml's `gate:`), which makes it `champion` when it clears the floors or beats the
+current champion on the same held-out evaluation set, all as one Prefect flow; then `@champion` is
+evaluated through MLflow on held-out and seen shape x colour x background combinations (does it draw
+the prompted shape in the prompted colour on the prompted background?) and generates images. Exits
+non-zero when any check fails.
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ def loss_trend(run_id: str) -> tuple[float, float]:
     return first, last
 
 
+def champion_version(name: str) -> str | None:
+    """The version `models:/NAME@champion` points at, None when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from training.mlops.registry import CHAMPION
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
 TARGETS = {"vae_psnr": 27.0, "colour_adherence": 0.90, "shape_adherence": 0.40}
 """What the demo's model must reach (issue 7) on prompts of training combinations (the seen set: what
 issue 7's evaluation mostly drew); chance is 0.10 for colours and 0.17 for shapes. The held-out
@@ -58,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.eval.evaluate import run_evaluation
     from training.locations import setup_mlflow
     from training.mlops.generate import generate_from_registry
+    from training.mlops.registry import CHAMPION
 
     started = time.monotonic()
     overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
@@ -81,7 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         setup_mlflow()
         first, last = loss_trend(summary["run_id"])
         checks.append(("logged loss falls", last < first, f"{first:.4f} -> {last:.4f}"))
-        uri = summary["model"]["uri"]
+        model = summary["model"]
+        gate = model["gate"]
+        # What a consumer loads is @champion: this run's version when the gate promoted it, or an earlier
+        # demo's that it did not beat on the same held-out set (the reason says which).
+        champion = champion_version(model["name"])
+        checks.append(("gate: a champion to consume", champion is not None,
+                       f"v{model['version']} {'promoted' if gate['promoted'] else 'not promoted'} "
+                       f"({gate['reason']}); champion: {f'v{champion}' if champion else 'none'}"))
+        uri = f"models:/{model['name']}@{CHAMPION}"
         evaluation = run_evaluation(uri, prompts=args.eval_prompts, per_prompt=args.eval_per_prompt,
                                     out_dir=Path(args.work_dir) / "eval")
         grid = evaluation.grid_path
@@ -92,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             checks.append((f"{attribute} adherence >= {TARGETS[key]:.2f} (seen)", m[f"seen_{key}"] >= TARGETS[key],
                            f"seen {m[f'seen_{key}']:.3f} over {m['seen_n']} images; held-out {m[key]:.3f} "
                            f"over {m['n']} images"))
-        paths = generate_from_registry(uri, "a red circle on a blue background", Path(args.work_dir) / "generated",
-                                       n=4)
-        checks.append((f"generate from {uri}", len(paths) == 4, f"{len(paths)} PNGs in {paths[0].parent}"))
+        out = Path(args.work_dir) / "generated"
+        paths = generate_from_registry(uri, "a red circle on a blue background", out, n=4)
+        checks.append((f"generate from {uri}", len(paths) == 4, f"{len(paths)} PNGs in {out}"))
 
     width = max(len(name) for name, _, _ in checks)
     print("\nldmflow demo")
