@@ -28,11 +28,13 @@ class MlflowServer:
         self.uri = ""
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> MlflowServer:
+    def start(self, port: int | None = None) -> MlflowServer:
+        """Start the server, at `port` if given (restart), else at a free port."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = port or free_port()
+        self.port = port
         self.uri = f"http://127.0.0.1:{port}"
-        self.log = open(self.folder / "server.log", "wb")
+        self.log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
@@ -62,3 +64,8 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+    def restart(self) -> MlflowServer:
+        """Start a stopped server again on the same port and store: its clients see an outage end."""
+        self.stop()
+        return self.start(port=self.port)

@@ -3,9 +3,12 @@ ran, and a metric logger that never stalls training. Where the store is: trainin
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -311,3 +314,53 @@ class BufferedMetricLogger:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
+
+
+FLOW_RUN_ENV = "LDMFLOW_FLOW_RUN_ID"
+"""A flow run's id, handed to the library by pipelines/ (the library never imports Prefect)."""
+
+
+def prefect_flow_run_id() -> str | None:
+    """The id of the Prefect flow run this process works for, if any: LDMFLOW_FLOW_RUN_ID, or
+    Prefect's own runtime context when Prefect is already loaded in this process (a flow run can
+    only be active then; looked up by name so that the library does not depend on Prefect)."""
+    if os.environ.get(FLOW_RUN_ENV):
+        return os.environ[FLOW_RUN_ENV]
+    if "prefect" not in sys.modules:
+        return None
+    try:
+        flow_run = importlib.import_module("prefect.runtime.flow_run")
+        found = flow_run.id
+    except Exception:  # no active flow run, or a Prefect without the runtime module
+        return None
+    return str(found) if found else None
+
+
+def dataset_input(uri: str, content_id: str, *, samples: int, shards: int, parts: int, skipped: dict[str, int]):
+    """The dataset as an MLflow dataset input: source = its URI; digest = its content id, passed
+    explicitly (a MetaDataset's default digest hashes name and source only, so every retrain on one
+    prefix would look the same), cut to MLflow's 36-character digest limit (the full id is in the
+    profile); its profile = sample, shard and part counts and skips by reason."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ShardDataset(MetaDataset):
+        @property
+        def profile(self):
+            return {"content_id": content_id, "samples": samples, "shards": shards, "parts": parts, "skipped": dict(skipped),
+                    "skipped_total": sum(skipped.values())}
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self.profile, sort_keys=True)}
+
+    with warnings.catch_warnings():  # resolving a plain path warns about its source type guess
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(uri)
+    return ShardDataset(source=source, name=uri.rstrip("/").rsplit("/", 1)[-1] or uri,
+                        digest=content_id[:DATASET_DIGEST_CHARS])
+
+
+DATASET_DIGEST_CHARS = 36
+"""MLflow's limit on a dataset digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE)."""
