@@ -116,7 +116,7 @@ def log_dataset(dataset: Dataset) -> None:
     import mlflow
 
     mlflow.log_input(dataset_input(dataset.uri, dataset.content_id, samples=dataset.total_samples,
-                                   shards=len(dataset.shards), parts=len(dataset.parts), skipped=dataset.skipped),
+                                   shards=len(dataset.shards), parts=len(dataset.parts), skipped=dataset.skipped()),
                      context="training")
 
 
