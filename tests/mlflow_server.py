@@ -128,16 +128,18 @@ class MlflowServer:
         port = self.s3.endpoint.rsplit(":", 1)[1]
         return f"http://{S3_HOST_ONLY_THE_SERVER_RESOLVES}:{port}"
 
-    def start(self) -> MlflowServer:
+    def start(self, port: int | None = None) -> MlflowServer:
+        """Start the server, at `port` if given (restart), else at a free port."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = port or free_port()
+        self.port = port
         self.uri = f"http://127.0.0.1:{port}"
         if self.s3 is not None and not self.artifacts_destination.startswith("s3://"):
             bucket = self.s3.make_bucket()
             self.artifacts_destination = f"s3://{bucket}/{self.s3_prefix}".rstrip("/")
         if self.s3 is not None and self._relay is None:
             self._relay = _S3Relay(int(self.s3.endpoint.rsplit(":", 1)[1]))
-        self.log = open(self.folder / "server.log", "wb")
+        self.log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
@@ -168,3 +170,8 @@ class MlflowServer:
         if self._relay is not None:
             self._relay.close()
             self._relay = None
+
+    def restart(self) -> MlflowServer:
+        """Start a stopped server again on the same port and store: its clients see an outage end."""
+        self.stop()
+        return self.start(port=self.port)

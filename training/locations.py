@@ -8,6 +8,7 @@ embedded default is a SQLite store with a local artifact folder under the runs d
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 
 RUNS_DIR_ENV = "LDMFLOW_RUNS_DIR"
@@ -54,12 +55,48 @@ mlflow/store/artifact/mlflow_artifacts_repo.py. Set, not defaulted, by MLflow; h
 deployment whose clients all reach S3 may export `true` for parallel transfers that bypass the server."""
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """`uri` without its `user:token@` part, and that part as MLflow's own credential variables
+    (which MLflow's HTTP client reads on every request)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri, {}
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    creds = {"MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username or "")}
+    if parts.password is not None:
+        creds["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return clean, creds
+
+
+def redact(uri: str) -> str:
+    """`uri` fit for a log line or an error: its userinfo, if any, replaced by `***`."""
+    clean, creds = split_credentials(uri)
+    if not creds:
+        return uri
+    parts = urllib.parse.urlsplit(clean)
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc))
+
+
 def setup_mlflow() -> str:
+    """Point MLflow at `tracking_uri()` and return it. Credentials in the URI (`user:token@`) move
+    to MLFLOW_TRACKING_USERNAME/PASSWORD in this process's environment and out of the URI, which
+    then goes wherever it is needed (Ray's worker payload, MLflow's log lines, tags) without them;
+    a local Ray started after this, and `--forward-credentials`, hand the variables to the workers."""
     import mlflow
 
     for key, value in PROXIED_ARTIFACTS_ENV.items():
         os.environ.setdefault(key, value)
-    uri = tracking_uri()
+    uri, creds = split_credentials(tracking_uri())
+    if creds:
+        os.environ.update(creds)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

@@ -42,6 +42,21 @@ def test_hash_changes_with_any_value():
     assert a.flat()["train.seed"] == 0 and b.flat()["train.seed"] == 1
 
 
+@pytest.mark.parametrize("override", ["tracking.run_name=other", "train.log_every=7", "train.max_failures=5",
+                                      "train.loader_workers=3", "tracking.experiment=elsewhere",
+                                      "tracking.sample_steps=3", "train.checkpoints_to_keep=9"])
+def test_hash_ignores_what_does_not_change_training(override):
+    tiny = ROOT / "configs/tiny.yaml"
+    assert load_config(tiny, [override]).hash == load_config(tiny).hash
+
+
+@pytest.mark.parametrize("override", ["train.lr=1e-3", "train.max_steps=7", "train.num_workers=1",
+                                      "model.resolution=32", "validation.holdout_fraction=0.1"])
+def test_hash_follows_what_changes_training(override):
+    tiny = ROOT / "configs/tiny.yaml"
+    assert load_config(tiny, [override]).hash != load_config(tiny).hash
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.zero_stage=5", "`train.zero_stage` must be 0-3, got 5"),
     ("train.zero_stag=1", "unknown config key `train.zero_stag`"),

@@ -82,12 +82,28 @@ class RunConfig:
 
     @property
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved config (tags runs and model versions)."""
-        data = self.to_dict()
-        data.pop("gate")  # promotion rules change nothing a run trains
-        data.pop("serving")  # nor do the registered model's request limits
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        """sha256 of the canonical JSON of the fields that change training (tags runs and model
+        versions, so two runs that would train the same model share it): NOT_TRAINING_FIELDS are left out."""
+        kept = {k: v for k, v in self.flat().items() if not not_training(k)}
+        blob = json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+NOT_TRAINING_FIELDS = frozenset({
+    "name",  # the preset's name: two presets with the same values train the same model
+    "train.log_every", "train.max_failures", "train.loader_workers",
+    "train.cluster_wait_s", "train.checkpoints_to_keep", "train.checkpoint_upload", "train.max_pending_uploads",
+    "tracking",  # where and how a run is recorded, not what it trains
+    "gate", "serving",  # what happens to the model after training
+})
+"""Dotted config keys (a section name covers all of its keys) left out of RunConfig.hash: they say
+how a run is watched, recorded, retried or served, not what it trains. Add a section here when it
+joins the config."""
+
+
+def not_training(key: str) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in NOT_TRAINING_FIELDS for i in range(1, len(parts) + 1))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -17,6 +17,7 @@ import urllib.parse
 
 from data_prep import storage
 from training.errors import ConfigError
+from training.locations import redact
 
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -81,9 +82,9 @@ def node_local_problems(storage_uri: str, *, storage_given: bool, tracking_uri: 
     scheme = parts.scheme.lower()
     fix = "set MLFLOW_TRACKING_URI=http://<host every node reaches>:5000 (an MLflow server)"
     if len(node_ips) > 1 and (scheme in ("sqlite", "file", "") or len(scheme) == 1):  # "" or C: is a path
-        problems.append(f"MLflow tracking is the store {tracking_uri} on this machine only: {fix}")
+        problems.append(f"MLflow tracking is the store {redact(tracking_uri)} on this machine only: {fix}")
     elif _is_loopback(parts.hostname) and any(ip != driver_ip for ip in node_ips):
-        problems.append(f"MLflow tracking is {tracking_uri}, which only this machine reaches: {fix}")
+        problems.append(f"MLflow tracking is {redact(tracking_uri)}, which only this machine reaches: {fix}")
     return problems
 
 

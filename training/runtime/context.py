@@ -42,6 +42,8 @@ class WorkerPayload:
     mlflow_run_id: str | None = None
     """Rank 0 logs metrics to this run; None: nothing is logged."""
     tracking_uri: str | None = None
+    """The MLflow tracking URI without credentials (training.locations.split_credentials): rank 0
+    finds those in MLFLOW_TRACKING_USERNAME/PASSWORD of its environment."""
     sample_log: str | None = None
     """LDMFLOW_SAMPLE_LOG of the driver: a folder every rank logs its batches' keys to."""
     dataset_content_id: str = ""

@@ -22,7 +22,8 @@ from training.errors import ConfigError, DataError
 from training.loader.batch import trains_on_any
 from training.locations import runs_dir, setup_mlflow, tracking_uri
 from training.mlops.publish import TrainOutcome
-from training.mlops.tracking import CONFIG_ARTIFACT, STORAGE_TAG, ensure_experiment, git_commit
+from training.mlops.tracking import (CONFIG_ARTIFACT, STORAGE_TAG, cap_http_retries, dataset_input, ensure_experiment,
+                                     git_commit, prefect_flow_run_id)
 from training.runtime.cluster import forwarded_credentials, refuse_node_local
 from training.runtime.launcher import launch, prepare_cluster
 from training.tasks import frozen_hashes_for
@@ -65,6 +66,10 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
     (training.runtime.cluster); otherwise each node uses its own."""
     import mlflow
 
+    # First: credentials in the tracking URI move to the environment before anything (a local Ray,
+    # the forwarded variables) copies it, and the URI goes on without them (training.locations).
+    uri = setup_mlflow()
+    cap_http_retries()
     given = bool(storage_uri or os.environ.get(STORAGE_ENV))
     # Ray reaches the runs through pyarrow, which has no "a//b" keys: Ray and the storage layer then
     # name the same objects only if the root has no empty segments.
@@ -74,26 +79,45 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
     check_run_storage(storage_uri)  # nobody can write there: one message now, not a failed first checkpoint
     forward = forwarded_credentials() if forward_credentials else None
     frozen = _prepare(cfg, storage_uri, storage_given=given, forward=forward)
-    uri = setup_mlflow()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {
-        "git_commit": git_commit(),
+        **run_tags(cfg),
         "dataset_content_id": dataset.content_id,
-        "config_hash": cfg.hash,
         "preset": cfg.name,
         "task": cfg.task,
         "data": data_dir,
         STORAGE_TAG: storage_uri,
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags,
+                          log_system_metrics=True) as run:
         mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
         mlflow.log_dict(cfg.to_dict(), CONFIG_ARTIFACT)
         mlflow.log_params({"data.total_samples": dataset.total_samples, "data.shards": len(dataset.shards),
                            "data.parts": len(dataset.parts)})
+        log_dataset(dataset)
         # The Ray run is named after the MLflow run, so `--resume RUN_ID` finds its checkpoints again
         # after the driver died (a head pod, a flow worker, a laptop).
         return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id,
                               forward=forward)
+
+
+def run_tags(cfg: RunConfig) -> dict[str, str]:
+    """What every run records of where it came from: the commit, the config hash (over what changes
+    training), and the Prefect flow run that started it, when one did."""
+    tags = {"git_commit": git_commit(), "config_hash": cfg.hash}
+    flow_run = prefect_flow_run_id()
+    if flow_run:
+        tags["prefect_flow_run_id"] = flow_run
+    return tags
+
+
+def log_dataset(dataset: Dataset) -> None:
+    """The dataset as the run's MLflow dataset input."""
+    import mlflow
+
+    mlflow.log_input(dataset_input(dataset.uri, dataset.content_id, samples=dataset.total_samples,
+                                   shards=len(dataset.shards), parts=len(dataset.parts), skipped=dataset.skipped()),
+                     context="training")
 
 
 def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
@@ -109,6 +133,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
     from mlflow.exceptions import MlflowException
 
     uri = setup_mlflow()
+    cap_http_retries()
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -133,14 +158,15 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
     if latest.step >= cfg.train.max_steps:
         raise ConfigError(f"--resume {run_id}: its latest checkpoint is at step {latest.step}, which already "
                           f"reaches train.max_steps={cfg.train.max_steps}; pass --max-steps to train further")
-    new_data = _changed_data(run_id, tags, check_data(cfg, data_dir), allow_new_data)
+    dataset = check_data(cfg, data_dir)
+    new_data = _changed_data(run_id, tags, dataset, allow_new_data)
     check_run_storage(storage_uri)
     forward = forwarded_credentials() if forward_credentials else None
     # The run's storage was chosen when it started; workers check that they share it (preflight).
     frozen = _prepare(cfg, storage_uri, storage_given=True, forward=forward,
                       check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
     log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
         resumes = int(tags.get("resumes", "0")) + 1
         mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
                          f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
@@ -149,6 +175,10 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
             mlflow.set_tags({f"resume.{resumes}.new_data": f"{content_id} -> {new_data}",
                              "dataset_content_id": new_data})
             content_id = new_data
+            log_dataset(dataset)
+        flow_run = prefect_flow_run_id()
+        if flow_run:
+            mlflow.set_tag(f"resume.{resumes}.prefect_flow_run_id", flow_run)
         # The workers find the run's latest verified checkpoint themselves (the one checked above,
         # unless a later one appeared meanwhile).
         outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,

@@ -18,6 +18,7 @@ from training.checkpoint.run_storage import checkpoint_uri, ray_storage
 from training.checkpoint.verify import latest_verified_checkpoint
 from training.config import RunConfig
 from training.errors import ConfigError
+from training.locations import split_credentials
 from training.runtime.cluster import check_job_forwards
 from training.runtime.context import WorkerPayload
 from training.runtime.loop import worker_entry
@@ -192,6 +193,11 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if tracking_uri:
+        # The payload is pickled into Ray's state: credentials travel in the environment (the
+        # driver's, which a local Ray inherits, or --forward-credentials), never in it.
+        tracking_uri, creds = split_credentials(tracking_uri)
+        os.environ.update(creds)
     prepare_cluster(cfg, forward_env)
     storage_path, filesystem = ray_storage(storage_uri)
     run_location = storage.join(storage_uri, name)

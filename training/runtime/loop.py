@@ -186,7 +186,7 @@ class Trainer:
         save_and_report(self.engine, self.ema, self.state, self.stream.state, self.generator, self.ctx, self.metrics,
                         self.cfg.train, final=last, weights_file=self.task.weights_file)
         # The step's stall: saving, listing and (sync mode) uploading the checkpoint.
-        self.steps.log({"checkpoint_seconds": time.perf_counter() - began}, step, flush=True)
+        self.steps.log({"checkpoint_seconds": time.perf_counter() - began}, step)
 
     def close(self) -> None:
         self.batches.close()  # stops the loader processes

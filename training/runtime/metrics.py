@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from training.checkpoint.layout import TrainState
 from training.loader.plan import LoaderState
-from training.mlops.tracking import BufferedMetricLogger
+from training.mlops.tracking import BufferedMetricLogger, cap_http_retries
 from training.runtime.context import WorkerContext, WorkerPayload
 
 log = logging.getLogger(__name__)
@@ -65,20 +65,39 @@ class LossWindow:
         loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float64).reshape(1).to(ctx.device)
         counts = torch.tensor([self.count, self.samples], dtype=torch.float64, device=ctx.device)
         t = torch.cat([loss_sum, counts])
-        elapsed = torch.tensor([self.elapsed], dtype=torch.float64)
+        # The slowest rank's time and the largest rank's memory: one MAX reduction for both.
+        worst = torch.tensor([self.elapsed, memory_mb(ctx.device)], dtype=torch.float64)
         if dist.is_initialized():
-            elapsed = elapsed.to(ctx.device)
+            worst = worst.to(ctx.device)
             dist.all_reduce(t)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         loss_sum, count, samples = t.tolist()
-        return {
+        elapsed, memory = worst.tolist()
+        metrics = {
             "loss": loss_sum / max(count, 1),
             "lr": float(engine.get_lr()[0]),
-            "samples_per_sec": samples / max(float(elapsed.item()), 1e-9),
-            "step_seconds": float(elapsed.item()) / max(self.steps, 1),
+            "samples_per_sec": samples / max(elapsed, 1e-9),
+            "step_seconds": elapsed / max(self.steps, 1),
             "epoch": float(loader.epoch),
             "samples_seen": float(state.samples_seen),
+            MEMORY_METRIC[ctx.device.type == "cuda"]: memory,
         }
+        norm = engine.get_global_grad_norm()  # of the last optimizer step; None before the first
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+
+MEMORY_METRIC = {False: "memory_rss_mb", True: "memory_cuda_max_allocated_mb"}
+"""The memory metric's name: a CPU rank's resident set, a GPU rank's peak allocated CUDA memory."""
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 class StepLogger:
@@ -95,40 +114,45 @@ class StepLogger:
     def for_worker(cls, payload: WorkerPayload, ctx: WorkerContext, *, resumed: bool) -> StepLogger:
         if ctx.rank != 0 or not payload.mlflow_run_id:
             return cls()
-        # A flush that waits out MLflow's default retries (minutes) would stall every rank at the next
-        # collective; fail fast instead and keep the metrics buffered for the next flush.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        logger = BufferedMetricLogger(payload.mlflow_run_id, payload.tracking_uri, flush_every=200)
-        return cls(logger, logger.last_logged_step("loss") if resumed else 0)
+        # Delivery happens on the logger's own thread with its own back-off; one request waiting out
+        # MLflow's default retries (7, up to 120 s apart) would only hold that thread, but it would
+        # also hold the bounded flush at the end of training.
+        cap_http_retries()
+        logger = BufferedMetricLogger(payload.mlflow_run_id, payload.tracking_uri)
+        try:
+            # From the server, never guessed: an outage now is retried (bounded), then fails the start.
+            logged_through = logger.last_logged_step("loss") if resumed else 0
+        except Exception:
+            logger.close(timeout=0)
+            raise
+        return cls(logger, logged_through)
 
     def note_resume(self, step: int) -> None:
         """A restart is part of the run's history: MLflow shows it beside the loss curve."""
         if self.logger is not None:
             self.logger.log({"resumed_from_step": step}, step=step)
-            self.logger.flush()
 
     def logs(self, step: int) -> bool:
         """Whether metrics of `step` go to MLflow."""
         return self.logger is not None and step > self.logged_through
 
-    def log(self, metrics: dict[str, float], step: int, *, flush: bool = False) -> None:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Buffered and returned at once: the logger's thread delivers it (BufferedMetricLogger)."""
         if self.logs(step):
             self.logger.log(metrics, step=step)
-            if flush:
-                self.logger.flush()
 
     def log_image(self, image, artifact_file: str, step: int) -> None:
-        if not self.logs(step):
-            return
-        try:
-            self.logger.client.log_image(self.logger.run_id, image, artifact_file=artifact_file)
-        except Exception as e:  # like the metrics: a tracking outage never stops training
-            log.warning("could not log %s: %s", artifact_file, e)
+        if self.logs(step):
+            self.logger.log_image(image, artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.logger is not None:
+            self.logger.set_tags(tags)
 
     def close(self) -> None:
-        if self.logger is not None and not self.logger.flush():
-            log.warning("%d metrics could not reach MLflow", len(self.logger.pending))
+        """Bounded: what cannot be delivered within the logger's close_timeout is counted and said."""
+        if self.logger is not None:
+            self.logger.close()
 
 
 def publish_worker_processes(steps: StepLogger, ctx: WorkerContext) -> None:
@@ -140,12 +164,4 @@ def publish_worker_processes(steps: StepLogger, ctx: WorkerContext) -> None:
     if dist.is_initialized():
         processes = [""] * ctx.world_size
         dist.all_gather_object(processes, me)
-    if steps.logger is None:
-        return
-    from mlflow.entities import RunTag
-
-    try:
-        steps.logger.client.log_batch(steps.logger.run_id, synchronous=True,
-                                     tags=[RunTag(f"worker.rank{r}", p) for r, p in enumerate(processes)])
-    except Exception as e:  # like the metrics: a tracking outage never stops training
-        log.warning("could not tag the MLflow run with its worker processes: %s", e)
+    steps.set_tags({f"worker.rank{r}": p for r, p in enumerate(processes)})

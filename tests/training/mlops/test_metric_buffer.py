@@ -1,13 +1,28 @@
-"""Metrics survive a tracking-server outage: buffered, bounded, delivered once MLflow is back."""
+"""Metric delivery survives a tracking-server outage without stalling the caller: a background
+flusher with back-off and a bounded buffer; drops counted and recorded on the run; a bounded close;
+the last logged step read from the server, retried through an outage and never guessed as 0."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
 
+import pytest
 from mlflow import MlflowClient
 
-from training.mlops.tracking import BufferedMetricLogger
+from tests.mlflow_server import MlflowServer
+from training.mlops.tracking import BufferedMetricLogger, TrackingUnavailable
+
+FAST = {"flush_interval": 0.2, "min_backoff": 0.2, "max_backoff": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def fail_fast(monkeypatch):
+    # What StepLogger.for_worker sets inside training (cap_http_retries), a little tighter.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
 
 
 def closed_port() -> int:
@@ -16,23 +31,92 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_outage_keeps_metrics_and_does_not_stall(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    logger = BufferedMetricLogger("0" * 32, f"http://127.0.0.1:{closed_port()}", flush_every=10_000, max_buffer=5)
-    for step in range(4):
-        logger.log({"loss": 1.0 / (step + 1), "lr": 1e-3}, step=step)
-    started = time.monotonic()
-    assert logger.flush() is False
-    assert time.monotonic() - started < 10
-    assert len(logger.pending) == 5 and logger.dropped == 3  # bounded: oldest dropped, and counted
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
 
-    # The server is back (here: a real SQLite store): the buffered metrics land, in order.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(client.create_experiment("buffer", artifact_location=(tmp_path / "a").as_uri()))
-    logger.run_id, logger.client = run.info.run_id, client
-    assert logger.flush() is True and logger.pending == []
-    history = client.get_metric_history(run.info.run_id, "loss")
-    assert [(m.step, round(m.value, 4)) for m in history] == [(2, 0.3333), (3, 0.25)]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [1, 2, 3]
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_outage_is_buffered_bounded_counted_and_recorded(tmp_path, caplog):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        run_id = client.create_run(client.create_experiment("buffer")).info.run_id
+        logger = BufferedMetricLogger(run_id, server.uri, flush_every=5, max_buffer=30, **FAST)
+
+        # Up: the flusher delivers on its own (no flush() call): the auto-flush path.
+        for step in range(1, 11):
+            logger.log({"loss": 1.0 / step, "lr": 1e-3}, step=step)
+        wait_until(lambda: steps_of(client, run_id, "loss") == list(range(1, 11)), 30, "steps 1-10 delivered")
+
+        # Down: log() still returns at once; the buffer keeps the newest 30 metrics, counts the rest.
+        server.stop()
+        slowest = 0.0
+        with caplog.at_level(logging.WARNING, logger="training.mlops.tracking"):
+            for step in range(11, 41):
+                began = time.perf_counter()
+                logger.log({"loss": 1.0 / step, "lr": 1e-3}, step=step)
+                slowest = max(slowest, time.perf_counter() - began)
+                time.sleep(0.05)  # the flusher meets the outage, and backs off
+        assert slowest < 0.05, f"log() waited {slowest:.3f} s during an outage"
+        assert logger.dropped == 30 and len(logger.pending) == 30  # 60 logged, 30 kept
+        assert logger.failures >= 1
+        assert any("dropped 30 metrics" in r.getMessage() for r in caplog.records)
+
+        # Back: the kept 30 land, and the run says what was lost.
+        server.restart()
+        assert logger.flush(timeout=60) is True
+        assert steps_of(client, run_id, "loss") == list(range(1, 11)) + list(range(26, 41))
+        run = client.get_run(run_id)
+        assert run.data.tags["tracking.dropped_metrics"] == "30"
+        assert run.data.metrics[BufferedMetricLogger.DROPPED_METRICS] == 30
+        assert logger.close(timeout=10) == 30
+
+        # A restart reads the last logged step from the server, waiting out an outage (not 0).
+        server.stop()
+        reader = BufferedMetricLogger(run_id, server.uri, start=False, **FAST)
+        back = threading.Thread(target=server.restart)
+        threading.Timer(2.0, back.start).start()
+        assert reader.last_logged_step("loss", timeout=120) == 40
+        back.join(timeout=120)
+    finally:
+        server.stop()
+
+
+def test_back_off_bounds_attempts_during_an_outage():
+    logger = BufferedMetricLogger("0" * 32, f"http://127.0.0.1:{closed_port()}", flush_every=1,
+                                  flush_interval=0.05, min_backoff=0.2, max_backoff=0.8)
+    began = time.monotonic()
+    while time.monotonic() - began < 3.0:
+        logger.log({"loss": 1.0}, step=1)  # each call would wake the flusher, which must not hammer
+        time.sleep(0.01)
+    # Backing off 0.2, 0.4, 0.8, 0.8, ... s: about 5 attempts in 3 s, not one per log() call (300).
+    assert 3 <= logger.failures <= 8, logger.failures
+    logger.close(timeout=0)
+
+
+def test_close_is_bounded_and_counts_what_is_left(caplog):
+    logger = BufferedMetricLogger("0" * 32, f"http://127.0.0.1:{closed_port()}", **FAST)
+    for step in range(1, 8):
+        logger.log({"loss": 1.0, "lr": 1e-3}, step=step)
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="training.mlops.tracking"):
+        lost = logger.close(timeout=1.5)
+    assert time.monotonic() - began < 5
+    assert lost == 14 and logger.pending == []
+    assert any("14 metrics and 0 images never reached MLflow" in r.getMessage() for r in caplog.records)
+
+
+def test_last_logged_step_fails_clearly_when_never_readable():
+    logger = BufferedMetricLogger("0" * 32, f"http://127.0.0.1:{closed_port()}", start=False, **FAST)
+    began = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="refusing to resume blind"):
+        logger.last_logged_step("loss", timeout=2)
+    assert time.monotonic() - began < 8
