@@ -37,6 +37,9 @@ class Engine:
     def get_lr(self):
         return [1e-3]
 
+    def get_global_grad_norm(self):  # DeepSpeed's: the last optimizer step's norm, None before one
+        return 0.75 if self.steps else None
+
 
 class Task:
     def loss(self, engine, batch, generator):
@@ -57,7 +60,7 @@ def test_a_step_never_reads_the_loss_back_and_the_log_step_averages_it():
     trainer.train_step()
     assert trainer.engine.steps == 6 and trainer.state.step == 2 and trainer.state.samples_seen == 12
     metrics = trainer.window.reduce(trainer.ctx, trainer.engine, trainer.state, LoaderState())
-    assert metrics["loss"] == 0.5 and metrics["samples_seen"] == 12.0
+    assert metrics["loss"] == 0.5 and metrics["samples_seen"] == 12.0 and metrics["grad_norm"] == 0.75
 
 
 def test_another_worker_count_keeps_the_global_batch_or_says_why_not(caplog):
