@@ -106,6 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.runtime.driver import check_data, resume, train
 
     want = "vae" if args.command == "train-vae" else "ldm"
+    if args.promote and args.no_register:
+        raise UsageError("--promote needs the registration that --no-register skips")
     if args.resume:
         if args.data or args.storage or args.config != args.default_config:
             raise UsageError("--resume continues a run with its own config, data and storage; "
@@ -134,6 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif not args.no_register:
         version = publish(outcome, cfg)
         print(f"registered {version.name} version {version.version} with alias candidate")
+        if args.promote:
+            from pipelines.registry_cli import print_decision
+            from training.eval.gate import promote_if_better
+
+            print_decision(promote_if_better(version.name, version.version, cfg.gate))
     return 0
 
 
@@ -284,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-new-data", action="store_true", help="with --resume: continue on the run's dataset "
                    "although it changed since (from the next epoch); refused otherwise")
     p.add_argument("--no-register", action="store_true", help="train only; skip export and registration")
+    p.add_argument("--promote", action="store_true", help="after registration, run the gate (the config's gate: "
+                   "section): the new version becomes champion only if it beats the current one")
     p.set_defaults(func=cmd_train, default_config=DEFAULT_CONFIG)
 
     p = sub.add_parser("train-vae", help="train the first-stage AutoencoderKL (a `task: vae` config) through the "
@@ -294,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="where Ray Train keeps checkpoints (as for `train`)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its latest verified checkpoint")
     p.add_argument("--allow-new-data", action="store_true", help="with --resume: continue on changed data")
-    p.set_defaults(func=cmd_train, no_register=False)
+    p.set_defaults(func=cmd_train, no_register=False, promote=False)
 
     from pipelines.consumer_cli import add_consumer_commands
 

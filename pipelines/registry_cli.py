@@ -61,14 +61,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"{name}: champion {move.previous or 'none'} -> {move.version} (forced by {move.by})")
         return 0
     decision = promote_if_better(name, args.version, _gate_config(args).gate)
+    print_decision(decision)
+    return REFUSED_EXIT if args.require_promotion and not decision.promoted else 0
+
+
+def print_decision(decision) -> None:
+    """The gate's verdict and both models' scores on the one evaluation set."""
     champion = "" if decision.champion is None else f"; champion v{decision.champion_version} re-scored: " + \
         ", ".join(f"{k}={v:.4f}" for k, v in sorted(decision.champion.items()) if k.endswith("_adherence"))
     scores = ", ".join(f"{k}={v:.4f}" for k, v in sorted(decision.candidate.items()) if k.endswith("_adherence"))
     verdict = "promoted to champion" if decision.promoted else "not promoted"
-    print(f"{name} v{decision.version}: {verdict}: {decision.reason}")
+    print(f"{decision.name} v{decision.version}: {verdict}: {decision.reason}")
     if scores:
         print(f"  candidate: {scores}{champion}")
-    return REFUSED_EXIT if args.require_promotion and not decision.promoted else 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ def pytest_configure(config):
     config._ldmflow_runs = runs
     os.environ["LDMFLOW_RUNS_DIR"] = str(runs)
     os.environ["PREFECT_HOME"] = str(runs / "prefect")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(key, None)
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +36,19 @@ def pytest_unconfigure(config):
     runs = getattr(config, "_ldmflow_runs", None)
     if runs is not None:
         shutil.rmtree(runs, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_experiment_carried_over() -> Iterator[None]:
+    """`mlflow.set_experiment` keeps the experiment's id in the process (and in MLFLOW_EXPERIMENT_ID);
+    a later test's `start_run()` against its own fresh server would then ask it for an experiment that
+    only the earlier server had ("No Experiment with id=1")."""
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        fluent._active_experiment_id = None
 
 
 # ---------------------------------------------------------------------------------------------- S3

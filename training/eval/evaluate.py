@@ -132,7 +132,9 @@ def evaluate_model(model_uri: str, *, prompts: int = 12, seen: int | None = None
     held = heldout_prompts(prompts, seed=seed)
     familiar = seen_prompts(prompts if seen is None else seen, seed=seed)
     source = _resolve(model_uri)
-    predict, defaults = _load(source.uri)
+    predict, defaults, max_prompts = _load(source.uri)
+    # The model refuses a request over its serving limit (serving.max_prompts), so ask for no more.
+    batch_size = min(batch_size, max_prompts or batch_size)
     expected = [p for p in [*held, *familiar] for _ in range(per_prompt)]
     captions = [p.caption for p in expected]
     params = request_params(seed=seed, sampler=sampler, steps=steps, guidance=guidance)
@@ -234,13 +236,15 @@ def _is_pipeline_folder(uri: str) -> bool:
 
 
 def _load(uri: str):
-    """predict(prompts, params) -> uint8 images for the model at `uri`, and the params it defaults to."""
+    """predict(prompts, params) -> uint8 images for the model at `uri`, the params it defaults to, and
+    the most prompts it takes in one request (None: a model from before request limits)."""
     if _is_pipeline_folder(uri):
         from types import SimpleNamespace
 
         model = TextToImageModel()
         model.load_context(SimpleNamespace(artifacts={PIPELINE_ARTIFACT: str(uri)}))
-        return (lambda prompts, params: model.predict(None, prompts, params)), dict(model.defaults)
+        return (lambda prompts, params: model.predict(None, prompts, params)), dict(model.defaults), \
+            model.limits.max_prompts
     import mlflow.pyfunc
     import pandas as pd
 
@@ -249,7 +253,9 @@ def _load(uri: str):
     schema = model.metadata.get_params_schema()
     # MLflow fills what a request leaves out from the signature: its defaults are the model's.
     defaults = {p.name: p.default for p in schema.params if p.default is not None} if schema else {}
-    return (lambda prompts, params: model.predict(pd.DataFrame({"prompt": prompts}), params=params)), defaults
+    limits = getattr(model.unwrap_python_model(), "limits", None)
+    return (lambda prompts, params: model.predict(pd.DataFrame({"prompt": prompts}), params=params)), defaults, \
+        getattr(limits, "max_prompts", None)
 
 
 METRIC_PREFIX = "eval_"

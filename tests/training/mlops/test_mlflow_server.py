@@ -151,7 +151,7 @@ CONSUMER = textwrap.dedent("""
 
 def test_train_register_champion_and_load_elsewhere(proxied_server, tmp_path, capsys):
     """The tiny preset trains against the server (1 worker, a few steps), is published and registered,
-    `champion` is set on its version, and a separate process with only the tracking URI (and the
+    the gate (`ldmflow train --promote`) makes its version `champion`, and a separate process with only the tracking URI (and the
     proxied-download switch a client outside the S3 network needs with MLflow 3.17) loads
     `models:/NAME@champion` and generates an image."""
     import ray
@@ -168,7 +168,11 @@ def test_train_register_champion_and_load_elsewhere(proxied_server, tmp_path, ca
     try:
         code = main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "--data", str(data), "--max-steps", "2",
                      "--num-workers", "1", "--set", "train.checkpoint_every=2", "--set", "tracking.sample_steps=2",
-                     "--set", "tracking.run_name=against-the-server"])
+                     "--set", "tracking.run_name=against-the-server", "--promote",
+                     # The gate for real, on a small seeded set; two steps of training draw no shapes, so
+                     # no floor.
+                     "--set", "gate.first_floor=0", "--set", "gate.floor=0", "--set", "gate.prompts=2",
+                     "--set", "gate.per_prompt=1", "--set", "gate.steps=2"])
     finally:
         ray.shutdown()
     train_s = time.monotonic() - t0
@@ -184,7 +188,10 @@ def test_train_register_champion_and_load_elsewhere(proxied_server, tmp_path, ca
     assert len(versions) == 1, versions
     version = versions[0].version
     assert client.get_model_version_by_alias(name, "candidate").version == version
-    client.set_registered_model_alias(name, "champion", version)
+    # `--promote` ran the gate: the first version, above the (zero) first floor, is champion, recorded.
+    assert f"{name} v{version}: promoted to champion: first version" in out, out
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == version and champion.tags["gate.decision"] == "promoted", champion.tags
     # The model's files are in the bucket.
     assert any(k.endswith("unet/diffusion_pytorch_model.safetensors") for k in _s3_keys(proxied_server))
 

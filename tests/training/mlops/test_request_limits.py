@@ -144,3 +144,12 @@ def test_the_folder_loads_with_diffusers_own_from_pretrained_and_generates(folde
                generator=torch.Generator().manual_seed(0))
     image = out.images[0]
     assert image.shape == (32, 32, 3) and image.std() > 0.01
+
+
+def test_evaluation_asks_no_more_than_the_model_takes(folder):
+    """A model that takes 3 prompts a request is evaluated on 8 images in requests of at most 3, not
+    refused at the evaluation's default request size of 32."""
+    from training.eval.evaluate import evaluate_model
+
+    evaluation = evaluate_model(str(folder), prompts=2, seen=2, per_prompt=2, steps=2)
+    assert len(evaluation.images) == 8 and evaluation.metrics["n"] == 4
