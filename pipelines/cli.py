@@ -15,7 +15,7 @@ import sys
 from data_prep.errors import DataPrepError
 from pipelines.console import quiet_third_party
 from pipelines.registry_cli import add_registry_parser
-from training.errors import ConfigError, DataError, EvaluationError, ModelLoadError, PromptFileError
+from training.errors import ConfigError, DataError, EvaluationError, ModelLoadError, PromptFileError, TrackingUnavailable
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataPrepError, DataError, EvaluationError, ModelLoadError, PromptFileError,
-            FileNotFoundError) as e:
+            TrackingUnavailable, FileNotFoundError) as e:
         print(f"ldmflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -171,6 +171,14 @@ class MlflowServer:
             self._relay.close()
             self._relay = None
 
+    def kill(self) -> None:
+        """An outage that starts at once (a crashed server or a dropped network): SIGKILL, where stop's
+        SIGTERM can take up to 30 s while the server's job runner winds down."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.stop()
+
     def restart(self) -> MlflowServer:
         """Start a stopped server again on the same port and store: its clients see an outage end."""
         self.stop()

@@ -22,3 +22,8 @@ class ModelLoadError(ValueError):
 
 class PromptFileError(ValueError):
     """A prompt file cannot be read as prompts; the message names the file and the fix."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server could not be reached within the allowed time; the message says what was
+    done and what is missing."""

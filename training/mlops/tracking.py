@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from training.errors import TrackingUnavailable
 from training.locations import default_artifact_location
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ def cap_http_retries() -> None:
         except (KeyError, ValueError):
             now = cap
         os.environ[name] = str(min(now, cap))
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server could not be read within the allowed time."""
 
 
 class BufferedMetricLogger:

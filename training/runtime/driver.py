@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_prep import storage
@@ -18,7 +20,7 @@ from training.checkpoint.loading import model_differences
 from training.checkpoint.run_storage import check_run_storage, download_checkpoint, run_uri
 from training.checkpoint.verify import latest_verified_checkpoint, read_state
 from training.config import RunConfig, config_from_dict
-from training.errors import ConfigError, DataError
+from training.errors import ConfigError, DataError, TrackingUnavailable
 from training.loader.batch import trains_on_any
 from training.locations import runs_dir, setup_mlflow, tracking_uri
 from training.mlops.publish import TrainOutcome
@@ -88,8 +90,8 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
         "data": data_dir,
         STORAGE_TAG: storage_uri,
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags,
-                          log_system_metrics=True) as run:
+    with tracked_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name, tags=tags,
+                     log_system_metrics=True) as run:
         mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
         mlflow.log_dict(cfg.to_dict(), CONFIG_ARTIFACT)
         mlflow.log_params({"data.total_samples": dataset.total_samples, "data.shards": len(dataset.shards),
@@ -166,7 +168,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
     frozen = _prepare(cfg, storage_uri, storage_given=True, forward=forward,
                       check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
     log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+    with tracked_run(run_id=run_id, log_system_metrics=True):
         resumes = int(tags.get("resumes", "0")) + 1
         mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
                          f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
@@ -260,9 +262,67 @@ def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str,
     result = launch(cfg, data_dir, storage_uri=storage_uri, name=ray_run_name(run_id), mlflow_run_id=run_id,
                     tracking_uri=tracking, frozen=frozen, dataset_content_id=content_id,
                     allow_new_data=allow_new_data, forward_env=forward)
-    mlflow.set_tag("checkpoint", result.checkpoint)
+    when_reachable(lambda: mlflow.set_tag("checkpoint", result.checkpoint),
+                   f"training finished (final checkpoint {result.checkpoint}) but MLflow run {run_id} could "
+                   "not be marked finished and nothing was registered")
     return TrainOutcome(run_id=run_id, checkpoint_dir=result.checkpoint, metrics=result.metrics,
                         dataset_content_id=content_id, config_hash=cfg.hash, data=data_dir)
+
+
+FINAL_WRITE_S = 120.0
+"""How long the driver keeps trying its writes after training (the checkpoint tag, the run's end)."""
+
+
+def when_reachable(write, failed: str, within_s: float | None = None):
+    """`write()`, retried with back-off while the tracking server is down or failing (5xx, no
+    connection) for up to `within_s`: training rides out an outage (the workers buffer), and the
+    outage may not be over when it ends. Then TrackingUnavailable, whose message starts with `failed`."""
+    from mlflow.exceptions import MlflowException
+
+    within_s = FINAL_WRITE_S if within_s is None else within_s
+    deadline, delay = time.monotonic() + within_s, 1.0
+    while True:
+        try:
+            return write()
+        except MlflowException as e:
+            if e.get_http_status_code() < 500:
+                raise
+            if time.monotonic() + delay > deadline:
+                raise TrackingUnavailable(f"{failed}: the MLflow server at {tracking_uri()} did not answer for "
+                                          f"{within_s:.0f} s ({str(e).splitlines()[0][:200]})") from None
+            log.warning("MLflow server unreachable; retrying in %.0f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+@contextmanager
+def tracked_run(**start_run_args):
+    """mlflow.start_run, whose end waits out an outage like when_reachable; a TrackingUnavailable
+    from inside stays the error raised, not the failed end_run it would lead to."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run = mlflow.start_run(**start_run_args)
+    run_id = run.info.run_id
+
+    def end(status: str, failed: str) -> None:
+        # mlflow.end_run forgets the active run before its request, so retrying it would retry nothing:
+        # mark the run first (retried), then end it (the same request, now answered).
+        when_reachable(lambda: mlflow.MlflowClient().set_terminated(run_id, status), failed)
+        mlflow.end_run(status)
+
+    try:
+        yield run
+    except TrackingUnavailable:
+        try:
+            mlflow.end_run("FAILED")
+        except MlflowException:
+            pass  # still down: the run stays RUNNING on the server, as the message says
+        raise
+    except BaseException:
+        end("FAILED", "the run failed and could not be marked FAILED")
+        raise
+    end("FINISHED", "training finished but the run could not be marked FINISHED")
 
 
 def _param(value) -> str:

@@ -80,7 +80,7 @@ def outage(tmp_path_factory) -> Outage:
         while last_trained_step(tmp / "samples") <= STOP_AT_STEP and proc.poll() is None:
             assert time.monotonic() < deadline, "training never reached the outage"
             time.sleep(0.1)
-        server.stop()
+        server.kill()
         stopped_at = last_trained_step(tmp / "samples")
         while last_trained_step(tmp / "samples") < stopped_at + DOWN_FOR_STEPS and proc.poll() is None:
             assert time.monotonic() < deadline, "training stalled during the outage"
