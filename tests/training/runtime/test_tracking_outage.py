@@ -147,8 +147,9 @@ def test_training_survives_a_tracking_outage(outage):
           f"down; step time during / normal = {statistics.median(during):.3f} s / {statistics.median(normal):.3f} s "
           f"= {ratio:.3f}; wall time between steps during / normal = {wall_ratio:.3f}; "
           f"whole run {outage.wall_s:.0f} s")
-    assert abs(ratio - 1) <= 0.10, ratio
-    assert abs(wall_ratio - 1) <= 0.10, wall_ratio
+    # Not slower by more than 10% (faster is possible: no HTTP traffic competes for the 2 cores).
+    assert ratio <= 1.10, ratio
+    assert wall_ratio <= 1.10, wall_ratio
 
 
 def test_planted_secret_appears_nowhere(outage):
