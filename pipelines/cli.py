@@ -15,7 +15,8 @@ import sys
 from data_prep.errors import DataPrepError
 from pipelines.console import quiet_third_party
 from pipelines.registry_cli import add_registry_parser
-from training.errors import ConfigError, DataError, EvaluationError, ModelLoadError, PromptFileError, TrackingUnavailable
+from training.errors import (ConfigError, DataError, EvaluationError, ModelLoadError, PromptFileError,
+                             TrackingUnavailable)
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 

@@ -151,8 +151,9 @@ CONSUMER = textwrap.dedent("""
 
 def test_train_register_champion_and_load_elsewhere(proxied_server, tmp_path, capsys):
     """The tiny preset trains against the server (1 worker, a few steps), is published and registered,
-    the gate (`ldmflow train --promote`) makes its version `champion`, and a separate process with only the tracking URI (and the
-    proxied-download switch a client outside the S3 network needs with MLflow 3.17) loads
+    the gate (`ldmflow train --promote`) makes its version `champion`, and a separate process with only
+    the tracking URI (and the proxied-download switch a client outside the S3 network needs with MLflow
+    3.17) loads
     `models:/NAME@champion` and generates an image."""
     import ray
     from mlflow import MlflowClient

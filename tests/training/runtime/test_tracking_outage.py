@@ -61,52 +61,55 @@ def outage(tmp_path_factory) -> Outage:
     secret_uri = server.uri.replace("http://", f"http://ldm-user:{SECRET}@")
     # A short path: Ray puts unix sockets under it (108-byte limit).
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    name = f"outage-{uuid.uuid4().hex[:10]}"
-    sets = [f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1",
-            "train.num_workers=2", "train.loader_workers=1", "validation.holdout_fraction=0.1",
-            "tracking.sample_steps=2", f"tracking.run_name={name}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": secret_uri, "RAY_TMPDIR": str(ray_tmp),
-           "LDMFLOW_SAMPLE_LOG": str(tmp / "samples")}
-    log_file = tmp / "driver.log"
-    started = time.monotonic()
-    with open(log_file, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--data", str(tmp / "shards"),
-                                 "--no-register", *[a for s in sets for a in ("--set", s)]],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        # Down once the workers are past STOP_AT_STEP; back DOWN_FOR_STEPS steps later, by the workers'
-        # own sample log (MLflow, the usual witness, is what is down).
-        deadline = time.monotonic() + 600
-        while last_trained_step(tmp / "samples") <= STOP_AT_STEP and proc.poll() is None:
-            assert time.monotonic() < deadline, "training never reached the outage"
-            time.sleep(0.1)
-        server.kill()
-        stopped_at = last_trained_step(tmp / "samples")
-        while last_trained_step(tmp / "samples") < stopped_at + DOWN_FOR_STEPS and proc.poll() is None:
-            assert time.monotonic() < deadline, "training stalled during the outage"
-            time.sleep(0.1)
-        back_at = last_trained_step(tmp / "samples")
-        server.restart()
-        rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = log_file.read_text(errors="replace")
-    assert rc == 0, output[-5000:]
-    assert back_at - stopped_at >= CHECKPOINT_EVERY, (stopped_at, back_at, "the run ended during the outage")
+        name = f"outage-{uuid.uuid4().hex[:10]}"
+        sets = [f"train.max_steps={STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=1",
+                "train.num_workers=2", "train.loader_workers=1", "validation.holdout_fraction=0.1",
+                "tracking.sample_steps=2", f"tracking.run_name={name}"]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": secret_uri, "RAY_TMPDIR": str(ray_tmp),
+               "LDMFLOW_SAMPLE_LOG": str(tmp / "samples")}
+        log_file = tmp / "driver.log"
+        started = time.monotonic()
+        with open(log_file, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--data", str(tmp / "shards"),
+                                     "--no-register", *[a for s in sets for a in ("--set", s)]],
+                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # Down once the workers are past STOP_AT_STEP; back DOWN_FOR_STEPS steps later, by the workers'
+            # own sample log (MLflow, the usual witness, is what is down).
+            deadline = time.monotonic() + 600
+            while last_trained_step(tmp / "samples") <= STOP_AT_STEP and proc.poll() is None:
+                assert time.monotonic() < deadline, "training never reached the outage"
+                time.sleep(0.1)
+            server.kill()
+            stopped_at = last_trained_step(tmp / "samples")
+            while last_trained_step(tmp / "samples") < stopped_at + DOWN_FOR_STEPS and proc.poll() is None:
+                assert time.monotonic() < deadline, "training stalled during the outage"
+                time.sleep(0.1)
+            back_at = last_trained_step(tmp / "samples")
+            server.restart()
+            rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        output = log_file.read_text(errors="replace")
+        assert rc == 0, output[-5000:]
+        assert back_at - stopped_at >= CHECKPOINT_EVERY, (stopped_at, back_at, "the run ended during the outage")
 
-    from mlflow import MlflowClient
+        from mlflow import MlflowClient
 
-    result = Outage()
-    result.server, result.output, result.ray_tmp, result.wall_s = server, output, ray_tmp, time.monotonic() - started
-    result.run_id = find_run(MlflowClient(server.uri), name).info.run_id
-    # Steps the workers started while the server was down (the ends may straddle the stop/start).
-    result.down_steps = range(stopped_at + 1, back_at)
-    result.storage = runs_dir() / "ray" / f"train-{result.run_id}"
-    yield result
-    server.stop()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+        result = Outage()
+        result.server, result.output, result.ray_tmp = server, output, ray_tmp
+        result.wall_s = time.monotonic() - started
+        result.run_id = find_run(MlflowClient(server.uri), name).info.run_id
+        # Steps the workers started while the server was down (the ends may straddle the stop/start).
+        result.down_steps = range(stopped_at + 1, back_at)
+        result.storage = runs_dir() / "ray" / f"train-{result.run_id}"
+        yield result
+    finally:  # a failed run too: no server or Ray folder outlives the test
+        server.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_training_survives_a_tracking_outage(outage):
