@@ -118,6 +118,20 @@ def test_mlflow_run_has_config_metrics_and_samples(flow_result, mlflow_client):
     assert params["train.max_steps"] == str(STEPS)
     assert run.data.tags["dataset_content_id"] == summary["shards"]["content_id"]
     assert len(run.data.tags["config_hash"]) == 64
+    assert len(run.data.tags["git_commit"]) == 40 and int(run.data.tags["git_commit"], 16) >= 0
+    # The Prefect flow run that trained it, as Prefect's own server knows it.
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    async def flow_name(flow_run_id):
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(flow_run_id)
+            return (await client.read_flow(flow_run.flow_id)).name
+
+    assert anyio.run(flow_name, run.data.tags["prefect_flow_run_id"]) == "ldm-train-pipeline"
+    # The dataset as an MLflow dataset input, its digest the shards' content id.
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == summary["shards"]["content_id"][:36]
     for name in ("loss", "lr", "samples_per_sec"):
         history = mlflow_client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [2, 4, 6], name
