@@ -147,9 +147,10 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
     base = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
     for text in overrides:
         key = text.partition("=")[0].strip()
-        if key not in RESUMABLE_KEYS:
+        if not resumable(key):
             raise ConfigError(f"--resume {run_id}: `{key}` cannot change on resume (allowed: "
-                              f"{', '.join(sorted(RESUMABLE_KEYS))}); start a new run to change it")
+                              f"{', '.join(sorted(RESUMABLE_KEYS))}, gate.* and serving.*); start a new run to "
+                              "change it")
     cfg = config_from_dict(base, list(overrides))
     storage_uri, data_dir = tags[STORAGE_TAG], tags["data"]
     location = run_uri(storage_uri, ray_run_name(run_id))
@@ -230,9 +231,13 @@ RESUMABLE_KEYS = frozenset({"train.max_steps", "train.num_workers", "train.min_w
                             "train.max_pending_uploads",
                             "train.cluster_wait_s"})
 """Config keys `resume` may change: how and how long the run continues, not what it trains."""
+RESUMABLE_SECTIONS = ("gate", "serving")
+"""Sections `resume` may change whole: what happens to the model after training (its promotion, its
+request limits), which the run's checkpoints do not depend on."""
 
 
-
+def resumable(key: str) -> bool:
+    return key in RESUMABLE_KEYS or key.split(".", 1)[0] in RESUMABLE_SECTIONS
 
 
 

@@ -127,6 +127,8 @@ def test_only_how_the_run_continues_may_change(no_ray, tmp_path, shards):
     run_id = make_run(str(tmp_path / "storage"), shards, cfg)
     assert "cannot change on resume" in resume_error(run_id, "train.lr=0.1")
     assert "cannot change on resume" in resume_error(run_id, "model.resolution=32")
+    # What happens to the model after training may: past the key check, this run has no checkpoint.
+    assert "no verified checkpoint" in resume_error(run_id, "gate.margin=0.05", "serving.max_prompts=8")
 
 
 def test_resume_refuses_data_and_config_flags(no_ray, capsys):
