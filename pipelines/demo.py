@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_pipeline(config_path=args.config, overrides=overrides, synth_n=args.synth_n,
                            work_dir=args.work_dir, samples_per_shard=500, overwrite_shards=True,
                            vae_config_path=args.vae_config or None, vae_overrides=vae_overrides)
+    import ray
+
+    if ray.is_initialized():  # training is over: its workers' last log lines print now, not after the summary
+        ray.shutdown()
     checks: list[tuple[str, bool, str]] = [("Prefect flow run state", summary["state"] == "COMPLETED",
                                             f"{summary['state']} ({summary['flow_run_id']})")]
     grid = None
