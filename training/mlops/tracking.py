@@ -110,7 +110,8 @@ class BufferedMetricLogger:
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
         self._busy = False
-        self._closing = False
+        self._closing = threading.Event()
+        """Set by close: the flusher retries until the deadline instead of backing off."""
         self._deadline = float("inf")
         self._thread = threading.Thread(target=self._run, name="mlflow-flusher", daemon=True)
         if start:
@@ -179,21 +180,26 @@ class BufferedMetricLogger:
     def _run(self) -> None:
         delay = self.min_backoff
         while True:
-            self._wake.wait(self.flush_interval)
+            if not self._closing.is_set():
+                self._wake.wait(self.flush_interval)
             self._wake.clear()
             ok = self._deliver()
-            with self._lock:
-                closing = self._closing
+            closing = self._closing.is_set()
             if ok:
                 delay = self.min_backoff
                 if closing:
                     return
                 continue
-            if closing and self._deadline_passed():
-                return
-            # Back off: the wake-ups of `log` must not turn an outage into a busy retry loop.
-            wait = min(delay, max(0.0, self._deadline - time.monotonic())) if closing else delay
-            time.sleep(wait)
+            if closing:
+                if self._deadline_passed():
+                    return
+                # Training has ended and waits on this: retry often until the deadline (a server back
+                # seconds before it must not meet a flusher asleep in a 30 s back-off).
+                time.sleep(min(self.min_backoff, max(0.0, self._deadline - time.monotonic())))
+                continue
+            # Back off: the wake-ups of `log` must not turn an outage into a busy retry loop; a close
+            # cuts the wait short.
+            self._closing.wait(delay)
             delay = min(delay * 2, self.max_backoff)
 
     def _deadline_passed(self) -> bool:
@@ -288,9 +294,8 @@ class BufferedMetricLogger:
         """Deliver what is buffered within `timeout` s (default close_timeout), stop the flusher and
         return how many metrics were lost (dropped during the run or undelivered now), saying so."""
         timeout = self.close_timeout if timeout is None else timeout
-        with self._lock:
-            self._closing = True
         self._deadline = time.monotonic() + timeout
+        self._closing.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout + 1.0)

@@ -129,3 +129,24 @@ def test_last_logged_step_fails_clearly_when_never_readable():
     with pytest.raises(TrackingUnavailable, match="refusing to resume blind"):
         logger.last_logged_step("loss", timeout=2)
     assert time.monotonic() - began < 8
+
+
+def test_close_retries_at_once_when_the_server_is_back(tmp_path):
+    """The server returns while the flusher sleeps in a long back-off and training ends: close retries
+    at once instead of waiting out the back-off past its own deadline (what lost a whole run's
+    metrics in the outage test when the server took 26 s to restart under load)."""
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        run_id = client.create_run(client.create_experiment("close")).info.run_id
+        logger = BufferedMetricLogger(run_id, server.uri, flush_every=1, flush_interval=0.2, min_backoff=120,
+                                      max_backoff=120)
+        server.kill()
+        for step in range(1, 6):
+            logger.log({"loss": 1.0 / step}, step=step)
+        wait_until(lambda: logger.failures >= 1, 30, "a failed delivery (the flusher now backs off 120 s)")
+        server.restart()
+        assert logger.close(timeout=30) == 0
+        assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5]
+    finally:
+        server.stop()

@@ -129,7 +129,8 @@ def test_a_node_without_credentials_fails_the_preflight_in_seconds(tmp_path, s3_
     assert "cannot read the data" in line and "no AWS credentials" in line, line
     assert "cannot write checkpoint storage" in line and "--forward-credentials" in line, line
     run = find_run(MlflowClient(mlflow_server.uri), run_name)
-    assert not run.data.metrics, run.data.metrics  # not one step was trained
+    trained = {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}  # the driver's machine
+    assert not trained, trained  # not one step was trained
     # The driver's imports, Ray's worker start-up and the checks; a restart would add the start-up again.
     assert took < 150, took
     print(f"the driver ended {took:.1f} s after it started: {line}")
