@@ -126,7 +126,18 @@ def test_without_the_setting_a_client_goes_around_the_proxy(proxied_server, tmp_
     # .download_chunk: about a minute), and the failed chunk is attempted again MLFLOW_HTTP_REQUEST_MAX_RETRIES
     # times (default 7: about 12 minutes in all); then the error blames the path, not the unreachable S3 host.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with caplog.at_level("WARNING"), caplog.at_level("WARNING", logger="urllib3"), \
+    # And the chunk's own 5 retries (about a minute of back-off) down to one, which urllib3 logs.
+    from mlflow.utils import request_utils
+
+    defaults = request_utils.cloud_storage_http_request.__defaults__
+    monkeypatch.setattr(request_utils.cloud_storage_http_request, "__defaults__", (1, *defaults[1:]))
+    # A logging.config.dictConfig run earlier in the session (Prefect's, Ray's) disables loggers that
+    # existed then, urllib3's among them.
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("urllib3.connectionpool"), "disabled", False)
+    monkeypatch.setattr(logging.getLogger("urllib3.connectionpool"), "propagate", True)
+    with caplog.at_level("WARNING"), caplog.at_level("WARNING", logger="urllib3.connectionpool"), \
             pytest.raises(MlflowException, match="Failed to download") as failed:
         mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="small.txt",
                                             dst_path=str(tmp_path / "b"))
