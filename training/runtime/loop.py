@@ -183,6 +183,7 @@ class Trainer:
         if step % self.cfg.train.checkpoint_every and not last:
             return
         began = time.perf_counter()
+        self.steps.settle()
         save_and_report(self.engine, self.ema, self.state, self.stream.state, self.generator, self.ctx, self.metrics,
                         self.cfg.train, final=last, weights_file=self.task.weights_file)
         # The step's stall: saving, listing and (sync mode) uploading the checkpoint.

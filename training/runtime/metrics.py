@@ -100,6 +100,10 @@ def memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+SETTLE_S = 5.0
+"""The longest a checkpoint waits for the metrics before it to reach a server that answers."""
+
+
 class StepLogger:
     """Rank 0's MLflow logging for the loop, gated in one place: after a restart, the steps between
     the checkpoint and the failure may have reached MLflow already; the resumed run recomputes them
@@ -148,6 +152,14 @@ class StepLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.logger is not None:
             self.logger.set_tags(tags)
+
+    def settle(self) -> None:
+        """Before a checkpoint: deliver what is buffered, waiting at most SETTLE_S and only while the
+        server answers. A resume from this checkpoint never recomputes the steps up to it, so metrics
+        of those steps still buffered when the run dies (a killed driver takes the workers with it)
+        would be lost for good. In an outage training does not wait: the buffer rides it out."""
+        if self.logger is not None and self.logger.failures == 0:
+            self.logger.flush(timeout=SETTLE_S)
 
     def close(self) -> None:
         """Bounded: what cannot be delivered within the logger's close_timeout is counted and said."""

@@ -150,3 +150,32 @@ def test_close_retries_at_once_when_the_server_is_back(tmp_path):
         assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5]
     finally:
         server.stop()
+
+
+def test_a_checkpoint_settles_the_metrics_before_it(tmp_path):
+    """StepLogger.settle (called before every checkpoint) delivers what is buffered while the server
+    answers: a run killed after the checkpoint resumes past those steps and never logs them again
+    (test_resume lost step 6 without it). In an outage it returns at once."""
+    from training.runtime.metrics import SETTLE_S, StepLogger
+
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        run_id = client.create_run(client.create_experiment("settle")).info.run_id
+        # Left alone, this flusher would send nothing for a minute.
+        logger = BufferedMetricLogger(run_id, server.uri, flush_every=10_000, flush_interval=60)
+        steps = StepLogger(logger)
+        for step in range(1, 7):
+            steps.log({"loss": 1.0 / step}, step=step)
+        steps.settle()
+        assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5, 6]
+
+        server.kill()
+        logger.failures = 1  # as the flusher records a failed delivery
+        steps.log({"loss": 0.1}, step=7)
+        began = time.monotonic()
+        steps.settle()
+        assert time.monotonic() - began < SETTLE_S / 2  # it did not wait on a server that is down
+        assert logger.close(timeout=0) == 1
+    finally:
+        server.stop()
