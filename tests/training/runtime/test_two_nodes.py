@@ -44,7 +44,7 @@ from tests.training.runtime.ray_nodes import (
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[3]
-STEPS = 20
+STEPS = 40
 CHECKPOINT_EVERY = 5
 SAMPLES = 36
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[3]
 CHECKPOINT_EVERY = 4
-STEPS = 24
+STEPS = 40
 """Long enough (about 10 s on 2 CPU cores after the first checkpoint) that the kill, which waits
 REGISTRATION_GRACE_S after one, lands well before the last step; the test fails if it does not."""
 REGISTRATION_GRACE_S = 5.0
