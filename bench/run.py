@@ -25,7 +25,7 @@ Just the checkpoint stall:
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
-  .venv/bin/python -m bench.run --gpu [--device cuda] [--budget-s 390]     (make bench-gpu)
+  .venv/bin/python -m bench.run --gpu [--device cuda] [--budget-s 360]     (make bench-gpu)
 """
 
 from __future__ import annotations
