@@ -353,8 +353,10 @@ def section_deepspeed(opts: Options, work: Path) -> dict:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if opts.cuda else "gloo", auto_mpi_discovery=False)
     spec = Spec.load("tiny")
+    where = "train.use_gpu=true" if opts.cuda else "train.allow_cpu_half_precision=true"  # bf16 on the CPU: on purpose
     cfg = load_config(ROOT / "configs/tiny.yaml", ["train.zero_stage=2", "train.precision=bf16", "train.batch_size=4",
-                                                   "train.grad_accum=1", "train.warmup_steps=0", "train.ema.enabled=false"])
+                                                   "train.grad_accum=1", "train.warmup_steps=0",
+                                                   "train.ema.enabled=false", where])
     device = torch.device("cuda", 0) if opts.cuda else torch.device("cpu")
     ctx = WorkerContext(rank=0, world_size=1, device=device)
     out["config"] = deepspeed_config(cfg.train)
