@@ -370,7 +370,7 @@ def section_deepspeed(opts: Options, work: Path) -> dict:
             loss = diffusion_loss(engine, sched, latents, states, generator)
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         return losses
 
     def inner(engine):
