@@ -9,7 +9,7 @@ export RAY_DEDUP_LOGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# The GPU plan (bench/GPU.md) on a machine with a CUDA GPU; on a lent machine without the venv:
+# bash bench/gpu_device.sh
+bench-gpu: install
+	$(BIN)/python -m bench.run --gpu --device cuda
 
 clean:
 	rm -rf runs .pytest_cache

@@ -24,6 +24,8 @@ Just the checkpoint stall:
   .venv/bin/python -m bench.run --checkpoint-only [--checkpoint-steps 30] [--checkpoint-repeats 1]
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
+The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
+  .venv/bin/python -m bench.run --gpu [--device cuda] [--budget-s 360]     (make bench-gpu)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -285,6 +288,15 @@ def print_checkpoint(details: dict) -> None:
           f"with the gathered UNet: {details['final_checkpoint_bytes'] / 2**20:.1f} MiB)")
 
 
+def run_gpu_plan(argv: list[str]) -> int:
+    """`--gpu`: bench/gpu.py with the remaining arguments (its own groups, table and JSON)."""
+    from bench.gpu import main as gpu_main
+
+    if not any(a == "--out" or a.startswith("--out=") for a in argv):
+        argv = [*argv, "--out", "bench/results/gpu.json"]
+    return gpu_main(argv)
+
+
 def with_ratios(rows: list[Row]) -> list[Row]:
     baselines: dict[str, float] = {}
     values = {(row.group, row.case): row.value for row in rows}
@@ -345,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     only.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     only.add_argument("--checkpoint-only", action="store_true", help="run only the checkpoint-stall group")
     only.add_argument("--urls-only", action="store_true", help="run only the urls group")
+    only.add_argument("--gpu", action="store_true",
+                      help="run the GPU plan instead (bench/gpu.py; the other arguments go to it, --out defaults to "
+                           "bench/results/gpu.json)")
     p.add_argument("--out", default="bench/results/latest.json")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu" in argv:
+        return run_gpu_plan([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
     one_group = args.dataprep_only or args.checkpoint_only or args.urls_only
     run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)

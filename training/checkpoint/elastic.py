@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import torch
+
 from training.checkpoint.layout import CheckpointError
 from training.checkpoint.loading import safe_torch_load, torch_load_made_safe
 
@@ -122,11 +124,13 @@ def convert_to_universal(deepspeed_dir: Path, tag: str, out_dir: Path) -> str:
     return target.name
 
 
-def load_universal_checkpoint(engine, directory: Path, tag: str) -> None:
+def load_universal_checkpoint(engine, directory: Path, tag: str, *, place_steps: bool = True) -> None:
     """engine.load_checkpoint of ``directory/tag`` made by :func:`convert_to_universal`, with every
     torch.load on the way made safe. The engine must have been built with
     :func:`deepspeed_universal_config`; global steps, LR schedule, weights and optimizer state are
-    restored, the data-parallel world size is the engine's own."""
+    restored, the data-parallel world size is the engine's own. `place_steps` puts Adam's loaded
+    ``step`` where the optimizer needs it (:func:`place_optimizer_steps`); False only to observe
+    DeepSpeed's own behaviour (bench/gpu.py)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     if engine.zero_optimization_stage() > 0 and not engine.load_universal_checkpoint():
@@ -144,6 +148,33 @@ def load_universal_checkpoint(engine, directory: Path, tag: str) -> None:
         del engine.checkpoint_engine.load  # back to the class's method
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load universal checkpoint {Path(directory) / tag}")
+    if place_steps:
+        place_optimizer_steps(getattr(engine.optimizer, "optimizer", engine.optimizer))
+
+
+def place_optimizer_steps(optimizer) -> int:
+    """Move each parameter's ``state["step"]`` of a fused or capturable torch optimizer to the
+    parameter's device as float32, as torch's own ``Optimizer.load_state_dict`` does; returns how
+    many were changed.
+
+    DeepSpeed 0.19.8's universal loader (``load_hp_checkpoint_state_from_checkpoint_dir``) assigns
+    ``state[hp_param]["step"]`` directly from ``step.pt``, which ``torch.load`` returns on the CPU,
+    bypassing load_state_dict's placement; ``torch.optim.AdamW(fused=True)`` on CUDA then finds its
+    step on another device than the parameters (issue 15). Non-fused optimizers keep a CPU step,
+    which is what they expect, so they are left alone."""
+    changed = 0
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state or "step" not in state:
+                continue
+            step = state["step"]
+            if not torch.is_tensor(step) or step.device != param.device or step.dtype != torch.float32:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device)
+                changed += 1
+    return changed
 
 
 def universal_files_loaded(engine) -> Callable[[str], bool]:
