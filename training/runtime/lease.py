@@ -55,9 +55,21 @@ def default_ttl_s() -> float:
 
 
 def holder_name(note: str | None = None) -> str:
-    """Who holds a lease: user@host:pid, plus `note` (e.g. the Ray job it runs in) and a nonce."""
-    name = f"{user()}@{socket.gethostname()}:{os.getpid()}"
-    return f"{name} {note}:{uuid.uuid4().hex[:6]}" if note else f"{name}:{uuid.uuid4().hex[:6]}"
+    """Who holds a lease: `user@host:pid note:nonce`, the note saying what it is (a driver, the Ray job
+    it runs in)."""
+    return f"{user()}@{socket.gethostname()}:{os.getpid()} {note or 'driver'}:{uuid.uuid4().hex[:6]}"
+
+
+def holder_gone(holder: str) -> bool:
+    """Whether `holder` (holder_name's user@host:pid ...) is a process of this machine that no longer
+    runs: a driver killed here (SIGKILL, a crash) leaves a lease nobody renews, and a resume on the
+    same machine need not wait out its expiry. A holder on another host is judged by its expiry alone."""
+    import psutil
+
+    host, _, pid = holder.split(" ", 1)[0].partition("@")[2].rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return not psutil.pid_exists(int(pid))
 
 
 def _when(expires: float) -> str:
@@ -100,12 +112,13 @@ def acquire(client, run_id: str, holder: str, *, ttl_s: float) -> None:
         if held is None:
             continue
         other, expires = held
-        if expires >= time.time():
+        if expires >= time.time() and not holder_gone(other):
             raise LeaseHeld(f"run {run_id} is being trained by {other} (its lease expires {_when(expires)} unless "
                             f"renewed); wait for that driver to finish or stop it, or resume after the lease expired")
         # Two drivers breaking one expired lease at once could both go on: the window the promotion
         # lock leaves too; a lease expires only after its holder stopped renewing for ttl_s.
-        log.warning("taking over the expired lease of run %s held by %s (expired %s)", run_id, other, _when(expires))
+        log.warning("taking over the lease of run %s held by %s (%s)", run_id, other,
+                    f"expired {_when(expires)}" if expires < time.time() else "its process on this machine is gone")
         release(client, run_id, other)
     raise LeaseHeld(f"run {run_id}: its lease kept changing hands while this driver tried to take it; try again")
 
