@@ -309,7 +309,7 @@ def follow(client, sid: str, logger: logging.Logger, *, deadline: float | None,
 
     remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
     try:
-        asyncio.run(asyncio.wait_for(tail(), timeout=remaining))
+        _run_coroutine(asyncio.wait_for(tail(), timeout=remaining))
     except (asyncio.TimeoutError, TimeoutError):
         logger.warning("Ray job %s ran past its timeout; stopping it (grace %.0f s)", sid, stop_grace_s)
         _stop_and_wait(client, sid, stop_grace_s)
@@ -325,6 +325,19 @@ def follow(client, sid: str, logger: logging.Logger, *, deadline: float | None,
             _stop_and_wait(client, sid, stop_grace_s)
             return "TIMEOUT", list(lines)
         time.sleep(1.0)
+
+
+def _run_coroutine(coro):
+    """asyncio.run(coro), from a thread of its own when this one already runs an event loop (an async
+    Prefect flow calling a sync task in its loop's thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="job-logs") as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _stop_and_wait(client, sid: str, grace_s: float) -> str:
