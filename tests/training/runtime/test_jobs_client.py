@@ -74,3 +74,18 @@ def test_unreachable_jobs_api_is_one_line():
     with pytest.raises(JobsUnreachable) as e:
         jobs_client(address)
     assert address in str(e.value) and "RAY_ADDRESS" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_submit_and_stop_refusals(monkeypatch, capsys):
+    """`ldmflow train --submit` without an identity, with --resume, and `ldmflow job stop` with no Jobs
+    API: exit 2 with one line each, before anything is submitted."""
+    from pipelines.cli import main
+
+    monkeypatch.delenv("LDMFLOW_FLOW_RUN_ID", raising=False)
+    assert main(["train", "--submit", "--data", "/nonexistent"]) == 2
+    assert main(["train", "--submit", "--job-key", "k", "--data", "/nonexistent", "--resume", "r"]) == 2
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")
+    assert main(["job", "stop", "k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "--job-key" in err[0] and "--submit resumes by itself" in err[1], err
+    assert "did not answer" in err[2] and "RAY_ADDRESS" in err[2], err
