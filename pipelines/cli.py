@@ -109,7 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     want = "vae" if args.command == "train-vae" else "ldm"
     if args.promote and args.no_register:
         raise UsageError("--promote needs the registration that --no-register skips")
-    if args.resume:
+    if getattr(args, "submit", False):
+        outcome, cfg = submit_training(args)
+    elif args.resume:
         if args.data or args.storage or args.config != args.default_config:
             raise UsageError("--resume continues a run with its own config, data and storage; "
                              "give only --max-steps, --num-workers or --set train.<key> with it")
@@ -142,6 +144,41 @@ def cmd_train(args: argparse.Namespace) -> int:
             from training.eval.gate import promote_if_better
 
             print_decision(promote_if_better(version.name, version.version, cfg.gate))
+    return 0
+
+
+def submit_training(args: argparse.Namespace):
+    """`ldmflow train --submit`: the same training as a Ray Job named by --job-key (re-attached,
+    or resumed from its last checkpoint, when run again with the same key)."""
+    from training.runtime.jobs import run_training_job
+
+    if args.resume or args.allow_new_data:
+        raise UsageError("--submit resumes by itself: run the same command with the same --job-key again")
+    if not args.data:
+        raise UsageError("--submit needs --data")
+    if args.forward_credentials:
+        raise UsageError("--submit: the job's nodes bring their own credentials (none travel in a job's "
+                         "definition); drop --forward-credentials")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    from training.mlops.tracking import prefect_flow_run_id
+
+    key = args.job_key or prefect_flow_run_id()
+    if not key:
+        raise UsageError("--submit needs --job-key NAME (the job's identity: the same key re-attaches to it)")
+    cfg = build_run_config(args)
+    outcome = run_training_job(cfg, args.data, key=key, storage_uri=args.storage, timeout_s=args.timeout,
+                               stop_grace_s=args.stop_grace,
+                               on_submit=lambda sid: print(f"Ray job {sid}", file=sys.stderr, flush=True))
+    return outcome, cfg
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """`ldmflow job stop KEY`: stop the training job of KEY (as a flow's cancellation does)."""
+    from training.runtime.jobs import stop_training_job
+
+    stopped = stop_training_job(args.key, wait_s=args.wait)
+    print(f"stopped Ray job {stopped}" if stopped else f"no running Ray job for key {args.key}")
     return 0
 
 
@@ -294,6 +331,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", action="store_true", help="train only; skip export and registration")
     p.add_argument("--promote", action="store_true", help="after registration, run the gate (the config's gate: "
                    "section): the new version becomes champion only if it beats the current one")
+    g = p.add_argument_group("as a Ray Job (the driver runs on the cluster: $RAY_ADDRESS, http://host:8265)")
+    g.add_argument("--submit", action="store_true", help="train as a Ray Job named by --job-key; run again with "
+                   "the same key to re-attach to it, take its result, or resume it after it failed")
+    g.add_argument("--job-key", help="the job's identity (default: the Prefect flow run this runs in)")
+    g.add_argument("--timeout", type=float, help="stop the job after this many seconds")
+    g.add_argument("--stop-grace", type=float, default=120.0, help="seconds between a stop's SIGTERM and SIGKILL "
+                   "(Ray's default is 3; default here: %(default)s)")
     p.set_defaults(func=cmd_train, default_config=DEFAULT_CONFIG)
 
     p = sub.add_parser("train-vae", help="train the first-stage AutoencoderKL (a `task: vae` config) through the "
@@ -331,6 +375,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-config", help="a `task: vae` config (e.g. shapes-vae): train the VAE on the shards "
                                         "first and the LDM on it")
     p.set_defaults(func=cmd_flow)
+    p = sub.add_parser("job", help="training Ray Jobs: `job stop KEY` stops the job of that key")
+    job = p.add_subparsers(dest="job_command", required=True).add_parser("stop", help="stop the key's running job")
+    job.add_argument("key", help="the --job-key (or flow-run id) it was submitted with")
+    job.add_argument("--wait", type=float, default=150.0, help="seconds to wait for it to end")
+    p.set_defaults(func=cmd_job)
     add_registry_parser(sub)
     return root
 
@@ -346,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
             TrackingUnavailable, FileNotFoundError) as e:
         print(f"ldmflow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from training.runtime.jobs import JobFailed
+
+        if not isinstance(e, JobFailed):
+            raise
+        print(f"ldmflow {args.command}: {e}", file=sys.stderr)  # the job's message and last log lines
+        return 1
 
 
 if __name__ == "__main__":

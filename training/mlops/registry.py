@@ -231,6 +231,9 @@ STACK_TAG = "ldmflow.champion_stack"
 """Registered-model tag: the versions that were champion, oldest first (JSON); rollback pops it."""
 STACK_LIMIT = 100
 LOCK_SUFFIX = ".promotion-lock"
+LEASE_SUFFIX = ".training-lease"
+"""Registered models that are locks, not models: a model's promotion lock, a run's training lease
+(training.runtime.lease). Listings of models leave them out."""
 USER_ENV = "LDMFLOW_USER"
 
 
@@ -247,7 +250,8 @@ def require_model(client: MlflowClient, name: str):
     except MlflowException as e:
         if not _not_found(e):
             raise
-    known = sorted(m.name for m in client.search_registered_models() if not m.name.endswith(LOCK_SUFFIX))
+    known = sorted(m.name for m in client.search_registered_models()
+                   if not m.name.endswith((LOCK_SUFFIX, LEASE_SUFFIX)))
     raise RegistryError(f"no registered model {name!r} in the MLflow registry at {mlflow.get_registry_uri()} "
                         f"(there are: {', '.join(known) or 'none'})") from None
 

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from training.mlops.tracking import (CONFIG_ARTIFACT, STORAGE_TAG, cap_http_retr
                                      git_commit, prefect_flow_run_id)
 from training.runtime.cluster import forwarded_credentials, refuse_node_local
 from training.runtime.launcher import launch, prepare_cluster
+from training.runtime.lease import run_lease
 from training.tasks import frozen_hashes_for
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,14 @@ def default_storage() -> str:
 
 
 def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
-          forward_credentials: bool = False) -> TrainOutcome:
+          forward_credentials: bool = False, lease_holder: str | None = None,
+          on_run: Callable[[str], None] | None = None) -> TrainOutcome:
     """Train `cfg` on the dataset at `data_dir` (local or s3://) inside a new MLflow run; checkpoints
     go to `storage_uri` (default: `default_storage()`); returns the final checkpoint.
     `forward_credentials` hands this environment's S3 and MLflow credentials to every node
-    (training.runtime.cluster); otherwise each node uses its own."""
+    (training.runtime.cluster); otherwise each node uses its own. The run's lease
+    (training.runtime.lease) is held by `lease_holder` (default: this process) while it trains;
+    `on_run(run_id)` is called once the run exists, before training starts (a Ray job records it)."""
     import mlflow
 
     # First: credentials in the tracking URI move to the environment before anything (a local Ray,
@@ -97,10 +102,13 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
         mlflow.log_params({"data.total_samples": dataset.total_samples, "data.shards": len(dataset.shards),
                            "data.parts": len(dataset.parts)})
         log_dataset(dataset)
+        if on_run is not None:
+            on_run(run.info.run_id)
         # The Ray run is named after the MLflow run, so `--resume RUN_ID` finds its checkpoints again
         # after the driver died (a head pod, a flow worker, a laptop).
-        return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id,
-                              forward=forward)
+        with run_lease(run.info.run_id, holder=lease_holder):
+            return _launch_in_run(cfg, data_dir, run.info.run_id, storage_uri, uri, frozen, dataset.content_id,
+                                  forward=forward)
 
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
@@ -122,15 +130,18 @@ def log_dataset(dataset: Dataset) -> None:
                      context="training")
 
 
-def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
-           allow_new_data: bool = False, forward_credentials: bool = False) -> tuple[TrainOutcome, RunConfig]:
+def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_new_data: bool = False,
+           forward_credentials: bool = False, lease_holder: str | None = None) -> tuple[TrainOutcome, RunConfig]:
     """Continue the MLflow run `run_id` from its latest verified checkpoint in storage (after its
     driver died, or to train further with a higher train.max_steps): same run, steps continuing.
 
     `overrides` may change how the run continues (train.max_steps, train.num_workers: a different
     worker count resumes through DeepSpeed's universal checkpoint), never what is trained: a model,
     data or objective key is refused. A dataset that changed since (another content id) is refused
-    too, unless `allow_new_data`: the run then continues on it from the next epoch."""
+    too, unless `allow_new_data`: the run then continues on it from the next epoch.
+
+    A run another live driver is training is refused (training.runtime.lease.LeaseHeld, naming that
+    driver and when its lease expires); an expired lease (its driver died) is taken over."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -165,27 +176,29 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *,
     new_data = _changed_data(run_id, tags, dataset, allow_new_data)
     check_run_storage(storage_uri)
     forward = forwarded_credentials() if forward_credentials else None
-    # The run's storage was chosen when it started; workers check that they share it (preflight).
-    frozen = _prepare(cfg, storage_uri, storage_given=True, forward=forward,
-                      check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
-    log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
-    with tracked_run(run_id=run_id, log_system_metrics=True):
-        resumes = int(tags.get("resumes", "0")) + 1
-        mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
-                         f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
-        content_id = tags.get("dataset_content_id", "")
-        if new_data:
-            mlflow.set_tags({f"resume.{resumes}.new_data": f"{content_id} -> {new_data}",
-                             "dataset_content_id": new_data})
-            content_id = new_data
-            log_dataset(dataset)
-        flow_run = prefect_flow_run_id()
-        if flow_run:
-            mlflow.set_tag(f"resume.{resumes}.prefect_flow_run_id", flow_run)
-        # The workers find the run's latest verified checkpoint themselves (the one checked above,
-        # unless a later one appeared meanwhile).
-        outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,
-                                 allow_new_data=bool(new_data), forward=forward)
+    # Before Ray starts: a run another driver is training is refused here, in one line.
+    with run_lease(run_id, holder=lease_holder):
+        # The run's storage was chosen when it started; workers check that they share it (preflight).
+        frozen = _prepare(cfg, storage_uri, storage_given=True, forward=forward,
+                          check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
+        log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
+        with tracked_run(run_id=run_id, log_system_metrics=True):
+            resumes = int(tags.get("resumes", "0")) + 1
+            mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
+                             f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
+            content_id = tags.get("dataset_content_id", "")
+            if new_data:
+                mlflow.set_tags({f"resume.{resumes}.new_data": f"{content_id} -> {new_data}",
+                                 "dataset_content_id": new_data})
+                content_id = new_data
+                log_dataset(dataset)
+            flow_run = prefect_flow_run_id()
+            if flow_run:
+                mlflow.set_tag(f"resume.{resumes}.prefect_flow_run_id", flow_run)
+            # The workers find the run's latest verified checkpoint themselves (the one checked above,
+            # unless a later one appeared meanwhile).
+            outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,
+                                     allow_new_data=bool(new_data), forward=forward)
     return outcome, cfg
 
 

@@ -1,0 +1,91 @@
+"""The submitter's side of training.runtime.jobs that needs no cluster: the job's identity, what goes
+into its definition (never a credential), Ray's auth header, and one line when the Jobs API is not
+there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.mlflow_server import free_port
+
+
+def test_submission_id_is_the_callers_identity():
+    from training.runtime.jobs import submission_id
+
+    flow_run = "0c6e1f3a-7d2b-4f7e-9a51-2b8f0d3c9e10"
+    assert submission_id(flow_run) == submission_id(flow_run)  # the same flow run names the same job
+    assert submission_id(flow_run) == f"ldmflow-train-{flow_run}"
+    assert submission_id(flow_run, 3) == f"ldmflow-train-{flow_run}-attempt3"
+    assert submission_id("nightly retrain / shapes") == "ldmflow-train-nightly-retrain-shapes"
+
+
+def test_empty_key_refused():
+    from training.errors import ConfigError
+    from training.runtime.jobs import submission_id
+
+    with pytest.raises(ConfigError, match="job key"):
+        submission_id("///")
+
+
+def test_job_definition_carries_no_credentials(monkeypatch, tmp_path):
+    """A planted MLflow user:token@ and AWS secret appear nowhere in the job's environment or entrypoint;
+    the tracking URI goes without its userinfo, the S3 endpoint goes as it is."""
+    from training.config import load_config
+    from training.runtime.job_entry import SPEC_ENV, JobSpec
+    from training.runtime.jobs import entrypoint, job_env
+
+    secret = "planted-secret-7f3a"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{secret}@127.0.0.1:5999")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    cfg = load_config("configs/tiny.yaml")
+    spec = JobSpec(submission_id="ldmflow-train-k", key_dir=str(tmp_path / "jobs" / "k"), data=str(tmp_path),
+                   storage=str(tmp_path), config=cfg.to_dict())
+    env = job_env(spec, stop_grace_s=90)
+    text = json.dumps(env) + entrypoint()
+    assert secret not in text
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:8333"
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == "90"  # read by Ray's job supervisor from the job's environment
+    assert JobSpec.from_json(env[SPEC_ENV]) == spec
+
+
+def test_auth_token_header(monkeypatch, tmp_path):
+    from training.runtime.jobs import auth_headers
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert auth_headers() == {}
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-from-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert auth_headers() == {"Authorization": "Bearer tok-from-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-from-env")
+    assert auth_headers() == {"Authorization": "Bearer tok-from-env"}
+
+
+def test_unreachable_jobs_api_is_one_line():
+    from training.runtime.jobs import JobsUnreachable, jobs_client
+
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(JobsUnreachable) as e:
+        jobs_client(address)
+    assert address in str(e.value) and "RAY_ADDRESS" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_submit_and_stop_refusals(monkeypatch, capsys):
+    """`ldmflow train --submit` without an identity, with --resume, and `ldmflow job stop` with no Jobs
+    API: exit 2 with one line each, before anything is submitted."""
+    from pipelines.cli import main
+
+    monkeypatch.delenv("LDMFLOW_FLOW_RUN_ID", raising=False)
+    assert main(["train", "--submit", "--data", "/nonexistent"]) == 2
+    assert main(["train", "--submit", "--job-key", "k", "--data", "/nonexistent", "--resume", "r"]) == 2
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")
+    assert main(["job", "stop", "k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "--job-key" in err[0] and "--submit resumes by itself" in err[1], err
+    assert "did not answer" in err[2] and "RAY_ADDRESS" in err[2], err
