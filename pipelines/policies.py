@@ -75,10 +75,13 @@ def _mlflow_unavailable(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether another try may succeed: nothing in the chain names bad input, and something in it is a
-    network, storage, Ray node or MLflow 5xx failure."""
+    """Whether another try may succeed: nothing in the chain names bad input or is the task's own
+    timeout (a TimeoutError, so an OSError, but a second try would run as long), and something in it
+    is a network, storage, Ray node or MLflow 5xx failure."""
+    from prefect.task_engine import TaskRunTimeoutError
+
     chain = list(_chain(exc))
-    if any(isinstance(e, DETERMINISTIC) for e in chain):
+    if any(isinstance(e, (*DETERMINISTIC, TaskRunTimeoutError)) for e in chain):
         return False
     transient = _transient_types()
     return any(isinstance(e, transient) or _mlflow_unavailable(e) for e in chain)

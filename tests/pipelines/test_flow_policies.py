@@ -34,6 +34,7 @@ def transient_examples() -> list[BaseException]:
 
 def deterministic_examples() -> list[BaseException]:
     from mlflow.exceptions import MlflowException, RestException
+    from prefect.task_engine import TaskRunTimeoutError
 
     from data_prep.errors import DataPrepError
     from training.errors import ConfigError, DataError
@@ -50,6 +51,7 @@ def deterministic_examples() -> list[BaseException]:
         RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such run"}),
         MlflowException("a local MLflow error with the default error code"),
         ValueError("a bug"),
+        TaskRunTimeoutError("Scope timed out after 60 second(s)."),  # the task's own timeout
     ]
 
 
@@ -109,7 +111,7 @@ def test_result_storage_defaults_under_the_runs_dir(monkeypatch, tmp_path):
     ("Seconds", 0, "greater than 0"),
 ])
 def test_parameter_types_refuse_bad_values(kind, value, words):
-    import pipelines.params as params
+    from pipelines import params
 
     with pytest.raises(ValidationError, match=words):
         TypeAdapter(getattr(params, kind)).validate_python(value)
