@@ -77,9 +77,11 @@ def _shard(source: str, output: str, resolution: int, samples_per_shard: int | N
 
 
 def _train(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
-           result_storage_uri: str | None, forward_credentials: bool) -> TrainOutcome:
-    """The train task, cached on (config hash, dataset content id) in result storage every worker reaches."""
-    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": result_storage(result_storage_uri)}
+           result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> TrainOutcome:
+    """The train task, cached on (config hash, dataset content id) in result storage every worker reaches;
+    `refresh_cache` trains again anyway (and replaces the cached result)."""
+    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": result_storage(result_storage_uri),
+               "refresh_cache": refresh_cache}
     return train_task.with_options(**options)(cfg, data, content_id, forward_credentials)
 
 
@@ -156,10 +158,10 @@ def train_vae_flow(data: StorageUri, config: ConfigPath = "shapes-vae", override
 def train_flow(data: StorageUri, config: ConfigPath = "tiny", overrides: list[Override] | None = None,
                init_from: ModelUri | None = None, promote: bool = False, timeout_s: Seconds = 7 * 24 * HOUR,
                retries: Retries = 1, gate_timeout_s: Seconds = 2 * HOUR, result_storage: StorageUri | None = None,
-               forward_credentials: bool = False) -> dict:
+               forward_credentials: bool = False, refresh_cache: bool = False) -> dict:
     """Dataset -> Ray/DeepSpeed training -> MLflow run -> registered version (alias candidate) -> the gate
     when `promote`. `init_from` (models:/NAME/VERSION or a pipeline folder) starts the UNet and VAE
-    from that model. Cached: the same config on the same data trains once."""
+    from that model. Cached: the same config on the same data trains once (`refresh_cache` trains again)."""
     cfg = run_config("config", config, overrides, task="ldm")
     data = check_source("data", data)
     if init_from:
@@ -167,7 +169,8 @@ def train_flow(data: StorageUri, config: ConfigPath = "tiny", overrides: list[Ov
                                                f"model.vae.pretrained={init_from}"])
     content_id = _content_id("data", data)
     outcome = _train(cfg, data, content_id, timeout_s=timeout_s, retries=retries,
-                     result_storage_uri=_storage_uri(result_storage), forward_credentials=forward_credentials)
+                     result_storage_uri=_storage_uri(result_storage), forward_credentials=forward_credentials,
+                     refresh_cache=refresh_cache)
     version = publish_task(cfg, outcome)
     decision = _gate(cfg, version, gate_timeout_s) if promote else None
     publish_report("ldm-train-report", f"{cfg.name} trained on {data}",
@@ -268,7 +271,8 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
                  vae_config_path: ConfigPath | None = None, vae_overrides: list[Override] | None = None,
                  forward_credentials: bool = False, promote: bool = True, shard_timeout_s: Seconds = 6 * HOUR,
                  train_timeout_s: Seconds = 7 * 24 * HOUR, gate_timeout_s: Seconds = 2 * HOUR,
-                 train_retries: Retries = 1, result_storage: StorageUri | None = None) -> dict:
+                 train_retries: Retries = 1, result_storage: StorageUri | None = None,
+                 refresh_cache: bool = False) -> dict:
     """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
 
     With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
@@ -277,7 +281,9 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
     `work_dir` (default <runs dir>/work) holds the synthetic images and the shards.
     `samples_per_shard` None: the shard config's sizing (1000 samples or 1 GiB per tar).
     `forward_credentials` hands the training tasks' S3/MLflow credentials to every Ray node.
-    `promote`: run the gate (config.gate) on the new version, which may make it `champion`."""
+    `promote`: run the gate (config.gate) on the new version, which may make it `champion`.
+    Training is cached on (config hash, dataset content id): the same data and config train once;
+    `refresh_cache` trains again."""
     overrides = list(overrides or [])
     cfg = run_config("config_path", config_path, overrides, task="ldm")
     vae_cfg = run_config("vae_config_path", vae_config_path, vae_overrides, task="vae") if vae_config_path else None
@@ -296,13 +302,13 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
     rows = _shard_rows(shards)
     if vae_cfg is not None:
         options = {"timeout_seconds": train_timeout_s, "retries": train_retries,
-                   "result_storage": result_storage(storage_uri)}
+                   "result_storage": result_storage(storage_uri), "refresh_cache": refresh_cache}
         vae = train_vae_task.with_options(**options)(vae_cfg, shards.output, shards.content_id, forward_credentials)
         result["vae"] = asdict(vae)
         rows += [("VAE held-out PSNR (dB)", vae.psnr), ("VAE scaling factor", vae.scaling_factor)]
         cfg = config_from_dict(cfg.to_dict(), [f"model.vae.pretrained={vae.path}"])
     outcome = _train(cfg, shards.output, shards.content_id, timeout_s=train_timeout_s, retries=train_retries,
-                     result_storage_uri=storage_uri, forward_credentials=forward_credentials)
+                     result_storage_uri=storage_uri, forward_credentials=forward_credentials, refresh_cache=refresh_cache)
     version = publish_task(cfg, outcome)
     decision = _gate(cfg, version, gate_timeout_s) if promote else None
     publish_report("ldm-train-pipeline-report", f"{cfg.name}: v{version.version}",
