@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from data_prep.errors import DataPrepError
@@ -114,15 +115,17 @@ def result_storage_uri(uri: str | None = None) -> str:
 
 
 def result_storage(uri: str | None = None):
-    """The Prefect filesystem block for result_storage_uri(uri): local, or S3 through the project's
-    own storage layer (boto3, AWS_ENDPOINT_URL; no s3fs needed)."""
+    """What a task's `result_storage` takes for result_storage_uri(uri): a local folder as a Path;
+    an s3:// prefix as a filesystem block over the project's storage layer (boto3, AWS_ENDPOINT_URL; no
+    s3fs needed), saved on the Prefect server under a name derived from the URI, since Prefect accepts
+    only saved blocks (a worker elsewhere loads it by its id)."""
     from data_prep import storage
 
     uri = result_storage_uri(uri)
-    if storage.is_s3(uri):
-        from pipelines.result_store import ObjectStoreFileSystem
+    if not storage.is_s3(uri):
+        return Path(storage.absolute(uri))
+    from pipelines.result_store import ObjectStoreFileSystem
 
-        return ObjectStoreFileSystem(basepath=uri)
-    from prefect.filesystems import LocalFileSystem
-
-    return LocalFileSystem(basepath=storage.absolute(uri))
+    block = ObjectStoreFileSystem(basepath=uri)
+    block.save(f"ldmflow-results-{hashlib.sha256(uri.encode()).hexdigest()[:12]}", overwrite=True)
+    return block

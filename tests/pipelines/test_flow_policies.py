@@ -87,18 +87,15 @@ def test_the_training_cache_keys_on_identities_not_locations():
 
 
 def test_result_storage_defaults_under_the_runs_dir(monkeypatch, tmp_path):
-    from prefect.filesystems import LocalFileSystem
-
-    from pipelines.policies import RESULT_STORAGE_ENV, result_storage
-    from pipelines.result_store import ObjectStoreFileSystem
+    from pipelines.policies import RESULT_STORAGE_ENV, result_storage, result_storage_uri
 
     monkeypatch.setenv("LDMFLOW_RUNS_DIR", str(tmp_path))
     monkeypatch.delenv(RESULT_STORAGE_ENV, raising=False)
-    default = result_storage()
-    assert isinstance(default, LocalFileSystem) and default.basepath == str(tmp_path / "prefect-results")
+    assert result_storage() == tmp_path / "prefect-results"
+    assert result_storage(str(tmp_path / "shared")) == tmp_path / "shared"
     monkeypatch.setenv(RESULT_STORAGE_ENV, "s3://results/prefect")
-    assert isinstance(result_storage(), ObjectStoreFileSystem) and result_storage().basepath == "s3://results/prefect"
-    assert result_storage(str(tmp_path / "shared")).basepath == str(tmp_path / "shared")
+    assert result_storage_uri() == "s3://results/prefect"
+    assert result_storage_uri(str(tmp_path / "shared")) == str(tmp_path / "shared")
 
 
 @pytest.mark.parametrize(("kind", "value", "words"), [
