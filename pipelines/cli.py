@@ -369,8 +369,10 @@ def parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.add_argument("--source", help="image folder with captions; omitted: a synthetic set is generated")
     p.add_argument("--synth-n", type=int, default=64, help="synthetic samples when no --source")
-    p.add_argument("--work-dir", default="runs/work", help="where raw data and shards go")
-    p.add_argument("--samples-per-shard", type=int, default=16)
+    p.add_argument("--work-dir", help="where raw data and shards go (default: <runs dir>/work; LDMFLOW_RUNS_DIR "
+                                      "moves the runs dir)")
+    p.add_argument("--samples-per-shard", type=int, help="default: the shard config's sizing (1000 samples or 1 GiB "
+                                                          "per tar, the size readers stream well)")
     p.add_argument("--overwrite", action="store_true", help="replace shards from an earlier run")
     p.add_argument("--vae-config", help="a `task: vae` config (e.g. shapes-vae): train the VAE on the shards "
                                         "first and the LDM on it")

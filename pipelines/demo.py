@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-max-steps", type=int, default=None, help="VAE steps (default: the VAE config's)")
     p.add_argument("--eval-prompts", type=int, default=30, help="held-out prompts, and as many seen ones (<= 36)")
     p.add_argument("--eval-per-prompt", type=int, default=4)
-    p.add_argument("--work-dir", default="runs/demo")
+    p.add_argument("--work-dir", help="where raw data, shards and images go (default: <runs dir>/demo)")
     args = p.parse_args(argv)
+    from training.locations import runs_dir
+
+    work_dir = Path(args.work_dir) if args.work_dir else runs_dir() / "demo"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from data_prep.dataset import verify_dataset
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     vae_overrides = [f"train.max_steps={args.vae_max_steps}"] if args.vae_max_steps else []
     summary = run_pipeline(config_path=args.config, overrides=overrides, synth_n=args.synth_n,
-                           work_dir=args.work_dir, samples_per_shard=500, overwrite_shards=True,
+                           work_dir=str(work_dir), samples_per_shard=500, overwrite_shards=True,
                            vae_config_path=args.vae_config or None, vae_overrides=vae_overrides)
     import ray
 
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"({gate['reason']}); champion: {f'v{champion}' if champion else 'none'}"))
         uri = f"models:/{model['name']}@{CHAMPION}"
         evaluation = run_evaluation(uri, prompts=args.eval_prompts, per_prompt=args.eval_per_prompt,
-                                    out_dir=Path(args.work_dir) / "eval")
+                                    out_dir=work_dir / "eval")
         grid = evaluation.grid_path
         print("\n" + evaluation.table())
         m = evaluation.metrics
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             checks.append((f"{attribute} adherence >= {TARGETS[key]:.2f} (seen)", m[f"seen_{key}"] >= TARGETS[key],
                            f"seen {m[f'seen_{key}']:.3f} over {m['seen_n']} images; held-out {m[key]:.3f} "
                            f"over {m['n']} images"))
-        out = Path(args.work_dir) / "generated"
+        out = work_dir / "generated"
         paths = generate_from_registry(uri, "a red circle on a blue background", out, n=4)
         checks.append((f"generate from {uri}", len(paths) == 4, f"{len(paths)} PNGs in {out}"))
 

@@ -1,146 +1,320 @@
-"""Prefect flows: orchestration only. Each task calls one library function, so the same code runs
-with or without Prefect.
+"""Prefect flows: orchestration only. Each task calls one library function (pipelines/tasks.py), so
+the same code runs with or without Prefect.
 
-Tasks that touch storage retry; training does not, because a retry would start the run from
-scratch, and Ray Train already restarts lost workers from the latest checkpoint.
+    shard_flow        source -> a new part of a dataset (only what the dataset does not hold)
+    train_vae_flow    dataset -> the first-stage VAE (a diffusers folder, logged to its run)
+    train_flow        dataset -> an MLflow run -> a registered version (and the gate, if asked)
+    evaluate_flow     a model version -> caption adherence, recorded on its run and version
+    register_flow     a finished MLflow run -> a registered version (and the gate, if asked)
+    retrain_flow      new data? -> shard what is new -> train (from the champion) -> register
+                      -> evaluate -> the gate; one at a time per model
+    ldm_pipeline      (synthetic data) -> shard -> (VAE) -> LDM -> register -> gate: the demo's chain
+    batch_generate_flow   prompts -> images from a registered model
+
+Parameters are typed (pipelines/params.py): Prefect validates them when the flow run starts, and each
+flow resolves its config and checks its storage URIs in its first lines, so a bad parameter fails
+the run before any work, naming it. Each flow run publishes a markdown artifact (pipelines/reports.py).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
+from typing import Annotated
+
+import pipelines.prefect_setup  # noqa: F401  (PREFECT_HOME before Prefect is imported)
+
+# isort: split
+from prefect import flow, get_run_logger
+from pydantic import Field
 
 from data_prep import storage
+from pipelines.params import (
+    ConfigPath,
+    ModelUri,
+    Override,
+    PositiveInt,
+    Seconds,
+    StorageUri,
+    WaitSeconds,
+    check_output,
+    check_source,
+    run_config,
+)
+from pipelines.policies import result_storage
+from pipelines.reports import metric_rows, mlflow_links, publish_report
+from pipelines.retrain_lock import retrain_slot
+from pipelines.tasks import (
+    ShardSummary,
+    batch_generate_task,
+    champion_task,
+    evaluate_task,
+    gate_task,
+    publish_task,
+    shard_task,
+    synth_task,
+    train_task,
+    train_vae_task,
+)
+from training.config import RunConfig, config_from_dict
+from training.eval.gate import Decision
 from training.locations import runs_dir
+from training.mlops.publish import TrainOutcome
+from training.mlops.registry import CANDIDATE, RegisteredVersion
+
+HOUR = 3600.0
+Retries = Annotated[int, Field(ge=0, le=10)]
+TRAIN_METRICS = ("loss", "val_loss", "val_psnr", "samples_per_sec")
+EVAL_METRICS = ("colour_adherence", "shape_adherence", "background_adherence", "seen_shape_adherence")
 
 
-def _prefect_home() -> None:
-    # Keep Prefect's local server database beside the other run state instead of ~/.prefect.
-    # Prefect creates PREFECT_HOME itself but not its parents, which a fresh clone lacks.
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(runs_dir() / "prefect")))
-    home.mkdir(parents=True, exist_ok=True)
+# --- steps the flows share ----------------------------------------------------------------------
 
 
-_prefect_home()
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from training.config import RunConfig, load_config  # noqa: E402
-from training.eval.gate import Decision, promote_if_better  # noqa: E402
-from training.mlops.publish import PublishedVAE, TrainOutcome, publish, publish_vae  # noqa: E402
-from training.mlops.registry import CANDIDATE, RegisteredVersion  # noqa: E402
-from training.runtime.driver import train  # noqa: E402
+def _shard(source: str, output: str, resolution: int, samples_per_shard: int | None, overwrite: bool,
+           timeout_s: float) -> ShardSummary:
+    return shard_task.with_options(timeout_seconds=timeout_s)(source, output, resolution, samples_per_shard,
+                                                              overwrite)
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def synth_task(out_dir: str, n: int, seed: int, image_size: int) -> str:
-    from data_prep.synth import generate_synthetic
-
-    generate_synthetic(out_dir, n, seed=seed, image_size=image_size)
-    return out_dir
-
-
-@dataclass(frozen=True)
-class ShardSummary:
-    """What the shard step made: the dataset and how the run went (the flow's `shards` result)."""
-
-    output: str
-    samples: int
-    """Samples in the whole dataset."""
-    written: int
-    """Samples this run added."""
-    shards: int
-    skipped: dict[str, int]
-    content_id: str
+def _train(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
+           result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> TrainOutcome:
+    """The train task, cached on (config hash, dataset content id) in result storage every worker reaches;
+    `refresh_cache` trains again anyway (and replaces the cached result)."""
+    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": result_storage(result_storage_uri),
+               "refresh_cache": refresh_cache}
+    return train_task.with_options(**options)(cfg, data, content_id, forward_credentials)
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def shard_task(source: str, output: str, resolution: int, samples_per_shard: int, overwrite: bool) -> ShardSummary:
-    from prefect.artifacts import create_markdown_artifact
-
-    from data_prep.shard import ShardConfig, build_shards
-
-    report = build_shards(ShardConfig(source=source, output=output, resolution=resolution,
-                                      samples_per_shard=samples_per_shard, overwrite=overwrite, progress=False))
-    get_run_logger().info("%d samples written (%d in the dataset), skipped %s", report.written,
-                          report.dataset_samples, report.skipped)
-    # A retried task re-runs the shard step, which then finds nothing new: the dataset is complete.
-    create_markdown_artifact(report.markdown(), key="shard-report", description=f"ldmflow shard -> {output}")
-    return ShardSummary(output=output, samples=report.dataset_samples, written=report.written, shards=report.shards,
-                        skipped=dict(report.skipped), content_id=report.content_id)
+def _evaluate(version: RegisteredVersion, prompts: int, per_prompt: int, steps: int | None, seed: int, *,
+              timeout_s: float, result_storage_uri: str | None) -> dict:
+    options = {"timeout_seconds": timeout_s, "result_storage": result_storage(result_storage_uri)}
+    return evaluate_task.with_options(**options)(version.uri, prompts, per_prompt, steps, seed)
 
 
-@task(retries=0, cache_policy=NO_CACHE)
-def train_task(config: RunConfig, data: str, forward_credentials: bool = False) -> TrainOutcome:
-    """`config` is the resolved run config: the task never re-reads a preset file, which a worker in
-    another folder or on another machine might not find. `forward_credentials`: as `ldmflow train
-    --forward-credentials` (read from the task's own environment; never a flow parameter's value)."""
-    return train(config, data, forward_credentials=forward_credentials)
+def _gate(cfg: RunConfig, version: RegisteredVersion, timeout_s: float) -> Decision:
+    return gate_task.with_options(timeout_seconds=timeout_s)(cfg, version)
 
 
-@task(retries=0, cache_policy=NO_CACHE)
-def train_vae_task(config: RunConfig, data: str, forward_credentials: bool = False) -> PublishedVAE:
-    """`ldmflow train-vae` as a task: trains, exports and logs the VAE; returns its folder and scores."""
-    published = publish_vae(train(config, data, forward_credentials=forward_credentials), config)
-    get_run_logger().info("VAE %s: scaling factor %.4f, held-out PSNR %s dB", published.path,
-                          published.scaling_factor, "-" if published.psnr is None else f"{published.psnr:.2f}")
-    return published
+def _gate_summary(decision: Decision) -> dict:
+    return {"promoted": decision.promoted, "reason": decision.reason, "candidate": decision.candidate,
+            "champion_version": decision.champion_version, "champion": decision.champion}
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def publish_task(config: RunConfig, outcome: TrainOutcome) -> RegisteredVersion:
-    return publish(outcome, config)
+def _model_rows(version: RegisteredVersion | None, decision: Decision | None) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = []
+    if version is not None:
+        rows.append(("registered", f"{version.name} v{version.version} (alias {CANDIDATE})"))
+    if decision is not None:
+        rows.append(("gate", f"{'promoted to champion' if decision.promoted else 'not promoted'}: {decision.reason}"))
+    return rows
 
 
-@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def gate_task(config: RunConfig, version: RegisteredVersion) -> Decision:
-    """The promotion gate on the new version (config.gate): champion only if it beats the current one.
-    A retry is safe: a version already champion is left as it is."""
-    decision = promote_if_better(version.name, version.version, config.gate)
-    get_run_logger().info("%s v%s: %s (%s)", version.name, version.version,
-                          "now champion" if decision.promoted else "not promoted", decision.reason)
-    return decision
+def _shard_rows(shards: ShardSummary) -> list[tuple[str, object]]:
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(shards.skipped.items()) if v) or "none"
+    return [("samples written", shards.written), ("already in the dataset", shards.existing),
+            ("skipped", skipped), ("dataset samples", shards.samples), ("dataset content id", shards.content_id[:16])]
+
+
+def _with_champion_init(cfg: RunConfig, model: str, version: str) -> RunConfig:
+    """`cfg` fine-tuning from champion version `version`: its UNet as the init, and the VAE it was
+    trained with (the latents its UNet knows). Pinned to the version, not the alias, so the config
+    hash (and the training cache) changes when the champion does."""
+    uri = f"models:/{model}/{version}"
+    return config_from_dict(cfg.to_dict(), [f"model.unet.pretrained={uri}", f"model.vae.pretrained={uri}"])
+
+
+# --- flows ----------------------------------------------------------------------------------------
+
+
+@flow(name="ldm-shard", log_prints=True)
+def shard_flow(source: StorageUri, output: StorageUri, resolution: PositiveInt = 64,
+               samples_per_shard: PositiveInt | None = None, overwrite: bool = False,
+               timeout_s: Seconds = 6 * HOUR) -> dict:
+    """Images + captions -> a new part of the dataset at `output` holding only what it lacks (by content).
+    `samples_per_shard` None: the shard config's sizing (1000 samples or 1 GiB per tar)."""
+    source, output = check_source("source", source), check_output("output", output)
+    shards = _shard(source, output, resolution, samples_per_shard, overwrite, timeout_s)
+    publish_report("ldm-shard-report", f"shard {source} -> {output}", _shard_rows(shards))
+    return asdict(shards)
+
+
+@flow(name="ldm-train-vae", log_prints=True)
+def train_vae_flow(data: StorageUri, config: ConfigPath = "shapes-vae", overrides: list[Override] | None = None,
+                   timeout_s: Seconds = 48 * HOUR, retries: Retries = 1, result_storage: StorageUri | None = None,
+                   forward_credentials: bool = False) -> dict:
+    """Dataset -> the first-stage VAE: a diffusers folder with its data's latent scaling, logged to its run."""
+    cfg = run_config("config", config, overrides, task="vae")
+    data = check_source("data", data)
+    content_id = _content_id("data", data)
+    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": _storage(result_storage)}
+    vae = train_vae_task.with_options(**options)(cfg, data, content_id, forward_credentials)
+    publish_report("ldm-train-vae-report", f"VAE trained on {data}",
+                   [("scaling factor", vae.scaling_factor), ("held-out PSNR (dB)", vae.psnr), ("folder", vae.path)],
+                   links=mlflow_links(vae.run_id))
+    return asdict(vae)
+
+
+@flow(name="ldm-train", log_prints=True)
+def train_flow(data: StorageUri, config: ConfigPath = "tiny", overrides: list[Override] | None = None,
+               init_from: ModelUri | None = None, promote: bool = False, timeout_s: Seconds = 7 * 24 * HOUR,
+               retries: Retries = 1, gate_timeout_s: Seconds = 2 * HOUR, result_storage: StorageUri | None = None,
+               forward_credentials: bool = False, refresh_cache: bool = False) -> dict:
+    """Dataset -> Ray/DeepSpeed training -> MLflow run -> registered version (alias candidate) -> the gate
+    when `promote`. `init_from` (models:/NAME/VERSION or a pipeline folder) starts the UNet and VAE
+    from that model. Cached: the same config on the same data trains once (`refresh_cache` trains again)."""
+    cfg = run_config("config", config, overrides, task="ldm")
+    data = check_source("data", data)
+    if init_from:
+        cfg = config_from_dict(cfg.to_dict(), [f"model.unet.pretrained={init_from}",
+                                               f"model.vae.pretrained={init_from}"])
+    content_id = _content_id("data", data)
+    outcome = _train(cfg, data, content_id, timeout_s=timeout_s, retries=retries,
+                     result_storage_uri=_storage_uri(result_storage), forward_credentials=forward_credentials,
+                     refresh_cache=refresh_cache)
+    version = publish_task(cfg, outcome)
+    decision = _gate(cfg, version, gate_timeout_s) if promote else None
+    publish_report("ldm-train-report", f"{cfg.name} trained on {data}",
+                   [("dataset content id", content_id[:16]), ("config hash", cfg.hash[:16]),
+                    *metric_rows(outcome.metrics, TRAIN_METRICS), *_model_rows(version, decision)],
+                   links=mlflow_links(outcome.run_id, version.name, version.version))
+    return {"run_id": outcome.run_id, "metrics": outcome.metrics, "model": _model(version, decision)}
+
+
+@flow(name="ldm-evaluate", log_prints=True)
+def evaluate_flow(model: ModelUri, prompts: PositiveInt = 12, per_prompt: PositiveInt = 4,
+                  steps: PositiveInt | None = None, seed: int = 0, timeout_s: Seconds = 2 * HOUR,
+                  result_storage: StorageUri | None = None) -> dict:
+    """Caption adherence of `model` on held-out and seen prompts, recorded on its MLflow run and version.
+    An alias is pinned to its version first (the cache key, and what is recorded)."""
+    version = _pinned(model)
+    result = _evaluate(version, prompts, per_prompt, steps, seed, timeout_s=timeout_s,
+                       result_storage_uri=_storage_uri(result_storage))
+    publish_report("ldm-evaluate-report", f"evaluation of {version.uri}",
+                   [("evaluation set", result["eval_set_id"]), *metric_rows(result["metrics"], EVAL_METRICS)],
+                   links=mlflow_links(version.run_id or None, version.name, version.version))
+    return {"model": version.uri, **result}
+
+
+@flow(name="ldm-register", log_prints=True)
+def register_flow(run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")], promote: bool = False,
+                  gate_timeout_s: Seconds = 2 * HOUR) -> dict:
+    """A finished training run -> its pipeline exported and registered (once per run and model name);
+    the gate (its config's `gate:`) when `promote`."""
+    from pipelines.run_lookup import outcome_of_run
+
+    outcome, cfg = outcome_of_run(run_id)
+    version = publish_task(cfg, outcome)
+    decision = _gate(cfg, version, gate_timeout_s) if promote else None
+    publish_report("ldm-register-report", f"run {run_id} registered",
+                   [*metric_rows(outcome.metrics, TRAIN_METRICS), *_model_rows(version, decision)],
+                   links=mlflow_links(run_id, version.name, version.version))
+    return {"run_id": run_id, "model": _model(version, decision)}
+
+
+@flow(name="ldm-retrain", log_prints=True)
+def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "tiny",
+                 overrides: list[Override] | None = None, from_champion: bool = True,
+                 samples_per_shard: PositiveInt | None = None, evaluate: bool = True, eval_prompts: PositiveInt = 12,
+                 eval_per_prompt: PositiveInt = 4, eval_steps: PositiveInt | None = None, promote: bool = True,
+                 lock_wait_s: WaitSeconds | None = 0, shard_timeout_s: Seconds = 6 * HOUR,
+                 train_timeout_s: Seconds = 7 * 24 * HOUR, eval_timeout_s: Seconds = 2 * HOUR,
+                 train_retries: Retries = 1, result_storage: StorageUri | None = None,
+                 forward_credentials: bool = False) -> dict:
+    """New data in `source`? -> shard only what `dataset` lacks (a new part) -> train from the current
+    champion (`from_champion`; from scratch otherwise or when there is none) -> register -> evaluate
+    -> the gate. When the dataset is the one the champion was trained on, nothing is trained.
+
+    One retrain per model at a time (tracking.model_name): a second one is refused at once
+    (`lock_wait_s` 0), waits that long, or waits as long as it takes (None)."""
+    cfg = run_config("config", config, overrides, task="ldm")
+    source, dataset = check_source("source", source), check_output("dataset", dataset)
+    storage_uri = _storage_uri(result_storage)
+    model = cfg.tracking.model_name
+    log = get_run_logger()
+    with retrain_slot(model, wait_s=lock_wait_s):
+        shards = _shard(source, dataset, cfg.model.resolution, samples_per_shard, False, shard_timeout_s)
+        champion = champion_task(model)
+        rows = _shard_rows(shards)
+        if champion is not None and champion.dataset_content_id == shards.content_id:
+            message = (f"nothing new: {dataset} holds what {model} v{champion.version} (champion) was trained on "
+                       f"({shards.samples} samples); nothing trained")
+            log.info(message)
+            publish_report("ldm-retrain-report", f"retrain {model}: nothing new",
+                           [*rows, ("champion", f"v{champion.version}"), ("trained", "nothing")],
+                           links=mlflow_links(None, model, champion.version), notes=[message])
+            return {"trained": False, "reason": message, "shards": asdict(shards), "champion": champion.version}
+        init = champion.version if (from_champion and champion is not None) else None
+        if init is not None:
+            cfg = _with_champion_init(cfg, model, init)
+        log.info("training %s on %s (%d samples, %d new) from %s", model, dataset, shards.samples, shards.written,
+                 f"champion v{init}" if init else "scratch")
+        outcome = _train(cfg, dataset, shards.content_id, timeout_s=train_timeout_s, retries=train_retries,
+                         result_storage_uri=storage_uri, forward_credentials=forward_credentials)
+        version = publish_task(cfg, outcome)
+        evaluation = _evaluate(version, eval_prompts, eval_per_prompt, eval_steps, cfg.gate.seed,
+                               timeout_s=eval_timeout_s, result_storage_uri=storage_uri) if evaluate else None
+        decision = _gate(cfg, version, eval_timeout_s) if promote else None
+    rows += [("initialised from", f"{model} v{init}" if init else "scratch"), ("config hash", cfg.hash[:16]),
+             *metric_rows(outcome.metrics, TRAIN_METRICS)]
+    if evaluation is not None:
+        rows += metric_rows(evaluation["metrics"], EVAL_METRICS, "eval ")
+    publish_report("ldm-retrain-report", f"retrain {model}: v{version.version}", [*rows, *_model_rows(version, decision)],
+                   links=mlflow_links(outcome.run_id, version.name, version.version))
+    return {"trained": True, "init": init, "shards": asdict(shards), "run_id": outcome.run_id,
+            "metrics": outcome.metrics, "evaluation": evaluation, "model": _model(version, decision)}
 
 
 @flow(name="ldm-train-pipeline", log_prints=True)
-def ldm_pipeline(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
-                 source: str | None = None, synth_n: int = 64, work_dir: str = "runs/work",
-                 samples_per_shard: int = 16, overwrite_shards: bool = False, vae_config_path: str | None = None,
-                 vae_overrides: list[str] | None = None, forward_credentials: bool = False,
-                 promote: bool = True) -> dict:
+def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[Override] | None = None,
+                 source: StorageUri | None = None, synth_n: PositiveInt = 64, work_dir: StorageUri | None = None,
+                 samples_per_shard: PositiveInt | None = None, overwrite_shards: bool = False,
+                 vae_config_path: ConfigPath | None = None, vae_overrides: list[Override] | None = None,
+                 forward_credentials: bool = False, promote: bool = True, shard_timeout_s: Seconds = 6 * HOUR,
+                 train_timeout_s: Seconds = 7 * 24 * HOUR, gate_timeout_s: Seconds = 2 * HOUR,
+                 train_retries: Retries = 1, result_storage: StorageUri | None = None,
+                 refresh_cache: bool = False) -> dict:
     """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
 
     With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
     first and the LDM is trained on it (model.vae.pretrained set to the exported folder). Returns
     plain data (what `ldmflow flow` prints): the shards, the VAE, the run and the model version.
+    `work_dir` (default <runs dir>/work) holds the synthetic images and the shards.
+    `samples_per_shard` None: the shard config's sizing (1000 samples or 1 GiB per tar).
     `forward_credentials` hands the training tasks' S3/MLflow credentials to every Ray node.
-    `promote`: run the gate (config.gate) on the new version, which may make it `champion`."""
+    `promote`: run the gate (config.gate) on the new version, which may make it `champion`.
+    Training is cached on (config hash, dataset content id): the same data and config train once;
+    `refresh_cache` trains again."""
     overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
-    vae_cfg = load_config(vae_config_path, list(vae_overrides or [])) if vae_config_path else None
+    cfg = run_config("config_path", config_path, overrides, task="ldm")
+    vae_cfg = run_config("vae_config_path", vae_config_path, vae_overrides, task="vae") if vae_config_path else None
     if vae_cfg is not None and vae_cfg.model.resolution != cfg.model.resolution:
         raise ValueError(f"{vae_config_path} trains at {vae_cfg.model.resolution}px but {config_path} at "
                          f"{cfg.model.resolution}px")
-    work = Path(storage.local_path(work_dir)).resolve()  # raw data and shards of a demo run: local
+    # Raw data and shards of a demo run: local, under the runs folder unless told otherwise.
+    work = check_output("work_dir", storage.local_path(work_dir) if work_dir else str(runs_dir() / "work"))
+    source = check_source("source", source) if source is not None else None
+    storage_uri = _storage_uri(result_storage)
     if source is None:
-        source = synth_task(str(work / "raw"), synth_n, cfg.train.seed, cfg.model.resolution)
-    shards = shard_task(storage.absolute(source), str(work / "shards"), cfg.model.resolution, samples_per_shard,
-                        overwrite_shards)
+        source = synth_task(storage.join(work, "raw"), synth_n, cfg.train.seed, cfg.model.resolution)
+    shards = _shard(source, storage.join(work, "shards"), cfg.model.resolution, samples_per_shard, overwrite_shards,
+                    shard_timeout_s)
     result: dict = {"shards": asdict(shards)}
+    rows = _shard_rows(shards)
     if vae_cfg is not None:
-        vae = train_vae_task(vae_cfg, shards.output, forward_credentials)
+        options = {"timeout_seconds": train_timeout_s, "retries": train_retries,
+                   "result_storage": result_storage(storage_uri), "refresh_cache": refresh_cache}
+        vae = train_vae_task.with_options(**options)(vae_cfg, shards.output, shards.content_id, forward_credentials)
         result["vae"] = asdict(vae)
-        cfg = load_config(config_path, [*overrides, f"model.vae.pretrained={vae.path}"])
-    outcome = train_task(cfg, shards.output, forward_credentials)
+        rows += [("VAE held-out PSNR (dB)", vae.psnr), ("VAE scaling factor", vae.scaling_factor)]
+        cfg = config_from_dict(cfg.to_dict(), [f"model.vae.pretrained={vae.path}"])
+    outcome = _train(cfg, shards.output, shards.content_id, timeout_s=train_timeout_s, retries=train_retries,
+                     result_storage_uri=storage_uri, forward_credentials=forward_credentials, refresh_cache=refresh_cache)
     version = publish_task(cfg, outcome)
-    model = {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@{CANDIDATE}"}
-    if promote:
-        decision = gate_task(cfg, version)
-        model["gate"] = {"promoted": decision.promoted, "reason": decision.reason, "candidate": decision.candidate,
-                         "champion_version": decision.champion_version, "champion": decision.champion}
-    return {**result, "run_id": outcome.run_id, "metrics": outcome.metrics, "model": model}
+    decision = _gate(cfg, version, gate_timeout_s) if promote else None
+    publish_report("ldm-train-pipeline-report", f"{cfg.name}: v{version.version}",
+                   [*rows, *metric_rows(outcome.metrics, TRAIN_METRICS), *_model_rows(version, decision)],
+                   links=mlflow_links(outcome.run_id, version.name, version.version))
+    return {**result, "run_id": outcome.run_id, "metrics": outcome.metrics, "model": _model(version, decision)}
 
 
 def run_pipeline(**kwargs) -> dict:
@@ -154,25 +328,73 @@ def run_pipeline(**kwargs) -> dict:
     return summary
 
 
-# --- batch generation ------------------------------------------------------------------------
-
-
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def batch_generate_task(job: dict) -> dict:
-    # A retry is cheap: run_batch skips the images an earlier try already published.
-    from training.mlops.batch_generate import BatchJob, run_batch
-
-    return asdict(run_batch(BatchJob(**job)))
-
-
 @flow(name="ldm-batch-generate", log_prints=True)
-def batch_generate_flow(model: str, prompts: str, out: str, per_prompt: int = 1, seed: int = 0,
-                        batch_size: int = 8, steps: int | None = None, guidance: float | None = None,
-                        sampler: str | None = None) -> dict:
+def batch_generate_flow(model: ModelUri, prompts: StorageUri, out: StorageUri, per_prompt: PositiveInt = 1,
+                        seed: int = 0, batch_size: PositiveInt = 8, steps: PositiveInt | None = None,
+                        guidance: float | None = None, sampler: str | None = None,
+                        timeout_s: Seconds = 24 * HOUR) -> dict:
     """Images for every prompt of `prompts` from `model` (e.g. models:/NAME@champion) into `out`
     (a folder or s3:// prefix); index.json lists them once all exist. See training.mlops.batch_generate."""
-    result = batch_generate_task({"model": model, "prompts": prompts, "out": out, "per_prompt": per_prompt,
-                                  "seed": seed, "batch_size": batch_size, "steps": steps, "guidance": guidance,
-                                  "sampler": sampler})
+    job = {"model": model, "prompts": prompts, "out": out, "per_prompt": per_prompt, "seed": seed,
+           "batch_size": batch_size, "steps": steps, "guidance": guidance, "sampler": sampler}
+    result = batch_generate_task.with_options(timeout_seconds=timeout_s)(job)
     print(f"{result['written']} images written, {result['skipped']} already there -> {result['index']}")
+    publish_report("ldm-batch-generate-report", f"batch generation from {model}",
+                   [("images written", result["written"]), ("already there", result["skipped"]),
+                    ("index", result["index"])])
     return {k: v for k, v in result.items() if k != "names"}
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _model(version: RegisteredVersion, decision: Decision | None) -> dict:
+    model = {"name": version.name, "version": version.version, "uri": f"models:/{version.name}@{CANDIDATE}"}
+    if decision is not None:
+        model["gate"] = _gate_summary(decision)
+    return model
+
+
+def _storage_uri(uri: str | None) -> str | None:
+    if uri is None:
+        return None
+    return check_output("result_storage", uri) if not storage.is_s3(uri) else uri
+
+
+def _storage(uri: str | None):
+    return result_storage(_storage_uri(uri))
+
+
+def _content_id(param: str, data: str) -> str:
+    """The dataset's content id (reading its index): the identity its training is cached on."""
+    from data_prep.dataset import read_dataset
+    from data_prep.errors import DataPrepError
+    from training.errors import ConfigError
+
+    try:
+        return read_dataset(data).content_id
+    except DataPrepError as e:
+        raise ConfigError(f"flow parameter `{param}`: {e}") from None
+
+
+def _pinned(model: str) -> RegisteredVersion:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` as the version it names now."""
+    from mlflow import MlflowClient
+
+    from training.errors import ModelLoadError
+    from training.locations import setup_mlflow
+    from training.mlops.registry import RegistryError, resolve_version
+
+    if not model.startswith("models:/"):
+        raise ModelLoadError(f"flow parameter `model`: {model!r} is not a registered model (models:/NAME@ALIAS or "
+                             f"models:/NAME/VERSION)")
+    setup_mlflow()
+    name, _, ref = model[len("models:/"):].replace("@", "/", 1).partition("/")
+    if not name or not ref:
+        raise ModelLoadError(f"flow parameter `model`: {model!r} names no version or alias (models:/NAME@ALIAS or "
+                             f"models:/NAME/VERSION)")
+    try:
+        mv = resolve_version(MlflowClient(), name, ref)
+    except RegistryError as e:
+        raise ModelLoadError(f"flow parameter `model`: {e}") from None
+    return RegisteredVersion(name=name, version=str(mv.version), run_id=mv.run_id or "")

@@ -1,0 +1,171 @@
+"""Prefect tasks: each calls one library function, so the same code runs with or without Prefect.
+
+Every task gets resolved values (a RunConfig, absolute URIs), never a preset file to re-read: a worker
+in another folder or on another machine might not find it. Retries follow policies.retry_transient;
+timeouts are set per flow run from its parameters (`with_options`, see flows.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pipelines.prefect_setup  # noqa: F401  (PREFECT_HOME before Prefect is imported)
+
+# isort: split
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.tasks import exponential_backoff
+
+from pipelines.policies import identity_key, retry_transient
+from training.config import RunConfig
+from training.eval.gate import Decision, promote_if_better
+from training.mlops.publish import PublishedVAE, TrainOutcome, publish, publish_vae
+from training.mlops.registry import RegisteredVersion
+from training.runtime.driver import train
+
+STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+                   "retry_jitter_factor": 0.5, "retry_condition_fn": retry_transient}
+"""Tasks that only touch storage or MLflow: cheap to repeat, so three tries with back-off (2, 4, 8 s)."""
+
+
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def synth_task(out_dir: str, n: int, seed: int, image_size: int) -> str:
+    from data_prep.synth import generate_synthetic
+
+    generate_synthetic(out_dir, n, seed=seed, image_size=image_size)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What the shard step made: the dataset and how the run went (the flow's `shards` result)."""
+
+    output: str
+    samples: int
+    """Samples in the whole dataset."""
+    written: int
+    """Samples this run added."""
+    shards: int
+    skipped: dict[str, int]
+    content_id: str
+    existing: int = 0
+    """Source items whose bytes the dataset already held (read and hashed, not written)."""
+    part: str | None = None
+    """The part this run added; None when there was nothing new."""
+
+
+# Not cached: the shard step is idempotent by content already (a re-run over the same source reads and
+# hashes every item and writes nothing), and any cheaper key (a listing, a prefix) would miss an image
+# replaced in place under its old name.
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def shard_task(source: str, output: str, resolution: int, samples_per_shard: int | None,
+               overwrite: bool) -> ShardSummary:
+    from prefect.artifacts import create_markdown_artifact
+
+    from data_prep.shard import ShardConfig, build_shards
+
+    sizing = {} if samples_per_shard is None else {"samples_per_shard": samples_per_shard}
+    report = build_shards(ShardConfig(source=source, output=output, resolution=resolution, overwrite=overwrite,
+                                      progress=False, **sizing))
+    get_run_logger().info("%d samples written (%d in the dataset), skipped %s", report.written,
+                          report.dataset_samples, report.skipped)
+    # A retried task re-runs the shard step, which then finds nothing new: the dataset is complete.
+    create_markdown_artifact(report.markdown(), key="shard-report", description=f"ldmflow shard -> {output}")
+    return ShardSummary(output=output, samples=report.dataset_samples, written=report.written, shards=report.shards,
+                        skipped=dict(report.skipped), content_id=report.content_id, existing=report.existing,
+                        part=report.part)
+
+
+def _training_key(context, parameters: dict) -> str:
+    """What a training run is: the config's training hash (its pretrained inits, pinned model versions
+    included), the task and the dataset's content id. Not the data's location."""
+    config: RunConfig = parameters["config"]
+    return identity_key(step="train", task=config.task, config_hash=config.hash, dataset=parameters["content_id"])
+
+
+TRAINING_CACHE = CacheKeyFnPolicy(cache_key_fn=_training_key)
+
+
+@task(cache_policy=TRAINING_CACHE, persist_result=True, retry_condition_fn=retry_transient,
+      retry_delay_seconds=exponential_backoff(backoff_factor=30), retry_jitter_factor=0.5)
+def train_task(config: RunConfig, data: str, content_id: str, forward_credentials: bool = False) -> TrainOutcome:
+    """`config` is the resolved run config; `content_id` the dataset's, the cache's identity of `data`
+    (checked against the dataset when training starts: the run's tags record what it read).
+    `forward_credentials`: as `ldmflow train --forward-credentials` (read from the task's own
+    environment; never a flow parameter's value). A retry starts a new MLflow run."""
+    return train(config, data, forward_credentials=forward_credentials)
+
+
+@task(cache_policy=TRAINING_CACHE, persist_result=True, retry_condition_fn=retry_transient,
+      retry_delay_seconds=exponential_backoff(backoff_factor=30), retry_jitter_factor=0.5)
+def train_vae_task(config: RunConfig, data: str, content_id: str, forward_credentials: bool = False) -> PublishedVAE:
+    """`ldmflow train-vae` as a task: trains, exports and logs the VAE; returns its folder and scores."""
+    published = publish_vae(train(config, data, forward_credentials=forward_credentials), config)
+    get_run_logger().info("VAE %s: scaling factor %.4f, held-out PSNR %s dB", published.path,
+                          published.scaling_factor, "-" if published.psnr is None else f"{published.psnr:.2f}")
+    return published
+
+
+# Not cached: registration is idempotent in the registry itself (one version per run and model name,
+# registry.register_pipeline), which also survives a version deleted since.
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def publish_task(config: RunConfig, outcome: TrainOutcome) -> RegisteredVersion:
+    return publish(outcome, config)
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    dataset_content_id: str | None
+    """The dataset the champion was trained on (its version's tag)."""
+
+
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def champion_task(name: str) -> Champion | None:
+    """The current `champion` of registered model `name`, None when there is none (or no such model)."""
+    from mlflow import MlflowClient
+
+    from training.locations import setup_mlflow
+    from training.mlops.registry import current_champion, filter_literal
+
+    setup_mlflow()
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = {filter_literal(name)}"):
+        return None
+    version = current_champion(client, name)
+    if version is None:
+        return None
+    return Champion(str(version.version), version.tags.get("dataset_content_id"))
+
+
+def _evaluation_key(context, parameters: dict) -> str:
+    # A pinned version (models:/NAME/VERSION) and the settings: an alias would move under the key.
+    return identity_key(step="evaluate", **parameters)
+
+
+@task(cache_policy=CacheKeyFnPolicy(cache_key_fn=_evaluation_key), persist_result=True, **STORAGE_RETRIES)
+def evaluate_task(model_uri: str, prompts: int, per_prompt: int, steps: int | None, seed: int) -> dict:
+    """Caption adherence of `model_uri` (a pinned version), recorded on its run and version; the metrics."""
+    from training.eval.evaluate import run_evaluation
+
+    evaluation = run_evaluation(model_uri, prompts=prompts, per_prompt=per_prompt, steps=steps, seed=seed)
+    return {"metrics": dict(evaluation.metrics), "eval_set_id": evaluation.eval_set_id,
+            "grid": str(evaluation.grid_path) if evaluation.grid_path else None}
+
+
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def gate_task(config: RunConfig, version: RegisteredVersion) -> Decision:
+    """The promotion gate on the new version (config.gate): champion only if it beats the current one.
+    A retry is safe: a version already champion is left as it is."""
+    decision = promote_if_better(version.name, version.version, config.gate)
+    get_run_logger().info("%s v%s: %s (%s)", version.name, version.version,
+                          "now champion" if decision.promoted else "not promoted", decision.reason)
+    return decision
+
+
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def batch_generate_task(job: dict) -> dict:
+    # A retry is cheap: run_batch skips the images an earlier try already published.
+    from training.mlops.batch_generate import BatchJob, run_batch
+
+    return asdict(run_batch(BatchJob(**job)))
