@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     vae_overrides = [f"train.max_steps={args.vae_max_steps}"] if args.vae_max_steps else []
     summary = run_pipeline(config_path=args.config, overrides=overrides, synth_n=args.synth_n,
                            work_dir=str(work_dir), samples_per_shard=500, overwrite_shards=True,
-                           vae_config_path=args.vae_config or None, vae_overrides=vae_overrides)
+                           vae_config_path=args.vae_config or None, vae_overrides=vae_overrides,
+                           # The demo shows training: a second `make demo` trains again rather than
+                           # returning the first one's cached result.
+                           refresh_cache=True)
     import ray
 
     if ray.is_initialized():  # training is over: its workers' last log lines print now, not after the summary
