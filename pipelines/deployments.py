@@ -178,16 +178,19 @@ def _schedule(spec: dict) -> dict:
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """`k=v` pairs; each value read as YAML (3 -> int, true -> bool, [a, b] -> list, text stays text)."""
+    """`k=v` pairs; each value read as YAML (3 -> int, true -> bool, [a, b] -> list, {a: 1} -> dict, text stays
+    text, "a: b" included)."""
     params: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise DeployError(f"--param takes KEY=VALUE, got {pair!r}")
         try:
-            params[key] = yaml.safe_load(value) if value else ""
+            parsed = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:
-            params[key] = value
+            parsed = value
+        # "a: b" is a YAML mapping, but on a command line it is text (a caption); {a: b} is the mapping.
+        params[key] = value if isinstance(parsed, dict) and not value.lstrip().startswith("{") else parsed
     return params
 
 
