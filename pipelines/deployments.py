@@ -12,7 +12,6 @@ which is where the process worker runs flow runs).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +71,9 @@ def load_specs(prefect_file: Path = PREFECT_FILE) -> list[DeploymentSpec]:
 def require_server() -> str:
     """PREFECT_API_URL, checked to answer: without it Prefect would start a temporary server of its own,
     which runs no scheduler or worker and forgets everything when the command ends."""
-    url = os.environ.get("PREFECT_API_URL", "")
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value() or ""  # the environment, else the active Prefect profile
     if not url:
         raise DeployError("PREFECT_API_URL is not set: point it at a Prefect server with a worker "
                           "(e.g. `eval \"$(infra/local/stack env)\"` after `infra/local/stack up`)")
@@ -141,7 +142,7 @@ def _require_pools(pools: set[str]) -> None:
             try:
                 client.read_work_pool(pool)
             except ObjectNotFound:
-                raise DeployError(f"work pool `{pool}` does not exist on {os.environ['PREFECT_API_URL']}; start a "
+                raise DeployError(f"work pool `{pool}` does not exist on {require_server()}; start a "
                                   f"worker for it (`prefect worker start --pool {pool} --type process`, which "
                                   "creates it; infra/local/stack up does)") from None
 
@@ -222,7 +223,7 @@ def find_deployment(client: Any, name: str) -> Any:
     if len(matches) > 1:
         raise DeployError(f"{len(matches)} deployments are named {name!r}; give FLOW-NAME/{name}")
     known = sorted(d.name for d in client.read_deployments())
-    raise DeployError(f"no deployment {name!r} on {os.environ.get('PREFECT_API_URL')}; "
+    raise DeployError(f"no deployment {name!r} on {require_server()}; "
                       f"deployed: {', '.join(known) or 'none'} (run `ldmflow deploy`)")
 
 
@@ -240,8 +241,8 @@ def run(name: str, params: dict[str, Any], *, wait: bool = True, timeout: float 
         poll: float = 2.0) -> RunReport:
     """Start a run of deployment `name` with `params` through the Prefect API; with `wait`, until it ends (or
     `timeout` seconds: then the report has the state it is in)."""
+    import httpx
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import PrefectHTTPStatusError
 
     require_server()
     t0 = time.monotonic()
@@ -250,8 +251,11 @@ def run(name: str, params: dict[str, Any], *, wait: bool = True, timeout: float 
         check_params(deployment, params)
         try:
             flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
-        except PrefectHTTPStatusError as e:  # the server's parameter validation (enforce_parameter_schema)
-            detail = e.response.json().get("detail", str(e)) if e.response is not None else str(e)
+        except httpx.HTTPStatusError as e:  # the server's parameter validation (enforce_parameter_schema)
+            try:
+                detail = e.response.json().get("detail", str(e))
+            except ValueError:
+                detail = e.response.text or str(e)
             raise DeployError(f"deployment {deployment.name!r} refused the parameters: {_one_line(detail)}") from None
         while wait and not (flow_run.state and flow_run.state.is_final()):
             if timeout is not None and time.monotonic() - t0 > timeout:
