@@ -212,6 +212,8 @@ class Service:
     """None when the service answers as it should, else what is wrong."""
     url: Callable[[], str]
     cwd: Callable[[], Path] | None = None
+    stop_timeout: float | None = None
+    """Seconds between SIGTERM and SIGKILL when not the stack's default."""
 
 
 class Stack:
@@ -384,7 +386,9 @@ class Stack:
                                  cwd=lambda: f / "seaweedfs"),
             "mlflow": Service("mlflow", mlflow_cmd, mlflow_env,
                               lambda: None if http_ok(u["mlflow"] + "/health") else "no answer on /health",
-                              lambda: u["mlflow"]),
+                              # Its web server exits at once on SIGTERM, its job runner up to 30 s later, for
+                              # nothing: the SQLite store is committed per request.
+                              lambda: u["mlflow"], stop_timeout=5),
             "prefect": Service("prefect", lambda: [exe("prefect"), "server", "start", "--host", "127.0.0.1",
                                                    "--port", str(p["prefect"])], prefect_env,
                                lambda: None if http_ok(u["prefect_api"] + "/health") else "no answer on /api/health",
@@ -532,10 +536,12 @@ class Stack:
         return report
 
     def down(self, log: Callable[[str], None] = print) -> None:
+        services = self.services() if self.ports and "secrets" in self.state else {}
         for name in reversed(SERVICES):
             record = self.state["services"].get(name)
             if record:
-                log(f"{name:10s} {stop_group(record, self.config.stop_timeout)}")
+                timeout = getattr(services.get(name), "stop_timeout", None) or self.config.stop_timeout
+                log(f"{name:10s} {stop_group(record, timeout)}")
         self.state["services"] = {}
         self._save()
         for node in ("head", "second"):
