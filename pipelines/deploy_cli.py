@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+
+def _quiet_http() -> None:
+    # httpx logs every request at INFO, which would bury the one line these commands print.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from pipelines.deployments import deploy
 
+    _quiet_http()
     result = deploy(Path(args.prefect_file), only=args.only or None, work_pool=args.pool)
     for name, deployment_id in result.deployed.items():
         print(f"deployed {name} ({deployment_id})")
@@ -20,6 +27,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.deployments import parse_params, run
 
+    _quiet_http()
     report = run(args.flow, parse_params(args.param), wait=not args.no_wait, timeout=args.timeout)
     message = f": {report.message}" if report.message else ""
     print(f"{report.deployment}: flow run {report.flow_run_name} ({report.flow_run_id}) {report.state}{message} "

@@ -365,8 +365,7 @@ class Stack:
 
         def ray_cmd(node: str) -> list[str]:
             # Short temp paths: Ray's unix socket paths have a length limit (~107 bytes).
-            temp = self.ray_temp(node)
-            temp.mkdir(parents=True, exist_ok=True)
+            temp = self.ray_temp(node)  # made by `ray start`, removed by `down`
             prefix = "head" if node == "head" else "node"
             common = ["start", "--block", f"--num-cpus={self.config.ray_cpus_per_node}", "--num-gpus=0",
                       f"--temp-dir={temp}", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
@@ -546,6 +545,9 @@ class Stack:
         self._save()
         for node in ("head", "second"):
             shutil.rmtree(self.ray_temp(node), ignore_errors=True)
+            if self.ray_temp(node).exists():  # a file written by a process as it exited
+                time.sleep(1)
+                shutil.rmtree(self.ray_temp(node), ignore_errors=True)
         # weed leaves gRPC sockets named by port in the system temp folder (no flag moves them).
         for name in PAIRED:
             port = self.ports.get(name)

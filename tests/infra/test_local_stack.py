@@ -9,9 +9,11 @@ Each test prints its time."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import psutil
 import pytest
 import yaml
 
-from infra.local.stack import SERVICES, Stack, StackConfig, port_free
+from infra.local.stack import SERVICES, Stack, StackConfig
 
 pytestmark = pytest.mark.slow
 
@@ -251,13 +253,37 @@ def test_new_items_event_starts_retrain_only_when_items_are_new(stack, tmp_path)
         client.delete_flow_run(runs[0].id)
 
 
+def test_retrain_cron_schedule_creates_scheduled_runs(stack):
+    """The stack's server runs the scheduler (the temporary server does not): the retrain deployment deployed
+    above has runs scheduled at prefect.yaml's cron time (03:00 UTC), with its default parameters."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from pipelines.deployments import find_deployment
+
+    deadline, scheduled = time.monotonic() + 90, []
+    with prefect_api(stack), get_client(sync_client=True) as client:
+        deployment = find_deployment(client, "retrain")
+        while time.monotonic() < deadline and not scheduled:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+            scheduled = [r for r in runs if r.state and r.state.is_scheduled()
+                         and r.parameters.get("source") == deployment.parameters["source"]]
+            time.sleep(2)
+    assert scheduled, "the scheduler created no run for the cron schedule (see the stack's logs/prefect.log)"
+    starts = [r.expected_start_time.astimezone(datetime.timezone.utc) for r in scheduled]
+    assert all((t.hour, t.minute) == (3, 0) for t in starts), starts
+
+
 # --- down -------------------------------------------------------------------------------------------
 
 
 def test_down_stops_everything(stack):
     recorded = records(stack)
     down = stack_cmd("down", folder=stack.folder, timeout=300)
+    print(down.stdout)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(stack.ray_temp(node).exists() for node in ("head", "second"))
     for name, record in recorded.items():
         try:
             proc = psutil.Process(record["pid"])
@@ -265,7 +291,9 @@ def test_down_stops_everything(stack):
         except psutil.NoSuchProcess:
             pass
     for name in ("prefect", "mlflow", "s3", "ray", "dashboard"):
-        assert port_free(stack.ports[name]), f"{name} port {stack.ports[name]} still taken"
+        # Nothing answers (a bind could still fail for a minute: the server's closed connections in TIME_WAIT).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", stack.ports[name]), timeout=5).close()
     status = stack_cmd("status", folder=stack.folder)
     assert status.returncode == 1 and status.stdout.split().count("down") == len(SERVICES), status.stdout
     assert stack_cmd("down", folder=stack.folder).returncode == 0
