@@ -2,8 +2,8 @@
 run started, watched and reported, for people who do not know Prefect.
 
 Why deploy programmatically (`flow.from_source(...).deploy(...)`) rather than through `prefect deploy`:
-prefect.yaml stays the one description (it also works with `prefect --no-prompt deploy --all` from the
-repository root), but read here each deployment can be checked and deployed on its own: a flow that this
+prefect.yaml stays the one description (in Prefect's own schema, for `prefect deploy --all` too; that path
+is not tested here), but read here each deployment can be checked and deployed on its own: a flow that this
 checkout does not have yet is reported by name instead of stopping the others, a missing work pool or an
 unreachable server is one line, and nothing prompts, builds an image or pushes code anywhere (offline:
 `from_source` on the local checkout makes the pull step "set the working directory to this checkout",
