@@ -195,16 +195,13 @@ def test_new_items_event_starts_retrain_only_when_items_are_new(stack, tmp_path)
 
     from data_prep.shard import ShardConfig, build_shards
     from data_prep.synth import generate_synthetic
-    from pipelines.deployments import flow_exists
 
     with prefect_api(stack), get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=IDLE_POOL, type="process"), overwrite=True)
     # prefect.yaml's retrain deployment with its trigger, on a pool no worker polls (the triggered run waits
-    # there to be read, instead of training); the stand-in only while this checkout has no retrain_flow.
+    # there to be read, instead of training).
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     retrain = next(d for d in spec["deployments"] if d["name"] == "retrain")
-    if not flow_exists(retrain["entrypoint"]):
-        retrain["entrypoint"] = "tests/infra/stand_in_flows.py:retrain_flow"
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
     deployed = ldmflow(stack, "deploy", "--prefect-file", str(tmp_path / "prefect.yaml"), "--only", "retrain",
                        "--pool", IDLE_POOL)
@@ -248,7 +245,7 @@ def test_new_items_event_starts_retrain_only_when_items_are_new(stack, tmp_path)
     print(f"new items -> retrain flow run created: {time.monotonic() - t0:.1f} s")
     assert len(runs) == 1, runs
     assert runs[0].parameters["dataset"] == str(dataset)
-    assert runs[0].parameters["config_path"] == retrain["parameters"]["config_path"]  # the rest: defaults
+    assert runs[0].parameters["config"] == retrain["parameters"]["config"]  # the rest: defaults
     with prefect_api(stack), get_client(sync_client=True) as client:
         client.delete_flow_run(runs[0].id)
 

@@ -26,7 +26,7 @@ def test_retrain_is_scheduled_triggered_by_new_items_and_never_runs_twice():
     specs = {s.name: s for s in load_specs(PREFECT_FILE)}
     retrain = specs["retrain"]
     assert retrain.entrypoint == "pipelines/flows.py:retrain_flow"
-    assert {"source", "dataset", "config_path", "model_name"} <= set(retrain.parameters)
+    assert {"source", "dataset", "config"} <= set(retrain.parameters)
     assert [Schedule(**_schedule(s)).cron for s in retrain.schedules] == ["0 3 * * *"]
     assert retrain.concurrency_limit == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     (trigger,) = [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in retrain.triggers]
@@ -82,3 +82,31 @@ def test_deploy_and_run_need_a_server_and_say_so_in_one_line(args, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "PREFECT_API_URL is not set" in lines[0], proc.stderr
+
+
+def test_every_deployment_names_a_real_flow_and_valid_parameters():
+    """prefect.yaml and the flows change separately: a parameter a flow no longer takes (or one it
+    refuses) would fail every scheduled and triggered run, long after the change."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    for spec in load_specs(PREFECT_FILE):
+        flow = load_flow_from_entrypoint(spec.entrypoint)
+        # Templated values ({{ event.payload.x }}) are filled when the trigger fires: check their names only.
+        given = {k: v for k, v in spec.parameters.items() if not (isinstance(v, str) and "{{" in v)}
+        unknown = set(spec.parameters) - set(flow.parameters.properties)
+        assert not unknown, f"{spec.name}: {spec.entrypoint} takes no {sorted(unknown)}"
+        flow.validate_parameters({**_required_stand_ins(flow, given), **given})
+        for trigger in spec.triggers:
+            assert set(trigger.get("parameters") or {}) <= set(flow.parameters.properties), spec.name
+
+
+def _required_stand_ins(flow, given: dict) -> dict:
+    # Required parameters a deployment leaves to the caller (`ldmflow run --param`): a valid stand-in each,
+    # so that validation judges only the values the file sets.
+    stand_ins = {"string": "runs", "integer": 1, "number": 1.0, "boolean": False}
+    out = {}
+    for name in flow.parameters.required or []:
+        if name not in given:
+            kind = flow.parameters.properties[name].get("type", "string")
+            out[name] = stand_ins.get(kind, "runs")
+    return out
