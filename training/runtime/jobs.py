@@ -103,10 +103,12 @@ def auth_headers() -> dict[str, str]:
 
 
 def jobs_address(cfg: RunConfig | None = None) -> str:
-    """RAY_ADDRESS (the dashboard's http://host:8265, as for `ray job submit`), or the dashboard of a
-    Ray started in this process (which then lives only as long as this process: on one machine a
-    re-attach needs a Ray started on its own, `ray start --head`)."""
-    address = os.environ.get("RAY_ADDRESS")
+    """The Jobs API as `ray job submit` finds it: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (the
+    dashboard's http://host:8265), else the dashboard of a Ray started in this process (which then
+    lives only as long as this process: on one machine a re-attach needs a Ray started on its own,
+    `ray start --head`). A cluster's workers often have RAY_ADDRESS set to the GCS (host:6379, for
+    ray.init) and RAY_API_SERVER_ADDRESS to the dashboard, as infra/local/stack exports them."""
+    address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if address:
         return address
     import ray

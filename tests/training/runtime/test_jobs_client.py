@@ -89,3 +89,16 @@ def test_cli_submit_and_stop_refusals(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "--job-key" in err[0] and "--submit resumes by itself" in err[1], err
     assert "did not answer" in err[2] and "RAY_ADDRESS" in err[2], err
+
+
+def test_jobs_api_address_prefers_the_api_server_variable(monkeypatch):
+    # As `ray job submit`: on a cluster node RAY_ADDRESS is often the GCS (for ray.init), and the
+    # dashboard is in RAY_API_SERVER_ADDRESS (infra/local/stack exports both).
+    from training.runtime.jobs import jobs_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    assert jobs_address() == "http://127.0.0.1:8265"
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    assert jobs_address() == "http://10.0.0.5:8265"
