@@ -302,7 +302,7 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
     rows = _shard_rows(shards)
     if vae_cfg is not None:
         options = {"timeout_seconds": train_timeout_s, "retries": train_retries,
-                   "result_storage": result_storage(storage_uri), "refresh_cache": refresh_cache}
+                   "result_storage": _storage(result_storage), "refresh_cache": refresh_cache}
         vae = train_vae_task.with_options(**options)(vae_cfg, shards.output, shards.content_id, forward_credentials)
         result["vae"] = asdict(vae)
         rows += [("VAE held-out PSNR (dB)", vae.psnr), ("VAE scaling factor", vae.scaling_factor)]
