@@ -96,7 +96,10 @@ def schema_template() -> Path:
         from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
 
         # Under the session's runs directory (tests/conftest.py), which goes when the session ends.
-        path = Path(tempfile.mkdtemp(prefix="mlflow-schema-", dir=os.environ.get("LDMFLOW_RUNS_DIR"))) / "mlflow.db"
+        runs = os.environ.get("LDMFLOW_RUNS_DIR")
+        if runs:
+            Path(runs).mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="mlflow-schema-", dir=runs)) / "mlflow.db"
         engine = create_sqlalchemy_engine_with_retry(f"sqlite:///{path}")
         try:
             _initialize_tables(engine)  # what SqlAlchemyStore does to a database without tables
