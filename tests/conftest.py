@@ -15,6 +15,7 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.s3_server import S3Server
+    from tests.training.mlops.consumer_fixtures import Registered
 
 
 def pytest_configure(config):
@@ -92,3 +93,15 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3S
 def s3_bucket(s3_env: S3Server) -> str:
     """A fresh, empty bucket on the test S3 server (env already pointing at it)."""
     return s3_env.make_bucket()
+
+
+# ------------------------------------------------------------------------------------------ MLflow
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory) -> Iterator[Registered]:
+    """A real MLflow server with one tiny registered model (alias champion) that the consumer tests of
+    every module read; see tests/training/mlops/consumer_fixtures.py."""
+    from tests.training.mlops.consumer_fixtures import serve_registered
+
+    yield from serve_registered(tmp_path_factory)

@@ -9,10 +9,12 @@ load models knowing nothing but the tracking URI."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -81,6 +83,32 @@ class _S3Relay:
         self._listener.close()
 
 
+_SCHEMA_TEMPLATE: Path | None = None
+
+
+def schema_template() -> Path:
+    """An empty SQLite store with MLflow's full schema, made once per test process. A fresh server's own
+    start creates the tables and runs every Alembic migration (seconds of CPU on 2 shared cores, for
+    each of the suite's ~25 server starts); a copy of this file is the same empty store, which the
+    server then only checks (`_verify_schema`) before creating its default experiment, as on any start."""
+    global _SCHEMA_TEMPLATE
+    if _SCHEMA_TEMPLATE is None or not _SCHEMA_TEMPLATE.exists():
+        from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
+
+        # Under the session's runs directory (tests/conftest.py), which goes when the session ends.
+        runs = os.environ.get("LDMFLOW_RUNS_DIR")
+        if runs:
+            Path(runs).mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="mlflow-schema-", dir=runs)) / "mlflow.db"
+        engine = create_sqlalchemy_engine_with_retry(f"sqlite:///{path}")
+        try:
+            _initialize_tables(engine)  # what SqlAlchemyStore does to a database without tables
+        finally:
+            engine.dispose()
+        _SCHEMA_TEMPLATE = path
+    return _SCHEMA_TEMPLATE
+
+
 class MlflowServer:
     """`start()` it, use `uri`, `stop()` it."""
 
@@ -105,6 +133,10 @@ class MlflowServer:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("AWS_") and not k.startswith("MLFLOW_S3_") and k != "MLFLOW_TRACKING_URI"}
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no outbound calls from a test server
+        # No job runner (a huey consumer process MLflow 3 starts beside the web server for GenAI jobs and
+        # trace roll-ups, which no test uses): it competes for the 2 cores while the server starts, and
+        # it is what made SIGTERM take up to 30 s.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         if self.s3 is not None:
             env.update(
                 AWS_ACCESS_KEY_ID=self.s3.access_key, AWS_SECRET_ACCESS_KEY=self.s3.secret_key,
@@ -131,6 +163,8 @@ class MlflowServer:
     def start(self, port: int | None = None) -> MlflowServer:
         """Start the server, at `port` if given (restart), else at a free port."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / "mlflow.db").exists():
+            shutil.copyfile(schema_template(), self.folder / "mlflow.db")
         port = port or free_port()
         self.port = port
         self.uri = f"http://127.0.0.1:{port}"
@@ -154,7 +188,7 @@ class MlflowServer:
                     if response.status == 200:
                         return self
             except OSError:
-                time.sleep(0.5)
+                time.sleep(0.1)  # a refused connection on loopback costs nothing; start-up is what we wait for
         self.stop()
         raise TimeoutError(f"mlflow server at {self.uri} not up after {self.startup_timeout} s")
 
@@ -162,8 +196,8 @@ class MlflowServer:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                # The web server exits at once; MLflow's job runner can take 30 s more, for nothing a
-                # test keeps (the SQLite store is committed per request).
+                # The web server exits at once (the job runner, which took up to 30 s, is off:
+                # server_env); the SQLite store is committed per request, so a kill loses nothing.
                 self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)

@@ -3,10 +3,8 @@ the same dataset, byte for byte in identity, as local processes make."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +16,7 @@ import pytest
 from data_prep.dataset import read_dataset, verify_dataset
 from data_prep.shard import ShardConfig, build_shards
 from tests.data_prep.inputs import write_folder
-from tests.training.runtime.ray_nodes import wait_for_port
+from tests.training.runtime.ray_nodes import stop_node, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +55,7 @@ def ray_head(monkeypatch):
         wait_for_port(port, head)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_node(head)  # SIGTERM, then SIGKILL for the group after a short grace (it took 33 s)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pipelines.cli import main
-from tests.training.mlops.consumer_fixtures import NAME, registered  # noqa: F401  (fixture)
+from tests.training.mlops.consumer_fixtures import NAME  # `registered`: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def prefect_server():
         server.stop()
 
 
-def test_flow_completes_an_interrupted_batch(registered, prefect_server, tmp_path, monkeypatch):  # noqa: F811
+def test_flow_completes_an_interrupted_batch(registered, prefect_server, tmp_path, monkeypatch):
     from pipelines.flows import batch_generate_flow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)

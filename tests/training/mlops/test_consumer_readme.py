@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipelines.cli import main
-from tests.training.mlops.consumer_fixtures import NAME, registered  # noqa: F401  (fixture)
+from tests.training.mlops.consumer_fixtures import NAME  # `registered`: tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -24,7 +24,7 @@ def block(marker: str) -> str:
     return found.group(1).replace("ldm-tiny", NAME)
 
 
-def test_readme_cli_lines_run(registered, tmp_path, monkeypatch):  # noqa: F811
+def test_readme_cli_lines_run(registered, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -37,7 +37,7 @@ def test_readme_cli_lines_run(registered, tmp_path, monkeypatch):  # noqa: F811
     assert len(list((tmp_path / "batch-out").glob("*.png"))) == 8 and (tmp_path / "batch-out/index.json").is_file()
 
 
-def test_readme_python_snippet_runs(registered, tmp_path):  # noqa: F811
+def test_readme_python_snippet_runs(registered, tmp_path):
     code = block("consumer-python").replace('"steps": 20', '"steps": 2')
     code += "\nassert images.dtype.name == 'uint8' and images.shape[0] == 1 and images.shape[-1] == 3\nprint('ok')\n"
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered.uri}

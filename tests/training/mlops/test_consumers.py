@@ -12,13 +12,13 @@ import pytest
 
 from pipelines.cli import main
 from tests.mlflow_server import free_port
-from tests.training.mlops.consumer_fixtures import NAME, registered  # noqa: F401  (fixture)
+from tests.training.mlops.consumer_fixtures import NAME  # `registered`: tests/conftest.py
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a blue triangle"]
 
 
 @pytest.fixture
-def server(registered, monkeypatch):  # noqa: F811
+def server(registered, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)
     return registered
 
