@@ -347,8 +347,14 @@ def test_ray_async_checkpoints_to_s3_and_a_reused_name_restores(s3_bucket, tmp_p
         restored = rt.get_checkpoint()
         start = 0
         if restored is not None:
-            with restored.as_directory() as d:
-                start = json_.loads((Path_(d) / "COMMITTED").read_text())["step"]
+            # Each rank into its own folder: as_directory() has both ranks of this node download into one
+            # shared temp folder under a file lock, and the rank that waited can find it already deleted
+            # by the other ("Checkpoint directory ... does not exist", seen once in a full suite run).
+            d = restored.to_directory(tempfile.mkdtemp(prefix=f"restored-r{rank}-", dir=config["scratch"]))
+            start = json_.loads((Path_(d) / "COMMITTED").read_text())["step"]
+            import shutil as shutil_
+
+            shutil_.rmtree(d)
         for step in range(start + 1, start + 3):
             local = Path_(tempfile.mkdtemp(prefix=f"ckpt-{step}-r{rank}-", dir=config["scratch"]))
             tag = f"step-{step:08d}"
