@@ -74,7 +74,7 @@ def test_first_retrain_shards_trains_from_scratch_and_promotes(world, first):
     assert result["shards"]["written"] == 24 and result["shards"]["samples"] == 24
     assert result["model"]["version"] == "1" and result["model"]["gate"]["promoted"]
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    assert champion.version == "1" and champion.run_id == result["run_id"]
+    assert str(champion.version) == "1" and champion.run_id == result["run_id"]
     assert champion.tags["dataset_content_id"] == read_dataset(str(root / "dataset")).content_id
     assert 0.0 <= result["evaluation"]["metrics"]["shape_adherence"] <= 1.0
     report = artifact_text(state.state_details.flow_run_id, "ldm-retrain-report")
@@ -160,6 +160,6 @@ def test_new_data_fine_tunes_the_champion_and_a_second_retrain_is_refused(world,
     run = client.get_run(result["run_id"])
     assert run.data.params["model.unet.pretrained"] == f"models:/{MODEL}/1"
     assert result["model"]["version"] == "2"
-    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
     assert champion == ("2" if result["model"]["gate"]["promoted"] else "1")
     assert _active_slots(limit_name(MODEL)) == 0
