@@ -25,7 +25,10 @@ def test_gpu_plan_runs_every_section_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     env = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--preset", "tiny", "--quick",
-                           "--out", str(out)], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                           # 104 s alone here; the budget and timeout leave room for a loaded machine (240 s
+                           # timed out while a demo ran beside the suite)
+                           "--budget-s", "900", "--out", str(out)],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bench.gpu:" in proc.stdout and "img/s" in proc.stdout  # the table
     r = json.loads(out.read_text())
