@@ -40,7 +40,9 @@ from pipelines.params import (
     check_source,
     run_config,
 )
-from pipelines.policies import result_storage
+# Imported under another name: every flow has a `result_storage` parameter, which would shadow it
+# (ldm_pipeline's VAE step once called the parameter instead).
+from pipelines.policies import result_storage as result_storage_for
 from pipelines.reports import metric_rows, mlflow_links, publish_report
 from pipelines.retrain_lock import retrain_slot
 from pipelines.tasks import (
@@ -80,14 +82,14 @@ def _train(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retr
            result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> TrainOutcome:
     """The train task, cached on (config hash, dataset content id) in result storage every worker reaches;
     `refresh_cache` trains again anyway (and replaces the cached result)."""
-    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": result_storage(result_storage_uri),
+    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": result_storage_for(result_storage_uri),
                "refresh_cache": refresh_cache}
     return train_task.with_options(**options)(cfg, data, content_id, forward_credentials)
 
 
 def _evaluate(version: RegisteredVersion, prompts: int, per_prompt: int, steps: int | None, seed: int, *,
               timeout_s: float, result_storage_uri: str | None) -> dict:
-    options = {"timeout_seconds": timeout_s, "result_storage": result_storage(result_storage_uri)}
+    options = {"timeout_seconds": timeout_s, "result_storage": result_storage_for(result_storage_uri)}
     return evaluate_task.with_options(**options)(version.uri, prompts, per_prompt, steps, seed)
 
 
@@ -362,7 +364,7 @@ def _storage_uri(uri: str | None) -> str | None:
 
 
 def _storage(uri: str | None):
-    return result_storage(_storage_uri(uri))
+    return result_storage_for(_storage_uri(uri))
 
 
 def _content_id(param: str, data: str) -> str:
