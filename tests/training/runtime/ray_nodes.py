@@ -36,9 +36,12 @@ def _ray_bin() -> str:
 def ray_node(args: list[str], env: dict) -> Iterator[subprocess.Popen]:
     """`ray start --block ...` in its own process group and temp dir; stopped (group killed) on exit."""
     temp = tempfile.mkdtemp(prefix="rayn", dir="/tmp")  # short: Ray's socket paths have a length limit
-    proc = subprocess.Popen([_ray_bin(), "start", "--block", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp}",
-                             "--disable-usage-stats", *args], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(temp) / "start.log"  # what `ray start` printed, for the failure message if it exits
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([_ray_bin(), "start", "--block", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp}",
+                                 "--disable-usage-stats", *args], env=env,
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    proc.start_log = log
     try:
         yield proc
     finally:
@@ -76,16 +79,23 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 90) -> Non
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
-            assert proc.poll() is None, "ray start exited"
+            assert proc.poll() is None, f"ray start exited ({proc.returncode}):\n{start_log_tail(proc)}"
             time.sleep(0.5)
     raise TimeoutError(f"no Ray head on port {port}")
+
+
+def start_log_tail(proc: subprocess.Popen, lines: int = 15) -> str:
+    log = getattr(proc, "start_log", None)
+    if log is None or not log.exists():
+        return "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def wait_for_nodes(count: int, proc: subprocess.Popen, env: dict, port: int, timeout: float = 90) -> None:
     """Until the cluster has `count` alive nodes (asked through `ray list nodes`-free means: the CLI's status)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "ray start --address exited"
+        assert proc.poll() is None, f"ray start --address exited:\n{start_log_tail(proc)}"
         out = subprocess.run([_ray_bin(), "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
                              text=True, timeout=60).stdout
         if out.count("node_") >= count:

@@ -56,6 +56,13 @@ def ray_head(tmp_path_factory):
     """A Ray head with the Jobs API (ray[default]) on 127.0.0.1; yields (dashboard URL, head process)."""
     port, dash = free_port(), free_port()
     env = second_node_env(dict(os.environ), tmp_path_factory.mktemp("head-home"))
+    # A local `ray.init()` of an earlier test leaves RAY_AUTH_MODE=token in this process's environment
+    # (Ray 2.60 turns token auth on for local clusters), and `ray start` then exits for want of a
+    # token. This head runs without auth, said out loud, and so do the submitters this module starts;
+    # token auth on a cluster is covered by the two-node tests and the local stack's.
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    env["RAY_AUTH_MODE"] = "disabled"
     # The job's entrypoint runs `python -m training.runtime.job_entry`: this project, from its source.
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHONPATH=str(ROOT))
     ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -64,7 +71,9 @@ def ray_head(tmp_path_factory):
     with ray_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports], env) as head:
         wait_for_port(dash, head)
-        yield f"http://127.0.0.1:{dash}", head
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RAY_AUTH_MODE", "disabled")
+            yield f"http://127.0.0.1:{dash}", head
 
 
 def job_driver(head: subprocess.Popen) -> psutil.Process | None:
