@@ -66,6 +66,8 @@ class Options:
     preset: str
     quick: bool
     budget_s: float
+    compile_batch: int | None = None
+    """The compiled case's batch; None: the smallest batch of the largest resolution."""
 
     @property
     def cuda(self) -> bool:
@@ -480,7 +482,7 @@ def section_compile(opts: Options, spec: Spec, results: dict) -> dict:
     set_fast_math(opts)
     device = opts.device
     case = cases(opts, spec.cfg.model.resolution)[-1]
-    batch = case.batches[0]
+    batch = opts.compile_batch or case.batches[0]
     sched = scheduler()
     unet = spec.unet(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
@@ -564,7 +566,8 @@ def run_child(opts: Options, name: str, timeout_s: float, env: dict[str, str] | 
     with tempfile.TemporaryDirectory(prefix=f"bench-gpu-{name}-") as tmp:
         out = Path(tmp) / "section.json"
         cmd = [sys.executable, "-m", "bench.gpu", "--section", name, "--out", str(out), "--device", opts.device,
-               "--preset", opts.preset] + (["--quick"] if opts.quick else [])
+               "--preset", opts.preset] + (["--quick"] if opts.quick else []) \
+            + ([f"--compile-batch={opts.compile_batch}"] if opts.compile_batch else [])
         proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | (env or {}), start_new_session=True)
         try:
             proc.wait(timeout=timeout_s)
@@ -592,10 +595,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds the whole run may take; the compile child gets what is left")
     p.add_argument("--skip", action="append", default=[],
                    choices=("machine", "train", "deepspeed", "determinism", "compile"), help="leave a section out")
+    p.add_argument("--compile-batch", type=int, default=None,
+                   help="the compiled case's batch (default: the smallest batch at the largest resolution)")
     p.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section in a child
     args = p.parse_args(argv)
     preset = args.preset or ("sd15" if args.device == "cuda" else "tiny")
-    opts = Options(device=args.device, preset=preset, quick=args.quick, budget_s=args.budget_s)
+    opts = Options(device=args.device, preset=preset, quick=args.quick, budget_s=args.budget_s,
+                   compile_batch=args.compile_batch)
     # Before deepspeed is imported anywhere: it picks its accelerator once. Set, not defaulted: the
     # Makefile exports DS_ACCELERATOR=cpu for the CPU-only machines `make bench` usually runs on.
     os.environ["DS_ACCELERATOR"] = "cuda" if opts.cuda else "cpu"
