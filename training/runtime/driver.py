@@ -19,7 +19,7 @@ from data_prep.dataset import Dataset, read_dataset
 from training.checkpoint.layout import COMMITTED, FILES_DIR, STATE_FILE
 from training.checkpoint.loading import model_differences
 from training.checkpoint.run_storage import check_run_storage, download_checkpoint, run_uri
-from training.checkpoint.verify import latest_verified_checkpoint, read_state
+from training.checkpoint.verify import CheckpointRef, latest_verified_checkpoint, read_state
 from training.config import RunConfig, config_from_dict
 from training.errors import ConfigError, DataError, TrackingUnavailable
 from training.loader.batch import trains_on_any
@@ -170,8 +170,13 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
         raise ConfigError(f"--resume {run_id}: no verified checkpoint under {location}; "
                           "the run never finished one, so start it again as a new run")
     if latest.step >= cfg.train.max_steps:
-        raise ConfigError(f"--resume {run_id}: its latest checkpoint is at step {latest.step}, which already "
-                          f"reaches train.max_steps={cfg.train.max_steps}; pass --max-steps to train further")
+        if tags.get("checkpoint") == latest.uri:  # the run finished and recorded this as its outcome
+            raise ConfigError(f"--resume {run_id}: its latest checkpoint is at step {latest.step}, which already "
+                              f"reaches train.max_steps={cfg.train.max_steps}; pass --max-steps to train further")
+        # Training reached its end but its driver stopped before recording it (killed between the final
+        # checkpoint and the run's end): finish the run from that checkpoint; training again would refuse.
+        with run_lease(run_id, holder=lease_holder):
+            return _finish_from(run_id, latest, cfg, tags, data_dir), cfg
     dataset = check_data(cfg, data_dir)
     new_data = _changed_data(run_id, tags, dataset, allow_new_data)
     check_run_storage(storage_uri)
@@ -200,6 +205,39 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
             outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,
                                      allow_new_data=bool(new_data), forward=forward)
     return outcome, cfg
+
+
+def recorded_outcome(run_id: str) -> TrainOutcome | None:
+    """The outcome of MLflow run `run_id` when it finished and recorded its final checkpoint (None
+    otherwise): what a retried Ray job publishes when its predecessor ended the run but was killed before
+    publishing, instead of resuming a run that has nothing left to train."""
+    import mlflow
+
+    setup_mlflow()
+    run = mlflow.MlflowClient().get_run(run_id)
+    tags = run.data.tags
+    if run.info.status != "FINISHED" or not tags.get("checkpoint"):
+        return None
+    cfg = config_from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}"))
+    return TrainOutcome(run_id=run_id, checkpoint_dir=tags["checkpoint"], metrics=dict(run.data.metrics),
+                        dataset_content_id=tags.get("dataset_content_id", ""), config_hash=cfg.hash,
+                        data=tags.get("data", ""))
+
+
+def _finish_from(run_id: str, final: CheckpointRef, cfg: RunConfig, tags: dict, data_dir: str) -> TrainOutcome:
+    """The outcome of a run whose final checkpoint is complete but was never recorded: the run is marked
+    finished with that checkpoint, its metrics are the last it logged."""
+    import mlflow
+
+    log.info("MLflow run %s: its step-%d checkpoint %s is complete but the run never recorded it; finishing the "
+             "run from it", run_id, final.step, final.uri)
+    with tracked_run(run_id=run_id):
+        resumes = int(tags.get("resumes", "0")) + 1
+        mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(final.step),
+                         f"resume.{resumes}.finished_from_checkpoint": "true", "checkpoint": final.uri})
+        metrics = dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
+    return TrainOutcome(run_id=run_id, checkpoint_dir=final.uri, metrics=metrics,
+                        dataset_content_id=tags.get("dataset_content_id", ""), config_hash=cfg.hash, data=data_dir)
 
 
 def _changed_data(run_id: str, tags: dict, dataset: Dataset, allow_new_data: bool) -> str:

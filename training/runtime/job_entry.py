@@ -61,7 +61,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 def main() -> int:
     from training.config import config_from_dict
-    from training.runtime.driver import resume, train
+    from training.runtime.driver import recorded_outcome, resume, train
     from training.runtime.lease import holder_name
 
     logging.basicConfig(level=os.environ.get("LDMFLOW_LOG_LEVEL", "INFO"),
@@ -77,7 +77,12 @@ def main() -> int:
         storage.storage_for(uri).put_bytes(uri, json.dumps({"run_id": run_id, "by": spec.submission_id}).encode())
         log.info("job %s trains MLflow run %s", spec.submission_id, run_id)
 
-    if spec.resume_run_id:
+    if spec.resume_run_id and (done := recorded_outcome(spec.resume_run_id)) is not None:
+        # The attempt before finished the run but was stopped before publishing its outcome.
+        log.info("job %s: MLflow run %s finished already; publishing its outcome", spec.submission_id,
+                 spec.resume_run_id)
+        outcome = done
+    elif spec.resume_run_id:
         log.info("job %s resumes MLflow run %s", spec.submission_id, spec.resume_run_id)
         outcome, _ = resume(spec.resume_run_id, allow_new_data=spec.allow_new_data, lease_holder=holder)
     else:

@@ -137,11 +137,43 @@ def test_resume_refuses_data_and_config_flags(no_ray, capsys):
 
 
 def test_checkpoint_already_at_max_steps(no_ray, tmp_path, shards):
+    """A run that finished and recorded its final checkpoint: resuming it trains nothing more unless asked."""
+    from training.checkpoint.verify import latest_verified_checkpoint
+
     cfg = load_config("tiny", ["train.max_steps=4"])
     run_id = make_run(str(tmp_path / "storage"), shards, cfg)
     commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_a", step=4, config=cfg.to_dict(),
                       frozen=frozen_of(cfg))
+    import mlflow
+
+    final = latest_verified_checkpoint(str(tmp_path / "storage" / f"train-{run_id}"))
+    mlflow.MlflowClient().set_tag(run_id, "checkpoint", final.uri)
     assert "--max-steps" in resume_error(run_id)
+
+
+def test_final_checkpoint_never_recorded_finishes_the_run(no_ray, tmp_path, shards):
+    """The driver was killed after the final checkpoint but before the run recorded it (a Ray job's retry
+    then resumes it): resume finishes the run from that checkpoint, without Ray, instead of refusing."""
+    import mlflow
+
+    from training.runtime.driver import recorded_outcome, resume
+
+    cfg = load_config("tiny", ["train.max_steps=4"])
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg)
+    assert recorded_outcome(run_id) is None  # its driver died: nothing recorded
+    mlflow.MlflowClient().log_metric(run_id, "loss", 0.25, step=4)
+    commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_b", step=4, config=cfg.to_dict(),
+                      frozen=frozen_of(cfg))
+    outcome, _ = resume(run_id)
+    assert outcome.run_id == run_id and outcome.checkpoint_dir.endswith("checkpoint_b")
+    assert outcome.metrics == {"loss": 0.25} and outcome.config_hash == cfg.hash
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["checkpoint"] == outcome.checkpoint_dir
+    assert run.data.tags["resume.1.finished_from_checkpoint"] == "true"
+    assert "--max-steps" in resume_error(run_id)  # now recorded: a second resume trains nothing
+    # What a retried Ray job publishes for a run its predecessor finished (training.runtime.job_entry).
+    assert recorded_outcome(run_id) == outcome
 
 
 def test_storage_nobody_can_write(no_ray, tmp_path, shards):
