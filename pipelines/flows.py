@@ -40,6 +40,7 @@ from pipelines.params import (
     check_source,
     run_config,
 )
+
 # Imported under another name: every flow has a `result_storage` parameter, which would shadow it
 # (ldm_pipeline's VAE step once called the parameter instead).
 from pipelines.policies import result_storage as result_storage_for
@@ -53,14 +54,16 @@ from pipelines.tasks import (
     gate_task,
     publish_task,
     shard_task,
+    stop_training_jobs,
     synth_task,
+    task_timeout,
     train_task,
     train_vae_task,
 )
 from training.config import RunConfig, config_from_dict
 from training.eval.gate import Decision
 from training.locations import runs_dir
-from training.mlops.publish import TrainOutcome
+from training.mlops.publish import PublishedVAE, TrainOutcome
 from training.mlops.registry import CANDIDATE, RegisteredVersion
 
 HOUR = 3600.0
@@ -82,9 +85,16 @@ def _train(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retr
            result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> TrainOutcome:
     """The train task, cached on (config hash, dataset content id) in result storage every worker reaches;
     `refresh_cache` trains again anyway (and replaces the cached result)."""
-    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": result_storage_for(result_storage_uri),
-               "refresh_cache": refresh_cache}
-    return train_task.with_options(**options)(cfg, data, content_id, forward_credentials)
+    options = {"timeout_seconds": task_timeout(timeout_s), "retries": retries,
+               "result_storage": result_storage_for(result_storage_uri), "refresh_cache": refresh_cache}
+    return train_task.with_options(**options)(cfg, data, content_id, forward_credentials, timeout_s)
+
+
+def _train_vae(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
+               result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> PublishedVAE:
+    options = {"timeout_seconds": task_timeout(timeout_s), "retries": retries,
+               "result_storage": result_storage_for(result_storage_uri), "refresh_cache": refresh_cache}
+    return train_vae_task.with_options(**options)(cfg, data, content_id, forward_credentials, timeout_s)
 
 
 def _evaluate(version: RegisteredVersion, prompts: int, per_prompt: int, steps: int | None, seed: int, *,
@@ -140,7 +150,7 @@ def shard_flow(source: StorageUri, output: StorageUri, resolution: PositiveInt =
     return asdict(shards)
 
 
-@flow(name="ldm-train-vae", log_prints=True)
+@flow(name="ldm-train-vae", log_prints=True, on_cancellation=[stop_training_jobs])
 def train_vae_flow(data: StorageUri, config: ConfigPath = "shapes-vae", overrides: list[Override] | None = None,
                    timeout_s: Seconds = 48 * HOUR, retries: Retries = 1, result_storage: StorageUri | None = None,
                    forward_credentials: bool = False) -> dict:
@@ -148,15 +158,15 @@ def train_vae_flow(data: StorageUri, config: ConfigPath = "shapes-vae", override
     cfg = run_config("config", config, overrides, task="vae")
     data = check_source("data", data)
     content_id = _content_id("data", data)
-    options = {"timeout_seconds": timeout_s, "retries": retries, "result_storage": _storage(result_storage)}
-    vae = train_vae_task.with_options(**options)(cfg, data, content_id, forward_credentials)
+    vae = _train_vae(cfg, data, content_id, timeout_s=timeout_s, retries=retries,
+                     result_storage_uri=_storage_uri(result_storage), forward_credentials=forward_credentials)
     publish_report("ldm-train-vae-report", f"VAE trained on {data}",
                    [("scaling factor", vae.scaling_factor), ("held-out PSNR (dB)", vae.psnr), ("folder", vae.path)],
                    links=mlflow_links(vae.run_id))
     return asdict(vae)
 
 
-@flow(name="ldm-train", log_prints=True)
+@flow(name="ldm-train", log_prints=True, on_cancellation=[stop_training_jobs])
 def train_flow(data: StorageUri, config: ConfigPath = "tiny", overrides: list[Override] | None = None,
                init_from: ModelUri | None = None, promote: bool = False, timeout_s: Seconds = 7 * 24 * HOUR,
                retries: Retries = 1, gate_timeout_s: Seconds = 2 * HOUR, result_storage: StorageUri | None = None,
@@ -213,7 +223,7 @@ def register_flow(run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")], prom
     return {"run_id": run_id, "model": _model(version, decision)}
 
 
-@flow(name="ldm-retrain", log_prints=True)
+@flow(name="ldm-retrain", log_prints=True, on_cancellation=[stop_training_jobs])
 def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "tiny",
                  overrides: list[Override] | None = None, from_champion: bool = True,
                  samples_per_shard: PositiveInt | None = None, evaluate: bool = True, eval_prompts: PositiveInt = 12,
@@ -266,7 +276,7 @@ def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "
             "metrics": outcome.metrics, "evaluation": evaluation, "model": _model(version, decision)}
 
 
-@flow(name="ldm-train-pipeline", log_prints=True)
+@flow(name="ldm-train-pipeline", log_prints=True, on_cancellation=[stop_training_jobs])
 def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[Override] | None = None,
                  source: StorageUri | None = None, synth_n: PositiveInt = 64, work_dir: StorageUri | None = None,
                  samples_per_shard: PositiveInt | None = None, overwrite_shards: bool = False,
@@ -303,9 +313,9 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
     result: dict = {"shards": asdict(shards)}
     rows = _shard_rows(shards)
     if vae_cfg is not None:
-        options = {"timeout_seconds": train_timeout_s, "retries": train_retries,
-                   "result_storage": _storage(result_storage), "refresh_cache": refresh_cache}
-        vae = train_vae_task.with_options(**options)(vae_cfg, shards.output, shards.content_id, forward_credentials)
+        vae = _train_vae(vae_cfg, shards.output, shards.content_id, timeout_s=train_timeout_s, retries=train_retries,
+                         result_storage_uri=storage_uri, forward_credentials=forward_credentials,
+                         refresh_cache=refresh_cache)
         result["vae"] = asdict(vae)
         rows += [("VAE held-out PSNR (dB)", vae.psnr), ("VAE scaling factor", vae.scaling_factor)]
         cfg = config_from_dict(cfg.to_dict(), [f"model.vae.pretrained={vae.path}"])
@@ -361,10 +371,6 @@ def _storage_uri(uri: str | None) -> str | None:
     if uri is None:
         return None
     return check_output("result_storage", uri) if not storage.is_s3(uri) else uri
-
-
-def _storage(uri: str | None):
-    return result_storage_for(_storage_uri(uri))
 
 
 def _content_id(param: str, data: str) -> str:

@@ -86,24 +86,93 @@ def _training_key(context, parameters: dict) -> str:
 TRAINING_CACHE = CacheKeyFnPolicy(cache_key_fn=_training_key)
 
 
+TRAIN_STEPS = ("vae", "ldm")
+"""The training steps a flow run may have; each is one Ray job, keyed `<flow run id>-<step>`."""
+
+JOB_STOP_GRACE_S = 120.0
+"""Between Ray's SIGTERM and SIGKILL of a stopped training job: the driver ends its MLflow run and
+releases the run's lease in it."""
+
+
+def training_job_key(flow_run_id: str, step: str) -> str:
+    """The Ray job's identity for a flow run's training step. It derives from the flow run alone, so a
+    rerun of that flow run (after its worker died) re-attaches to the job, and the cancellation hook
+    (which runs after the flow-run process is gone) finds it."""
+    if step not in TRAIN_STEPS:
+        raise ValueError(f"training step must be one of {TRAIN_STEPS}, got {step!r}")
+    return f"{flow_run_id}-{step}"
+
+
+def train_as_job(config: RunConfig, data: str, *, step: str, timeout_s: float | None,
+                 forward_credentials: bool = False) -> TrainOutcome:
+    """Training for a flow's task: a Ray job (training.runtime.jobs) on RAY_ADDRESS's cluster, or on a
+    Ray this process starts when none is set, its log streamed into the task's log. The job outlives
+    this worker; rerunning the flow run follows it again, and a failed or stopped job is resumed from its
+    last verified checkpoint by the rerun. `timeout_s` stops the job itself (Prefect's timeout cannot
+    interrupt this call).
+
+    `forward_credentials` cannot travel in a job (its definition carries no secret), so then the driver
+    runs in this task instead, as `ldmflow train --forward-credentials`, and lives only as long as it."""
+    from prefect.runtime import flow_run
+
+    from training.runtime.jobs import run_training_job
+
+    log = get_run_logger()
+    if forward_credentials:
+        log.warning("forward_credentials: the training driver runs in this task, not as a Ray job (a job's "
+                    "definition carries no credentials), so it does not outlive this worker")
+        return train(config, data, forward_credentials=True)
+    key = training_job_key(flow_run.get_id(), step)
+    return run_training_job(config, data, key=key, timeout_s=timeout_s, log=log, stop_grace_s=JOB_STOP_GRACE_S,
+                            on_submit=lambda sid: log.info("following Ray job %s", sid))
+
+
+def task_timeout(timeout_s: float) -> float:
+    """Prefect's timeout of a training task: a backstop past the job's own `timeout_s` and the stop
+    that follows it, so the job is stopped (and the task fails with its message) first."""
+    return timeout_s + JOB_STOP_GRACE_S + 120
+
+
 @task(cache_policy=TRAINING_CACHE, persist_result=True, retry_condition_fn=retry_transient,
       retry_delay_seconds=exponential_backoff(backoff_factor=30), retry_jitter_factor=0.5)
-def train_task(config: RunConfig, data: str, content_id: str, forward_credentials: bool = False) -> TrainOutcome:
+def train_task(config: RunConfig, data: str, content_id: str, forward_credentials: bool = False,
+               timeout_s: float | None = None) -> TrainOutcome:
     """`config` is the resolved run config; `content_id` the dataset's, the cache's identity of `data`
     (checked against the dataset when training starts: the run's tags record what it read).
-    `forward_credentials`: as `ldmflow train --forward-credentials` (read from the task's own
-    environment; never a flow parameter's value). A retry starts a new MLflow run."""
-    return train(config, data, forward_credentials=forward_credentials)
+    Trains as a Ray job (train_as_job); `forward_credentials` as `ldmflow train --forward-credentials`
+    (read from the task's own environment; never a flow parameter's value)."""
+    return train_as_job(config, data, step="ldm", timeout_s=timeout_s, forward_credentials=forward_credentials)
 
 
 @task(cache_policy=TRAINING_CACHE, persist_result=True, retry_condition_fn=retry_transient,
       retry_delay_seconds=exponential_backoff(backoff_factor=30), retry_jitter_factor=0.5)
-def train_vae_task(config: RunConfig, data: str, content_id: str, forward_credentials: bool = False) -> PublishedVAE:
-    """`ldmflow train-vae` as a task: trains, exports and logs the VAE; returns its folder and scores."""
-    published = publish_vae(train(config, data, forward_credentials=forward_credentials), config)
+def train_vae_task(config: RunConfig, data: str, content_id: str, forward_credentials: bool = False,
+                   timeout_s: float | None = None) -> PublishedVAE:
+    """`ldmflow train-vae` as a task: trains (as a Ray job), exports and logs the VAE; returns its folder and scores."""
+    outcome = train_as_job(config, data, step="vae", timeout_s=timeout_s, forward_credentials=forward_credentials)
+    published = publish_vae(outcome, config)
     get_run_logger().info("VAE %s: scaling factor %.4f, held-out PSNR %s dB", published.path,
                           published.scaling_factor, "-" if published.psnr is None else f"{published.psnr:.2f}")
     return published
+
+
+def stop_training_jobs(flow, flow_run, state) -> None:
+    """A flow's on_cancellation hook: stop the flow run's training jobs. It runs in the worker after the
+    flow-run process is gone, so it finds them by the flow run's id alone. Without RAY_ADDRESS the jobs
+    ran on a Ray of the flow-run process, which ended with it."""
+    import logging
+    import os
+
+    from training.runtime.jobs import stop_training_job
+
+    log = logging.getLogger("ldmflow.flows")
+    if not (os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")):
+        log.info("flow run %s cancelled: its training ran on the flow run's own Ray, gone with it", flow_run.id)
+        return
+    for step in TRAIN_STEPS:
+        stopped = stop_training_job(training_job_key(str(flow_run.id), step), wait_s=JOB_STOP_GRACE_S + 30)
+        if stopped:
+            log.info("flow run %s cancelled: stopped Ray job %s", flow_run.id, stopped)
 
 
 # Not cached: registration is idempotent in the registry itself (one version per run and model name,

@@ -29,6 +29,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,10 +52,15 @@ PREFIX = "ldmflow-train-"
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 PYTHON_ENV = "LDMFLOW_JOB_PYTHON"
-"""The Python that runs the job's entrypoint on the cluster (default `python`: the image's)."""
+"""The Python that runs the job's entrypoint on the cluster (default `python`: the image's; on a Ray
+this process started, this Python)."""
+_own_dashboard: str | None = None
+"""The Jobs API of the Ray this process started (jobs_address), whose nodes run this Python."""
 ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 LAST_LINES = 20
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""Ray colours its log prefixes for a terminal; a flow run's log and an error message get plain text."""
 
 
 class JobFailed(RuntimeError):
@@ -122,7 +129,9 @@ def jobs_address(cfg: RunConfig | None = None) -> str:
     if not url:
         raise JobsUnreachable("this process's Ray runs without a dashboard, so it has no Jobs API; set RAY_ADDRESS "
                               "to a cluster's http://host:8265, or start it with ray[default] installed")
-    return url if "://" in url else f"http://{url}"
+    global _own_dashboard
+    _own_dashboard = url if "://" in url else f"http://{url}"
+    return _own_dashboard
 
 
 def jobs_client(address: str | None = None, cfg: RunConfig | None = None):
@@ -207,7 +216,7 @@ def run_training_job(cfg: RunConfig, data: str, *, key: str, storage_uri: str | 
         sid = submission_id(key, number)
         spec = JobSpec(submission_id=sid, key_dir=folder, data=data, storage=storage_uri, config=cfg.to_dict(),
                        resume_run_id=resume_id, allow_new_data=allow_new_data)
-        _call("submitting the job", address, client.submit_job, entrypoint=entrypoint(), submission_id=sid,
+        _call("submitting the job", address, client.submit_job, entrypoint=entrypoint(address), submission_id=sid,
               runtime_env={"env_vars": job_env(spec, stop_grace_s)},
               metadata={"ldmflow.key": job_key(key), "ldmflow.attempt": str(number),
                         "ldmflow.resumes": resume_id or ""})
@@ -228,8 +237,12 @@ def run_training_job(cfg: RunConfig, data: str, *, key: str, storage_uri: str | 
     return read_outcome(folder, sid)
 
 
-def entrypoint() -> str:
-    return f"{os.environ.get(PYTHON_ENV, 'python')} -m training.runtime.job_entry"
+def entrypoint(address: str | None = None) -> str:
+    """The job's command. On a Ray this process started, its nodes are this machine and this Python is
+    the one with the project (a bare `python` may be another: a venv run without activating it)."""
+    own = address is not None and _own_dashboard is not None and address.rstrip("/") == _own_dashboard.rstrip("/")
+    python = os.environ.get(PYTHON_ENV) or (sys.executable if own else "python")
+    return f"{shlex.quote(python)} -m training.runtime.job_entry"
 
 
 def job_env(spec: JobSpec, stop_grace_s: float) -> dict[str, str]:
@@ -303,9 +316,11 @@ def follow(client, sid: str, logger: logging.Logger, *, deadline: float | None,
             partial += chunk
             *complete, partial = partial.split("\n")
             for line in complete:
+                line = _ANSI.sub("", line)
                 lines.append(line)
                 logger.info("[%s] %s", sid, line)
         if partial:
+            partial = _ANSI.sub("", partial)
             lines.append(partial)
             logger.info("[%s] %s", sid, partial)
 

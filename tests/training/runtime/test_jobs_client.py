@@ -102,3 +102,19 @@ def test_jobs_api_address_prefers_the_api_server_variable(monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
     assert jobs_address() == "http://10.0.0.5:8265"
+
+
+def test_entrypoint_python(monkeypatch):
+    """A cluster's job runs its image's `python`; a job on the Ray this process started runs this Python
+    (the one with the project, even when its venv is not activated); LDMFLOW_JOB_PYTHON overrides both."""
+    import shlex
+    import sys
+
+    from training.runtime import jobs
+
+    monkeypatch.delenv(jobs.PYTHON_ENV, raising=False)
+    monkeypatch.setattr(jobs, "_own_dashboard", "http://127.0.0.1:8265")
+    assert jobs.entrypoint("http://10.0.0.5:8265") == "python -m training.runtime.job_entry"
+    assert jobs.entrypoint("http://127.0.0.1:8265/") == f"{shlex.quote(sys.executable)} -m training.runtime.job_entry"
+    monkeypatch.setenv(jobs.PYTHON_ENV, "/opt/py/bin/python3")
+    assert jobs.entrypoint("http://127.0.0.1:8265") == "/opt/py/bin/python3 -m training.runtime.job_entry"

@@ -263,3 +263,33 @@ def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monk
     client = MlflowClient(setup_mlflow())
     assert current_holder(client, run_id) is None, "the stopped driver left its lease"
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_flow_cancellation_hook_stops_the_flow_runs_jobs(ray_head, monkeypatch):
+    """The flows' on_cancellation hook (pipelines.tasks.stop_training_jobs) runs where the flow-run process
+    is gone: it finds the run's jobs by the flow run's id alone and stops them; another flow run's job
+    goes on. (The jobs here only sleep: what is tested is the finding and stopping.)"""
+    from types import SimpleNamespace
+
+    from pipelines.flows import ldm_pipeline, retrain_flow, train_flow, train_vae_flow
+    from pipelines.tasks import stop_training_jobs, training_job_key
+    from training.runtime.jobs import attempts, jobs_client, submission_id
+
+    address, _ = ray_head
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    for flow in (ldm_pipeline, retrain_flow, train_flow, train_vae_flow):
+        assert stop_training_jobs in flow.on_cancellation_hooks, flow.name
+    client = jobs_client()
+    ours, other = str(uuid.uuid4()), str(uuid.uuid4())
+    keys = [training_job_key(ours, "vae"), training_job_key(ours, "ldm"), training_job_key(other, "ldm")]
+    for key in keys:
+        client.submit_job(entrypoint=f"{sys.executable} -c 'import time; time.sleep(600)'",
+                          submission_id=submission_id(key))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(attempts(client, k)[0].status != "RUNNING" for k in keys):
+            time.sleep(0.5)
+        stop_training_jobs(None, SimpleNamespace(id=ours), None)
+        assert [attempts(client, k)[0].status for k in keys] == ["STOPPED", "STOPPED", "RUNNING"]
+    finally:
+        client.stop_job(submission_id(keys[2]))
