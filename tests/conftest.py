@@ -30,6 +30,13 @@ def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray Train's waits, set before any Ray starts (its nodes, workers and controller inherit them).
+    # The controller polls the worker group every 2 s, so every start, finish and failure is seen up to
+    # 2 s late; each of the many short runs here pays that several times. 0.5 s costs little CPU.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Every worker-group start also spawns a preemption-watcher actor (one more Python process on 2
+    # cores) that polls for node drains; no test drains a node.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_unconfigure(config):
