@@ -85,3 +85,15 @@ def test_make_targets_resolve():
                               check=False)
         assert proc.returncode == 0, proc.stderr
         assert does[target] in proc.stdout.splitlines()[-1], proc.stdout
+
+
+def test_blocks_are_read_as_a_shell_reads_them():
+    """Continuations join, a newline inside quotes stays in its command, comments and blank lines go, and only
+    shell-tagged blocks count (an untagged block is output)."""
+    from tests.readme_blocks import commands, section_commands
+
+    block = ('a --x 1 \\\n    --y 2   # why\n\n# a comment line\ncurl -d \'{"k": 1,\n  "j": "#2"}\' url\n'
+             'eval "$(stack env)"  # exports\n')
+    assert commands(block) == ["a --x 1 --y 2", 'curl -d \'{"k": 1,\n  "j": "#2"}\' url', 'eval "$(stack env)"']
+    text = "## One\n```bash\nmake x\n```\n```\nnot a command\n```\n## Two\n```python\nprint(1)\n```\n"
+    assert section_commands("One", text) == ["make x"] and section_commands("Two", text) == []
