@@ -287,6 +287,10 @@ class Stack:
         settings must not leak into a service)."""
         drop = ("AWS_", "MLFLOW_", "PREFECT_", "RAY_")
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        # The project's environment first on PATH, activated or not: a Ray Job's entrypoint is a bare `python -m
+        # ...` that the node resolves on its PATH (without this, `ldmflow train --submit` from a shell that did
+        # not activate .venv ran the system Python: "No module named 'torch'").
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
         env.update(PREFECT_HOME=str(self.folder / "prefect"), MLFLOW_DISABLE_TELEMETRY="true",
                    PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", RAY_USAGE_STATS_ENABLED="0")
         return env

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from infra.local.stack import SERVICES, Stack, StackConfig
+from tests.readme_blocks import commands, marked_block
 
 pytestmark = pytest.mark.slow
 
@@ -270,6 +271,84 @@ def test_retrain_cron_schedule_creates_scheduled_runs(stack):
     assert scheduled, "the scheduler created no run for the cron schedule (see the stack's logs/prefect.log)"
     starts = [r.expected_start_time.astimezone(datetime.timezone.utc) for r in scheduled]
     assert all((t.hour, t.minute) == (3, 0) for t in starts), starts
+
+
+def test_readme_running_on_a_cluster_lines_run(stack, tmp_path):
+    """The README's "Running on a cluster" block, then its "Scheduling retraining" block, line by line in bash
+    with the environment `stack env` exports (the module's stack; its folder given by --dir): `up` finds it
+    running, `deploy` puts every deployment on its Prefect server, `run retrain` trains from the synthetic
+    source on the stack's worker and Ray cluster and registers a version in its MLflow (steps and evaluation
+    sizes bounded by extra --param), `train --submit` starts a Ray Job that `job stop` stops while it runs, the
+    sensor finds nothing new, and `deploy --only retrain` updates the same deployment."""
+    lines = commands(marked_block("cluster")) + commands(marked_block("scheduling"))
+    kinds = [line.split()[1] if line.startswith("ldmflow") else line.split()[0] for line in lines]
+    assert kinds == ["infra/local/stack", "eval", "deploy", "synth", "run", "train", "job", "run", "deploy"], lines
+    stack_bin, folder = str(STACK), str(stack.folder)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(line: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        t0 = time.monotonic()
+        proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, check=False, capture_output=True,
+                              text=True, timeout=timeout)
+        print(f"{line[:100]}: {time.monotonic() - t0:.1f} s, exit {proc.returncode}")
+        return proc
+
+    def on_stack(line: str) -> str:
+        return line.replace("infra/local/stack up", f"{stack_bin} up --dir {folder}").replace(
+            "infra/local/stack env", f"{stack_bin} env --dir {folder}")
+
+    up, export, deploy, synth, retrain, submit, stop, sensor, redeploy = lines
+    proc = sh(on_stack(up))
+    assert proc.returncode == 0 and proc.stdout.count("already running") == len(SERVICES), proc.stdout + proc.stderr
+    proc = sh(on_stack(export) + " && env -0")
+    assert proc.returncode == 0, proc.stderr
+    env = dict(item.split("=", 1) for item in proc.stdout.split("\0") if "=" in item)
+    assert {k: env.get(k) for k in stack.client_env()} == stack.client_env()
+
+    proc = sh(deploy)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = dict(line.removeprefix("deployed ").rstrip(")").split(" (") for line in proc.stdout.splitlines()
+               if line.startswith("deployed "))
+    assert set(ids) == {d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}, (
+        proc.stdout)
+    proc = sh(synth, timeout=120)
+    assert proc.returncode == 0 and len(list((tmp_path / "data/incoming").glob("*.png"))) == 256, proc.stderr
+
+    # Bounded: 2 training steps, evaluation and gate on 2 prompts x 1 image of 2 steps.
+    bounds = (" --param 'overrides=[train.max_steps=2, gate.prompts=2, gate.per_prompt=1, gate.steps=2]'"
+              " --param eval_prompts=2 --param eval_per_prompt=1 --param eval_steps=2 --timeout 1200")
+    proc = sh(retrain + bounds, timeout=1300)
+    assert proc.returncode == 0 and "COMPLETED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import mlflow
+
+    versions = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_model_versions("name='ldm-tiny'")
+    assert len(versions) == 1 and versions[0].tags.get("dataset_content_id"), versions
+
+    # The submitted job runs the tiny preset's 150 steps unless stopped; it is stopped once it has started.
+    err = tmp_path / "submit.err"
+    with err.open("w") as sink:
+        job = subprocess.Popen(["bash", "-c", submit + " --timeout 900"], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=sink)
+        try:
+            deadline = time.monotonic() + 300
+            while "Ray job " not in err.read_text() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
+            submitted = [line.split()[-1] for line in err.read_text().splitlines() if line.startswith("Ray job ")]
+            assert submitted and job.poll() is None, err.read_text()[-3000:]
+            time.sleep(10)  # let the driver start training
+            proc = sh(stop, timeout=300)
+            assert proc.returncode == 0 and proc.stdout.strip() == f"stopped Ray job {submitted[0]}", (
+                proc.stdout + proc.stderr)
+            job.wait(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+    assert job.returncode == 1 and "STOPPED" in err.read_text(), err.read_text()[-3000:]
+
+    proc = sh(sensor)
+    assert proc.returncode == 0 and "COMPLETED" in proc.stdout, proc.stdout + proc.stderr
+    proc = sh(redeploy)
+    assert proc.returncode == 0 and f"deployed retrain ({ids['retrain']})" in proc.stdout.splitlines(), proc.stdout
 
 
 # --- down -------------------------------------------------------------------------------------------
