@@ -26,8 +26,8 @@ COVERED: dict[str, dict[str, str]] = {
         'eval "$(infra/local/stack env)"': STACK_TEST,
         "ldmflow deploy": STACK_TEST,
         "ldmflow synth --out data/incoming --n 256": STACK_TEST,
-        "ldmflow run retrain --param source=$PWD/data/incoming --param dataset=s3://ldm-data/datasets/main "
-        "--param forward_credentials=true": STACK_TEST,
+        "ldmflow run retrain --param source=$PWD/data/incoming --param dataset=s3://ldm-data/datasets/main":
+            STACK_TEST,
         "ldmflow train --submit --job-key tiny-1 --config configs/tiny.yaml --data s3://ldm-data/datasets/main":
             STACK_TEST,
         "ldmflow job stop tiny-1": STACK_TEST,

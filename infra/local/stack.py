@@ -360,9 +360,11 @@ class Stack:
             home = f / "ray" / node / "home"
             (home / "tmp").mkdir(parents=True, exist_ok=True)
             env = {**self._base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["ray_auth_token"]}
-            if node == "head":  # the head node has the stack's S3 credentials, as a node with an instance role
-                env.update({k: v for k, v in self.client_env().items() if k.startswith("AWS_")})
-            else:  # the second node shares nothing with the first but the token (and the compiled-op cache)
+            # Each node has the stack's S3 access in its own environment, as a node with an instance role
+            # has: a Ray job carries no credentials, so its workers use their node's. Nothing else is
+            # shared with the caller: no MLflow credentials, and the second node has its own HOME and TMPDIR.
+            env.update({k: v for k, v in self.client_env().items() if k.startswith("AWS_")})
+            if node != "head":  # shares nothing with the head but the token, S3 access and the compiled-op cache
                 env.update(HOME=str(home), TMPDIR=str(home / "tmp"), TORCH_EXTENSIONS_DIR=os.environ.get(
                     "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")))
             return env
