@@ -513,12 +513,18 @@ class TrainingRun:
     def logs(self, text: str) -> list[str]:
         """The flow run's log lines that contain `text` (the job's own lines are in its log too: many)."""
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+        # Page by page (the server's text search answers 500 on the stack's SQLite store).
+        lines: list[str] = []
         with prefect_api(self.stack), get_client(sync_client=True) as client:
-            found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id]),
-                                               text=LogFilterTextSearch(query=text)), limit=50)
-        return [entry.message for entry in found if text in entry.message]
+            for page in range(100):
+                found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id])),
+                                         limit=200, offset=200 * page)
+                lines += [entry.message for entry in found if text in entry.message]
+                if len(found) < 200:
+                    break
+        return lines
 
 
 def test_killing_the_training_job_fails_the_flow_run_and_its_rerun_resumes_the_run(stack, tmp_path, monkeypatch):
