@@ -16,6 +16,9 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 LIMIT_PREFIX = "ldmflow-retrain-"
+SLOT_LEASE_S = 60.0
+"""The slot's lease, which the holding flow run renews every 45 s: a retrain whose process was killed (its
+worker lost) frees the slot within a minute, so rerunning it does not wait out Prefect's default 300 s."""
 
 
 class RetrainBusy(RuntimeError):
@@ -52,7 +55,7 @@ def retrain_slot(model_name: str, *, wait_s: float | None) -> Iterator[str]:
     options = {"max_retries": 0} if wait_s == 0 else {"timeout_seconds": wait_s}
     with ExitStack() as stack:
         try:
-            stack.enter_context(concurrency(name, occupy=1, strict=True, **options))
+            stack.enter_context(concurrency(name, occupy=1, strict=True, lease_duration=SLOT_LEASE_S, **options))
         except (AcquireConcurrencySlotTimeoutError, ConcurrencySlotAcquisitionError) as e:
             waited = "at once" if wait_s == 0 else f"after waiting {wait_s:g} s"
             raise RetrainBusy(f"another retrain of {model_name!r} holds the concurrency limit {name!r}; refused "

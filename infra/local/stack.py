@@ -8,6 +8,7 @@
                 and inherit the stack's environment (MLflow, S3, Ray)
     ray-head    `ray start --head --block` with the dashboard (the Ray Jobs API)
     ray-node    `ray start --address ... --block`: a second node with its own temp folder and HOME
+                (both nodes have the stack's S3 credentials and run training jobs with this Python)
 
 `up` starts what is not running (twice is harmless), waits until each answers, and prints the URLs and
 the `export` lines; `status` asks each; `down` stops each (SIGTERM to its process group, SIGKILL after a
@@ -277,6 +278,9 @@ class Stack:
             # Ray 2.60 clients send the cluster's token only in token mode.
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": s["ray_auth_token"],
+            # What runs a training job's entrypoint on the stack's nodes: this environment's Python (a bare
+            # `python` on the PATH may be another, without the project's packages).
+            "LDMFLOW_JOB_PYTHON": sys.executable,
         }
 
     def exports(self) -> str:
@@ -359,12 +363,15 @@ class Stack:
         def ray_env(node: str) -> dict[str, str]:
             home = f / "ray" / node / "home"
             (home / "tmp").mkdir(parents=True, exist_ok=True)
-            env = {**self._base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["ray_auth_token"]}
-            # Each node has the stack's S3 access in its own environment, as a node with an instance role
-            # has: a Ray job carries no credentials, so its workers use their node's. Nothing else is
-            # shared with the caller: no MLflow credentials, and the second node has its own HOME and TMPDIR.
+            env = {**self._base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["ray_auth_token"],
+                   # A training job's driver and workers import this checkout (as the worker's flow runs do).
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(self.config.project_root),
+                                                                os.environ.get("PYTHONPATH")]))}
+            # Every node has the stack's S3 credentials, as every node of a cluster has its instance role:
+            # a training job (pipelines' train task) carries no credential, and its workers on either node
+            # write checkpoints to S3.
             env.update({k: v for k, v in self.client_env().items() if k.startswith("AWS_")})
-            if node != "head":  # shares nothing with the head but the token, S3 access and the compiled-op cache
+            if node != "head":  # otherwise the second node shares nothing with the first (but the op cache)
                 env.update(HOME=str(home), TMPDIR=str(home / "tmp"), TORCH_EXTENSIONS_DIR=os.environ.get(
                     "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")))
             return env

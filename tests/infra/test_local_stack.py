@@ -2,7 +2,11 @@
 with enforced keys, MLflow artifacts on S3 through its proxy, Prefect with a worker, a two-node Ray
 cluster taking a job), `up` again (nothing duplicated), `ldmflow deploy` to its Prefect server, a
 deployment's run started and watched by `ldmflow run`, bad parameters refused in one line, the new-data
-trigger (the sensor's event starts `retrain` only when items are new), and `down` (nothing left).
+trigger (the sensor's event starts `retrain` only when items are new), retraining for real through the
+stack (new images -> the trigger -> a new part, a Ray job on the two nodes, a new version in the stack's
+MLflow and the gate; nothing new -> nothing trained), the training job stopped through Ray (the flow run
+fails naming it; its rerun resumes the same MLflow run), the flow worker killed mid-training (a new
+worker's rerun re-attaches to the same job), and `down` (nothing left).
 
 One stack for the module; it starts Prefect, MLflow, SeaweedFS and Ray: run it under the heavy lock.
 Each test prints its time."""
@@ -349,6 +353,354 @@ def test_readme_running_on_a_cluster_lines_run(stack, tmp_path):
     assert proc.returncode == 0 and "COMPLETED" in proc.stdout, proc.stdout + proc.stderr
     proc = sh(redeploy)
     assert proc.returncode == 0 and f"deployed retrain ({ids['retrain']})" in proc.stdout.splitlines(), proc.stdout
+
+
+# --- retraining through the stack -----------------------------------------------------------------
+
+E2E_MODEL = "ldm-stack-e2e"
+E2E_OVERRIDES = ["train.max_steps=6", "train.batch_size=4", "train.log_every=2", "train.checkpoint_every=3",
+                 "validation.every=6", "validation.max_samples=4", "tracking.sample_steps=2",
+                 f"tracking.model_name={E2E_MODEL}", "gate.prompts=1", "gate.per_prompt=1", "gate.steps=2",
+                 "gate.first_floor=0", "gate.floor=0", "gate.margin=0"]
+"""The tiny preset shrunk to minutes on 2 cores (2 Ray workers, one per node, 6 steps); a gate every
+version can pass, so the "nothing new" run finds its dataset under the champion."""
+E2E_PARAMS = {"config": "tiny", "overrides": E2E_OVERRIDES, "eval_prompts": 1, "eval_per_prompt": 1, "eval_steps": 2,
+              "shard_timeout_s": 300, "train_timeout_s": 900, "eval_timeout_s": 600}
+
+
+def deploy_e2e_retrain(stack: Stack, folder: Path) -> str:
+    """prefect.yaml's retrain deployment (its trigger and concurrency limit) on the pool the stack's worker
+    polls, with E2E_PARAMS as its defaults (the trigger sets only source and dataset); its id."""
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    retrain = next(d for d in spec["deployments"] if d["name"] == "retrain")
+    retrain["parameters"] = {**retrain["parameters"], **E2E_PARAMS}
+    retrain["schedules"] = []  # the cron schedule is tested above; here only the trigger starts runs
+    (folder / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    deployed = ldmflow(stack, "deploy", "--prefect-file", str(folder / "prefect.yaml"), "--only", "retrain",
+                       "--pool", stack.config.work_pool)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    return deployed.stdout.split("(")[1].split(")")[0]
+
+
+def wait_final(stack: Stack, flow_run_id, timeout: float):
+    """The flow run once its state is final (or as it is after `timeout` seconds)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with prefect_api(stack), get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if (run.state and run.state.is_final()) or time.monotonic() > deadline:
+                return run
+            time.sleep(3)
+
+
+def stack_artifact(stack: Stack, flow_run_id, key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with prefect_api(stack), get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert found, f"flow run {flow_run_id} published no artifact {key!r}"
+    return found[-1].data
+
+
+def ldm_runs(mlflow_client) -> list:
+    experiment = mlflow_client.get_experiment_by_name("ldmflow")
+    if experiment is None:
+        return []
+    return mlflow_client.search_runs([experiment.experiment_id],
+                                     filter_string="tags.task = 'ldm'")
+
+
+def test_new_images_retrain_through_the_stack_then_nothing_new_trains_nothing(stack, tmp_path):
+    """The whole loop on the stack's services: the sensor's event makes the Prefect server start `retrain`
+    on the stack's worker, which shards only the new images (two under names the source already had) into a
+    new part, trains on the two-node Ray cluster with checkpoints on S3, registers and gates the version in
+    the stack's MLflow. The deployment run again with nothing new trains and registers nothing."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from data_prep.dataset import read_dataset, read_samples
+    from data_prep.shard import ShardConfig, build_shards
+    from data_prep.synth import generate_synthetic
+
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    deployment_id = deploy_e2e_retrain(stack, tmp_path)
+    assert ldmflow(stack, "deploy", "--only", "watch-source").returncode == 0
+    source, dataset = tmp_path / "raw", tmp_path / "dataset"
+    generate_synthetic(source, 16, seed=3, image_size=64)
+    build_shards(ShardConfig(source=str(source), output=str(dataset), resolution=64, progress=False))
+    before = read_dataset(str(dataset))
+    assert before.total_samples == 16
+    phases["deploy + first dataset"] = time.monotonic() - t0
+
+    # Four new images: two replace files the source has (same names, new bytes), two have new names.
+    other = tmp_path / "other"
+    generate_synthetic(other, 4, seed=77, image_size=64)
+    taken = sorted(p.name for p in source.glob("*.png"))[:2]
+    new_sha: dict[str, str] = {}
+    for i, image in enumerate(sorted(other.glob("*.png"))):
+        name = taken[i] if i < len(taken) else f"fresh-{image.name}"
+        shutil.copy(image, source / name)
+        shutil.copy(image.with_suffix(".txt"), source / Path(name).with_suffix(".txt"))
+        new_sha[name] = hashlib.sha256(image.read_bytes()).hexdigest()
+
+    t0 = time.monotonic()
+    sensor = ldmflow(stack, "run", "watch-source", "--param", f"source={source}", "--param", f"dataset={dataset}",
+                     "--timeout", "300")
+    assert sensor.returncode == 0, sensor.stdout + sensor.stderr
+    runs, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline and not runs:
+        runs = retrain_runs_for(stack, deployment_id, str(source))
+        time.sleep(1)
+    assert len(runs) == 1, runs
+    phases["sensor -> retrain flow run created"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    run = wait_final(stack, runs[0].id, timeout=1200)
+    phases["triggered retrain (shard, train, register, evaluate, gate)"] = time.monotonic() - t0
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
+    report = stack_artifact(stack, run.id, "ldm-retrain-report")
+    print(report)
+
+    # Every new image is in the new part, and only there; nothing already held was written again.
+    after = read_dataset(str(dataset))
+    assert [p.name for p in after.parts[:len(before.parts)]] == [p.name for p in before.parts]
+    added = after.parts[len(before.parts):]
+    assert len(added) == 1 and after.total_samples == 16 + len(new_sha)
+    records = read_samples(added[0].uri, added[0].manifest)
+    assert sorted(r.sha256 for r in records) == sorted(new_sha.values())
+    assert {Path(r.source_id).name for r in records} >= set(taken), [r.source_id for r in records]
+    assert "| samples written | 4 |" in report
+
+    # A new version in the stack's MLflow, trained on the dataset as it is now; champion only if the gate said so.
+    client = MlflowClient(stack.urls()["mlflow"])
+    versions = client.search_model_versions(f"name = '{E2E_MODEL}'")
+    assert len(versions) == 1, [v.version for v in versions]
+    version = client.get_model_version(E2E_MODEL, str(versions[0].version))
+    assert version.tags["dataset_content_id"] == after.content_id
+    assert f"| registered | {E2E_MODEL} v{version.version} (alias candidate) |" in report
+    decision = version.tags["gate.decision"]
+    champion = [str(v.version) for v in versions if "champion" in (client.get_model_version(
+        E2E_MODEL, str(v.version)).aliases or [])]
+    assert champion == ([str(version.version)] if decision == "promoted" else []), (decision, champion)
+    assert ("promoted to champion" if decision == "promoted" else "not promoted") in report
+    trained_runs = ldm_runs(client)
+    assert len(trained_runs) == 1 and trained_runs[0].info.status == "FINISHED"
+
+    # Nothing new: the deployment run again (as its cron schedule would) trains nothing, and says so.
+    t0 = time.monotonic()
+    again = ldmflow(stack, "run", "retrain", "--param", f"source={source}", "--param", f"dataset={dataset}",
+                    "--timeout", "600", timeout=700)
+    phases["retrain with nothing new"] = time.monotonic() - t0
+    assert again.returncode == 0 and "COMPLETED" in again.stdout, again.stdout + again.stderr
+    again_id = again.stdout.split("(")[1].split(")")[0]
+    assert "nothing trained" in stack_artifact(stack, again_id, "ldm-retrain-report")
+    assert len(ldm_runs(client)) == 1
+    assert len(client.search_model_versions(f"name = '{E2E_MODEL}'")) == 1
+    assert read_dataset(str(dataset)).content_id == after.content_id
+    for phase, seconds in phases.items():
+        print(f"{phase}: {seconds:.1f} s")
+
+
+class TrainingRun:
+    """A retrain flow run of the stack's worker, started by `ldmflow run retrain --no-wait` on its own model,
+    source and dataset, and what it trains: the Ray job of its `ldm` step (pipelines.tasks.training_job_key)
+    and the MLflow run that job trains."""
+
+    def __init__(self, stack: Stack, folder: Path, monkeypatch, *, model: str, steps: int, every: int,
+                 lock_wait_s: int = 0):
+        from data_prep.synth import generate_synthetic
+
+        # This process reads the job's files on S3, the checkpoints and MLflow as the stack's clients do.
+        for key, value in stack.client_env().items():
+            monkeypatch.setenv(key, value)
+        self.stack, self.steps = stack, steps
+        source, dataset = folder / "raw", folder / "dataset"
+        generate_synthetic(source, 16, seed=5, image_size=64)
+        overrides = [o for o in E2E_OVERRIDES if not o.startswith(("train.max_steps", "train.checkpoint_every",
+                                                                   "tracking.model_name"))]
+        overrides += [f"train.max_steps={steps}", f"train.checkpoint_every={every}", "train.log_every=1",
+                      f"tracking.model_name={model}"]
+        # No Prefect retry of the train task and no evaluation or gate: what is tested is the job's fate.
+        started = ldmflow(stack, "run", "retrain", "--no-wait", "--param", f"source={source}",
+                          "--param", f"dataset={dataset}", "--param", f"overrides={json.dumps(overrides)}",
+                          "--param", "train_retries=0", "--param", "evaluate=false", "--param", "promote=false",
+                          "--param", f"lock_wait_s={lock_wait_s}", timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        self.flow_run_id = started.stdout.split("(")[1].split(")")[0]
+        from pipelines.tasks import training_job_key
+
+        self.key = training_job_key(self.flow_run_id, "ldm")
+
+    def jobs(self) -> list:
+        from training.runtime.jobs import attempts, jobs_client
+
+        return attempts(jobs_client(), self.key)
+
+    def run_id(self) -> str | None:
+        from data_prep import storage
+        from training.runtime.driver import default_storage
+        from training.runtime.job_entry import run_file
+        from training.runtime.jobs import key_dir
+
+        uri = run_file(key_dir(default_storage(), self.key))
+        try:
+            return json.loads(storage.storage_for(uri).read_bytes(uri))["run_id"]
+        except FileNotFoundError:
+            return None
+
+    def verified_step(self, run_id: str) -> int | None:
+        from training.checkpoint.run_storage import run_uri
+        from training.checkpoint.verify import latest_verified_checkpoint
+        from training.runtime.driver import default_storage, ray_run_name
+
+        latest = latest_verified_checkpoint(run_uri(default_storage(), ray_run_name(run_id)))
+        return None if latest is None else latest.step
+
+    def wait_for_checkpoint(self, timeout: float = 600) -> tuple[str, int]:
+        """(MLflow run id, step) once the job has a verified checkpoint; the job is then still training."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run_id = self.run_id()
+            step = self.verified_step(run_id) if run_id else None
+            if step:
+                return run_id, step
+            time.sleep(1)
+        raise AssertionError(f"no verified checkpoint within {timeout:.0f} s; jobs {self.jobs()}")
+
+    def loss_steps(self, run_id: str) -> list[int]:
+        from mlflow import MlflowClient
+
+        return [m.step for m in MlflowClient(self.stack.urls()["mlflow"]).get_metric_history(run_id, "loss")]
+
+    def rerun(self) -> None:
+        """What the UI's Retry does: the flow run back to Scheduled, for a worker of its pool to run again.
+        The same flow run, not a new run of the deployment: the job's key is the flow run's id, so only a
+        rerun of this flow run finds its job (a new flow run would train a new MLflow run from scratch)."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Scheduled
+
+        with prefect_api(self.stack), get_client(sync_client=True) as client:
+            result = client.set_flow_run_state(self.flow_run_id, Scheduled(name="AwaitingRetry"), force=True)
+        assert result.status.value == "ACCEPT", result
+
+    def logs(self, text: str) -> list[str]:
+        """The flow run's log lines that contain `text` (the job's own lines are in its log too: many)."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        # Page by page (the server's text search answers 500 on the stack's SQLite store).
+        lines: list[str] = []
+        with prefect_api(self.stack), get_client(sync_client=True) as client:
+            for page in range(100):
+                found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run_id])),
+                                         limit=200, offset=200 * page)
+                lines += [entry.message for entry in found if text in entry.message]
+                if len(found) < 200:
+                    break
+        return lines
+
+
+def test_killing_the_training_job_fails_the_flow_run_and_its_rerun_resumes_the_run(stack, tmp_path, monkeypatch):
+    """The training Ray job stopped through Ray's Jobs API while the retrain flow run trains: the flow run
+    ends Failed naming the job; rerunning that flow run submits the job's second attempt, which resumes the
+    same MLflow run from its last verified checkpoint (the steps continue, no new run)."""
+    from mlflow import MlflowClient
+
+    from training.runtime.jobs import jobs_client, submission_id
+
+    deploy_e2e_retrain(stack, tmp_path)
+    before = {r.info.run_id for r in ldm_runs(MlflowClient(stack.urls()["mlflow"]))}
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    job = TrainingRun(stack, tmp_path, monkeypatch, model="ldm-stack-kill-job", steps=30, every=5)
+    run_id, verified = job.wait_for_checkpoint()
+    first = submission_id(job.key)
+    assert [(a.submission_id, a.status) for a in job.jobs()] == [(first, "RUNNING")]
+    phases["flow run start -> first verified checkpoint"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    jobs_client().stop_job(first)  # as `ray job stop` does
+    failed = wait_final(stack, job.flow_run_id, timeout=300)
+    at_stop = max(job.loss_steps(run_id), default=0)
+    phases["job stopped -> flow run final"] = time.monotonic() - t0
+    assert failed.state.is_failed(), f"{failed.state.name}: {failed.state.message}"
+    assert first in failed.state.message and "STOPPED" in failed.state.message, failed.state.message
+    assert [(a.submission_id, a.status) for a in job.jobs()] == [(first, "STOPPED")]
+    assert at_stop < job.steps, f"the job had finished (step {at_stop}) before it was stopped"
+
+    t0 = time.monotonic()
+    job.rerun()
+    rerun = wait_final(stack, job.flow_run_id, timeout=900)
+    phases["rerun -> flow run completed"] = time.monotonic() - t0
+    assert rerun.state.is_completed(), f"{rerun.state.name}: {rerun.state.message}"
+    assert [(a.submission_id, a.status) for a in job.jobs()] == [(first, "STOPPED"),
+                                                                 (submission_id(job.key, 2), "SUCCEEDED")]
+    client = MlflowClient(stack.urls()["mlflow"])
+    assert {r.info.run_id for r in ldm_runs(client)} - before == {run_id}, "the rerun started a new MLflow run"
+    run = client.get_run(run_id)
+    resumed_from = int(run.data.tags["resume.1.from_step"])
+    assert verified <= resumed_from <= at_stop and resumed_from > 0, (verified, resumed_from, at_stop)
+    assert set(job.loss_steps(run_id)) == set(range(1, job.steps + 1))
+    assert run.info.status == "FINISHED"
+    for phase, seconds in phases.items():
+        print(f"{phase}: {seconds:.1f} s")
+
+
+def test_a_new_worker_reattaches_the_running_job_of_a_killed_worker(stack, tmp_path, monkeypatch):
+    """The flow worker and the flow-run process it started are SIGKILLed mid-training (the training job runs on
+    the cluster and goes on); `stack up` starts another worker; rerunning the flow run follows the same job
+    (one job for the key, no second attempt, no resume): the steps continue past the kill and the run ends."""
+    from training.runtime.jobs import submission_id
+
+    deploy_e2e_retrain(stack, tmp_path)
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    # lock_wait_s: the killed flow run cannot release its retrain slot; the rerun waits for its lease to lapse
+    # (pipelines.retrain_lock.SLOT_LEASE_S, then Prefect's repossessor: up to ~75 s). 240 steps (~1 s each on
+    # 2 cores) keep the job training through that, the worker's restart and the rerun's shard step.
+    job = TrainingRun(stack, tmp_path, monkeypatch, model="ldm-stack-kill-worker", steps=240, every=10,
+                      lock_wait_s=240)
+    run_id, _ = job.wait_for_checkpoint()
+    phases["flow run start -> first verified checkpoint"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    worker = psutil.Process(records(stack)["worker"]["pid"])
+    doomed = [*worker.children(recursive=True), worker]
+    flow_runs = [p for p in doomed if "prefect.engine" in " ".join(p.cmdline()) or p.ppid() == worker.pid]
+    assert flow_runs, "no flow-run process under the worker"
+    for proc in doomed:
+        proc.kill()
+    psutil.wait_procs(doomed, timeout=30)
+    at_kill = max(job.loss_steps(run_id), default=0)
+    sid = submission_id(job.key)
+    assert [(a.submission_id, a.status) for a in job.jobs()] == [(sid, "RUNNING")], "the job died with the worker"
+    assert at_kill < job.steps
+    up = stack_cmd("up", folder=stack.folder)
+    assert up.returncode == 0 and "worker     up in" in up.stdout, up.stdout + up.stderr
+    phases["worker killed -> new worker up"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    job.rerun()
+    rerun = wait_final(stack, job.flow_run_id, timeout=900)
+    phases["rerun -> flow run completed"] = time.monotonic() - t0
+    assert rerun.state.is_completed(), f"{rerun.state.name}: {rerun.state.message}"
+    assert [(a.submission_id, a.status) for a in job.jobs()] == [(sid, "SUCCEEDED")]
+    assert job.logs(f"re-attaching to Ray job {sid}"), "the rerun did not follow the running job"
+    from mlflow import MlflowClient
+
+    run = MlflowClient(stack.urls()["mlflow"]).get_run(run_id)
+    assert "resumes" not in run.data.tags, run.data.tags  # followed, never restarted or resumed
+    steps = job.loss_steps(run_id)
+    assert sorted(steps) == list(range(1, job.steps + 1)), "steps were trained twice or skipped"
+    assert max(steps) > at_kill
+    for phase, seconds in phases.items():
+        print(f"{phase}: {seconds:.1f} s")
 
 
 # --- down -------------------------------------------------------------------------------------------
