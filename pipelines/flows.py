@@ -81,20 +81,22 @@ def _shard(source: str, output: str, resolution: int, samples_per_shard: int | N
                                                               overwrite)
 
 
-def _train(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
-           result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> TrainOutcome:
-    """The train task, cached on (config hash, dataset content id) in result storage every worker reaches;
-    `refresh_cache` trains again anyway (and replaces the cached result)."""
+def _run_training(training_task, cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
+                  result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False):
+    """A training task (train_task or train_vae_task), cached on (config hash, dataset content id) in
+    result storage every worker reaches; `refresh_cache` trains again anyway (and replaces the cached
+    result). The job's own timeout is `timeout_s`; Prefect's is a backstop past it."""
     options = {"timeout_seconds": task_timeout(timeout_s), "retries": retries,
                "result_storage": result_storage_for(result_storage_uri), "refresh_cache": refresh_cache}
-    return train_task.with_options(**options)(cfg, data, content_id, forward_credentials, timeout_s)
+    return training_task.with_options(**options)(cfg, data, content_id, forward_credentials, timeout_s)
 
 
-def _train_vae(cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
-               result_storage_uri: str | None, forward_credentials: bool, refresh_cache: bool = False) -> PublishedVAE:
-    options = {"timeout_seconds": task_timeout(timeout_s), "retries": retries,
-               "result_storage": result_storage_for(result_storage_uri), "refresh_cache": refresh_cache}
-    return train_vae_task.with_options(**options)(cfg, data, content_id, forward_credentials, timeout_s)
+def _train(cfg: RunConfig, data: str, content_id: str, **options) -> TrainOutcome:
+    return _run_training(train_task, cfg, data, content_id, **options)
+
+
+def _train_vae(cfg: RunConfig, data: str, content_id: str, **options) -> PublishedVAE:
+    return _run_training(train_vae_task, cfg, data, content_id, **options)
 
 
 def _evaluate(version: RegisteredVersion, prompts: int, per_prompt: int, steps: int | None, seed: int, *,
