@@ -5,6 +5,7 @@ those sections without a test, or a test renamed away, fails here; `make` target
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 
 import pytest
@@ -81,8 +82,11 @@ def test_make_targets_resolve():
     targets = [c.split()[1] for c in section_commands("Quickstart") if c.startswith("make ")]
     assert targets == ["demo", "test"]
     for target in targets:
-        proc = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                              check=False)
+        # Under `make test` (as CI runs it) the outer make's MAKEFLAGS and MAKELEVEL would have this make print
+        # "Entering/Leaving directory" lines around the recipe; this test reads the recipe as a user's shell sees it.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stderr
         assert does[target] in proc.stdout.splitlines()[-1], proc.stdout
 
