@@ -13,12 +13,14 @@ def _quiet_http() -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from pipelines.deployments import deploy
+    from pipelines.deployments import CRASH_AUTOMATION, deploy
 
     _quiet_http()
-    result = deploy(Path(args.prefect_file), only=args.only or None, work_pool=args.pool)
+    result = deploy(Path(args.prefect_file), only=args.only or None, work_pool=args.pool,
+                    crash_after_s=args.crash_after)
     for name, deployment_id in result.deployed.items():
         print(f"deployed {name} ({deployment_id})")
+    print(f"flow runs silent for {result.crash_after_s:.0f} s are marked CRASHED (automation {CRASH_AUTOMATION})")
     for name, why in result.missing.items():
         print(f"not deployed {name}: {why}")
     return 1 if result.missing else 0
@@ -45,6 +47,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefect-file", default=str(PREFECT_FILE), help="default: the repository's prefect.yaml")
     p.add_argument("--only", action="append", metavar="NAME", help="deploy only this deployment (repeatable)")
     p.add_argument("--pool", help="work pool for every deployment (default: each one's in the file)")
+    p.add_argument("--crash-after", type=float, metavar="SECONDS",
+                   help="mark a flow run CRASHED after this long without a heartbeat (default: 3 heartbeats of "
+                        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY, which the workers must share)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("run", help="start a run of a deployment through the Prefect API, wait for it, print its "

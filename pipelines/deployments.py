@@ -108,13 +108,75 @@ class DeployResult:
     """Deployment name -> id."""
     missing: dict[str, str] = field(default_factory=dict)
     """Deployment name -> why it was not deployed."""
+    crash_after_s: float = 0.0
+    """The unresponsive-run automation's window (CRASH_AUTOMATION)."""
+
+
+CRASH_AUTOMATION = "ldmflow-crash-unresponsive-flow-runs"
+"""A flow run whose process died with its worker (a machine lost, a container evicted) would stay Running
+on a self-hosted server for ever: nothing there notices. Flow runs of deployments send a heartbeat event
+every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds; this automation marks one CRASHED when its heartbeats stop
+without a final state. A crashed run can then be rerun (its training job is found again: pipelines.tasks)
+and its concurrency slot is freed. Prefect documents this recipe for self-hosted servers (Cloud has it
+built in): docs.prefect.io/v3/advanced/detect-zombie-flows."""
+HEARTBEATS_MISSED = 3
+"""Heartbeats a flow run may miss before the automation crashes it."""
+
+
+def default_crash_after_s() -> float:
+    """HEARTBEATS_MISSED heartbeats of this environment's PREFECT_FLOWS_HEARTBEAT_FREQUENCY (the stack's
+    `env` exports its workers' value; Prefect's default is 180 s)."""
+    from prefect.settings import Settings
+
+    return float(HEARTBEATS_MISSED * Settings().flows.heartbeat_frequency)  # read now, not at import
+
+
+def crash_automation(within_s: float):
+    """CRASH_AUTOMATION: after a flow run's heartbeat, expect another (or its end) within `within_s`."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    heartbeat = "prefect.flow-run.heartbeat"
+    ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return Automation(
+        name=CRASH_AUTOMATION,
+        description=f"Mark a flow run CRASHED when no heartbeat or final state follows its last heartbeat within "
+                    f"{within_s:.0f} s (its process is gone). Created by `ldmflow deploy`.",
+        trigger=EventTrigger(after={heartbeat}, expect={heartbeat, *ends},
+                             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=timedelta(seconds=within_s)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {within_s:.0f} s: the flow "
+                                    "run's process is gone (its worker or machine died); rerun it to continue")],
+    )
+
+
+def ensure_crash_automation(within_s: float) -> None:
+    """CRASH_AUTOMATION on the server, with this window: created, or replaced (one, never copies)."""
+    from prefect.client.orchestration import get_client
+
+    automation = crash_automation(within_s)
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(CRASH_AUTOMATION):
+            client.delete_automation(old.id)
+        client.create_automation(automation)
 
 
 def deploy(prefect_file: Path = PREFECT_FILE, only: list[str] | None = None, work_pool: str | None = None,
-           root: Path = PROJECT_ROOT) -> DeployResult:
+           root: Path = PROJECT_ROOT, crash_after_s: float | None = None) -> DeployResult:
     """Create or update the deployments of `prefect_file` (all, or those named in `only`) on PREFECT_API_URL's
-    server, with their schedules, triggers (automations) and concurrency limits. `work_pool` overrides the
-    file's pool. Deploying again updates them in place (same names), it does not add copies."""
+    server, with their schedules, triggers (automations) and concurrency limits, and CRASH_AUTOMATION with a
+    window of `crash_after_s` (default: default_crash_after_s()). `work_pool` overrides the file's pool.
+    Deploying again updates them in place (same names), it does not add copies."""
+    crash_after_s = default_crash_after_s() if crash_after_s is None else crash_after_s
+    if crash_after_s <= 30:
+        raise DeployError(f"--crash-after {crash_after_s:g}: flow runs send a heartbeat every 30 s at the most "
+                          "often (PREFECT_FLOWS_HEARTBEAT_FREQUENCY), so a shorter window would crash live ones")
     require_server()
     specs = load_specs(prefect_file)
     if only:
@@ -130,6 +192,8 @@ def deploy(prefect_file: Path = PREFECT_FILE, only: list[str] | None = None, wor
             result.missing[spec.name] = f"{spec.entrypoint} is not defined in this checkout"
             continue
         result.deployed[spec.name] = str(_deploy_one(spec, work_pool or spec.work_pool, root))
+    ensure_crash_automation(crash_after_s)
+    result.crash_after_s = crash_after_s
     return result
 
 

@@ -270,6 +270,9 @@ class Stack:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+            # Flow runs' heartbeat (Prefect's default: 180 s); `ldmflow deploy` crashes a run silent for three
+            # (pipelines.deployments.CRASH_AUTOMATION), so a run whose worker died is Crashed in 90 s.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             # Two nodes: checkpoints must be where both reach (the trainer refuses node-local storage).
             "LDMFLOW_STORAGE": "s3://ldm-data/ray",
             "RAY_ADDRESS": u["ray"],
@@ -278,9 +281,6 @@ class Stack:
             # Ray 2.60 clients send the cluster's token only in token mode.
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": s["ray_auth_token"],
-            # What runs a training job's entrypoint on the stack's nodes: this environment's Python (a bare
-            # `python` on the PATH may be another, without the project's packages).
-            "LDMFLOW_JOB_PYTHON": sys.executable,
         }
 
     def exports(self) -> str:

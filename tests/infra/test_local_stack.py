@@ -382,6 +382,20 @@ def deploy_e2e_retrain(stack: Stack, folder: Path) -> str:
     return deployed.stdout.split("(")[1].split(")")[0]
 
 
+def wait_state(stack: Stack, flow_run_id, state_type: str, timeout: float):
+    """The flow run once its state is of `state_type` (failing after `timeout` seconds)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with prefect_api(stack), get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.type.value == state_type:
+                return run
+            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run.state} after {timeout:.0f} s"
+            time.sleep(3)
+
+
 def wait_final(stack: Stack, flow_run_id, timeout: float):
     """The flow run once its state is final (or as it is after `timeout` seconds)."""
     from prefect.client.orchestration import get_client
@@ -656,7 +670,8 @@ def test_killing_the_training_job_fails_the_flow_run_and_its_rerun_resumes_the_r
 
 def test_a_new_worker_reattaches_the_running_job_of_a_killed_worker(stack, tmp_path, monkeypatch):
     """The flow worker and the flow-run process it started are SIGKILLed mid-training (the training job runs on
-    the cluster and goes on); `stack up` starts another worker; rerunning the flow run follows the same job
+    the cluster and goes on); `stack up` starts another worker; the deployment's automation marks the silent
+    flow run CRASHED (no heartbeat for 90 s); rerunning the flow run follows the same job
     (one job for the key, no second attempt, no resume): the steps continue past the kill and the run ends."""
     from training.runtime.jobs import submission_id
 
@@ -686,6 +701,11 @@ def test_a_new_worker_reattaches_the_running_job_of_a_killed_worker(stack, tmp_p
     up = stack_cmd("up", folder=stack.folder)
     assert up.returncode == 0 and "worker     up in" in up.stdout, up.stdout + up.stderr
     phases["worker killed -> new worker up"] = time.monotonic() - t0
+    # Nothing reports the dead flow run: `ldmflow deploy`'s automation crashes it once its heartbeats stop
+    # (3 x the stack's 30 s).
+    crashed = wait_state(stack, job.flow_run_id, "CRASHED", timeout=240)
+    phases["worker killed -> flow run CRASHED by the automation"] = time.monotonic() - t0
+    assert "no heartbeat for 90 s" in (crashed.state.message or ""), crashed.state
 
     t0 = time.monotonic()
     job.rerun()

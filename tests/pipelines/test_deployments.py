@@ -110,3 +110,31 @@ def _required_stand_ins(flow, given: dict) -> dict:
             kind = flow.parameters.properties[name].get("type", "string")
             out[name] = stand_ins.get(kind, "runs")
     return out
+
+
+def test_unresponsive_flow_runs_are_crashed_after_missed_heartbeats(monkeypatch):
+    """The automation `ldmflow deploy` creates: after a flow run's heartbeat, no heartbeat or final state within
+    the window -> that flow run (each one on its own) is marked CRASHED. The window defaults to three heartbeats
+    of this environment's frequency; one a live run could not meet is refused before anything is deployed.
+    (tests/infra/test_local_stack.py sees a killed worker's flow run crashed by it on a real server.)"""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.schemas.automations import Posture
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.deployments import CRASH_AUTOMATION, crash_automation, default_crash_after_s, deploy
+
+    automation = crash_automation(90)
+    trigger = automation.trigger
+    assert automation.name == CRASH_AUTOMATION
+    assert trigger.posture == Posture.Proactive and trigger.within.total_seconds() == 90
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert trigger.expect == {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                              "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    assert trigger.for_each == {"prefect.resource.id"}
+    assert [a.state for a in automation.actions] == [StateType.CRASHED]
+
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    assert default_crash_after_s() == 90
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), \
+            pytest.raises(DeployError, match="--crash-after 30: flow runs send a heartbeat every 30 s"):
+        deploy(crash_after_s=30)  # refused before the (absent) server is asked

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.config import RunConfig
+from training.runtime.stopping import BoardAddress
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class WorkerPayload:
     storage_env: dict[str, str] = field(default_factory=dict)
     """The driver's S3 endpoint and region (data_prep.storage.env_for_workers), set in each worker.
     Never credentials: this payload is kept in Ray's state (training.runtime.cluster says how they go)."""
+    stop_board: BoardAddress | None = None
+    """Where the ranks ask whether to checkpoint and stop (training.runtime.stopping); None: never."""
     driver_marker: str | None = None
     """A file the driver wrote under run_location for this launch: a worker that cannot see it is
     not looking at the driver's storage (training.runtime.preflight)."""

@@ -30,6 +30,7 @@ from training.mlops.tracking import (CONFIG_ARTIFACT, STORAGE_TAG, cap_http_retr
 from training.runtime.cluster import forwarded_credentials, refuse_node_local
 from training.runtime.launcher import launch, prepare_cluster
 from training.runtime.lease import run_lease
+from training.runtime.stopping import TrainingStopped
 from training.tasks import frozen_hashes_for
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,9 @@ def _launch_in_run(cfg: RunConfig, data_dir: str, run_id: str, storage_uri: str,
 
 FINAL_WRITE_S = 120.0
 """How long the driver keeps trying its writes after training (the checkpoint tag, the run's end)."""
+STOP_WRITE_S = 10.0
+"""The same after a stop, whose grace (training.runtime.stopping.STOP_MARGIN_S left of it) must also
+cover the lease's release."""
 
 
 def when_reachable(write, failed: str, within_s: float | None = None):
@@ -361,10 +365,10 @@ def tracked_run(**start_run_args):
     run = mlflow.start_run(**start_run_args)
     run_id = run.info.run_id
 
-    def end(status: str, failed: str) -> None:
+    def end(status: str, failed: str, within_s: float | None = None) -> None:
         # mlflow.end_run forgets the active run before its request, so retrying it would retry nothing:
         # mark the run first (retried), then end it (the same request, now answered).
-        when_reachable(lambda: mlflow.MlflowClient().set_terminated(run_id, status), failed)
+        when_reachable(lambda: mlflow.MlflowClient().set_terminated(run_id, status), failed, within_s)
         mlflow.end_run(status)
 
     try:
@@ -374,6 +378,13 @@ def tracked_run(**start_run_args):
             mlflow.end_run("FAILED")
         except MlflowException:
             pass  # still down: the run stays RUNNING on the server, as the message says
+        raise
+    except TrainingStopped as stopped:
+        # MLflow's status for a run a user ended; the tag says where --resume continues from.
+        at = str(stopped.step) if stopped.step is not None else "no checkpoint"
+        when_reachable(lambda: mlflow.MlflowClient().set_tag(run_id, "stopped_at_step", at),
+                       "the run was stopped and could not be tagged", within_s=STOP_WRITE_S)
+        end("KILLED", "the run was stopped and could not be marked KILLED", within_s=STOP_WRITE_S)
         raise
     except BaseException:
         end("FAILED", "the run failed and could not be marked FAILED")

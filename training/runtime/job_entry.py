@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 from dataclasses import asdict, dataclass
 
 from data_prep import storage
+from training.runtime import stopping
 
 SPEC_ENV = "LDMFLOW_JOB_SPEC"
 
@@ -53,12 +53,6 @@ def outcome_file(key_dir: str, submission_id: str) -> str:
     return storage.join(key_dir, f"{submission_id}.outcome.json")
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    # Ray's `stop_job` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: raising here runs
-    # the driver's cleanup (the MLflow run marked failed, the run's lease released) within that grace.
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
     from training.config import config_from_dict
     from training.runtime.driver import recorded_outcome, resume, train
@@ -66,7 +60,10 @@ def main() -> int:
 
     logging.basicConfig(level=os.environ.get("LDMFLOW_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Ray's `stop_job` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (the submitter's stop
+    # grace): within it the workers checkpoint the step they are at, then the driver's cleanup runs (the
+    # MLflow run marked failed, the run's lease released). Before training starts it exits at once.
+    stopping.install_sigterm(float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3")))
     spec = JobSpec.from_json(os.environ[SPEC_ENV])
     # The holder names the job, so a submitter that sees this job failed may break its lease at once
     # instead of waiting out its expiry (training.runtime.jobs).

@@ -19,6 +19,7 @@ from training.checkpoint.verify import latest_verified_checkpoint
 from training.config import RunConfig
 from training.errors import ConfigError
 from training.locations import split_credentials
+from training.runtime import stopping
 from training.runtime.cluster import check_job_forwards
 from training.runtime.context import WorkerPayload
 from training.runtime.loop import worker_entry
@@ -190,15 +191,24 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     every node reaches). A launch under the name of an earlier one (`ldmflow train --resume`)
     continues from that run's latest checkpoint: see training.runtime.checkpointing.checkpoint_directory.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     if tracking_uri:
         # The payload is pickled into Ray's state: credentials travel in the environment (the
         # driver's, which a local Ray inherits, or --forward-credentials), never in it.
         tracking_uri, creds = split_credentials(tracking_uri)
         os.environ.update(creds)
     prepare_cluster(cfg, forward_env)
+    with stopping.stop_board() as board:
+        return _launch(cfg, data_dir, storage_uri=storage_uri, name=name, mlflow_run_id=mlflow_run_id,
+                       tracking_uri=tracking_uri, frozen=frozen, dataset_content_id=dataset_content_id,
+                       allow_new_data=allow_new_data, forward_env=forward_env, board=board)
+
+
+def _launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow_run_id: str | None,
+            tracking_uri: str | None, frozen: dict, dataset_content_id: str, allow_new_data: bool,
+            forward_env: dict[str, str] | None, board: stopping.BoardAddress | None) -> LaunchResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     storage_path, filesystem = ray_storage(storage_uri)
     run_location = storage.join(storage_uri, name)
     marker = storage.join(run_location, f".ldmflow-driver-{secrets.token_hex(8)}")
@@ -208,7 +218,7 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri, sample_log=os.environ.get(SAMPLE_LOG_ENV),
         dataset_content_id=dataset_content_id, allow_new_data=allow_new_data,
         # Workers on other nodes must reach the same S3 endpoint as this driver (s3:// data and storage).
-        storage_env=storage.env_for_workers(), driver_marker=marker,
+        storage_env=storage.env_for_workers(), driver_marker=marker, stop_board=board,
     )
     trainer = TorchTrainer(
         worker_entry(payload),
@@ -229,9 +239,24 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
         result = _fit(trainer)
     finally:
         storage.storage_for(marker).delete(marker)
+    if (stop_step := stopping.stopped_at()) is not None:
+        _raise_stopped(stop_step, payload.run_location, cfg.train.max_steps)
     registered = checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
     return LaunchResult(checkpoint=final_checkpoint(registered, payload.run_location, cfg.train.max_steps),
                         metrics=dict(result.metrics or {}))
+
+
+def _raise_stopped(stop_step: int, run_location: str, max_steps: int) -> None:
+    """After a requested stop: the workers saved the stop step and returned, unless training reached
+    its end first (then the run finishes as usual)."""
+    latest = latest_verified_checkpoint(run_location)
+    if latest is not None and latest.step == max_steps:
+        return
+    saved = latest is not None and latest.step == stop_step
+    log.warning("training stopped on request at step %d; %s", stop_step,
+                f"its checkpoint {latest.uri} is where --resume continues" if saved
+                else f"no checkpoint of that step (latest: {'none' if latest is None else latest.step})")
+    raise stopping.TrainingStopped(stop_step if saved else None)
 
 
 def _fit(trainer):

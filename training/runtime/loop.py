@@ -7,6 +7,9 @@ opens the data stream; `Trainer.train` is the loop, each step in four named phas
     log_step          every train.log_every steps: the loss and throughput of all ranks
     maybe_validate    every validation.every steps: held-out metrics and a sample grid
     maybe_checkpoint  every train.checkpoint_every steps and at the end: save, list, commit, report
+
+and after each step, asks whether the driver was told to stop (training.runtime.stopping): then the
+step is checkpointed and the loop returns.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from training.runtime.engine import build_ema, build_engine, micro_batches
 from training.runtime.metrics import LossWindow, SampleLog, StepLogger, publish_worker_processes
 from training.runtime.preflight import worker_preflight
 from training.runtime.restore_point import checkpoint_directory
+from training.runtime.stopping import StopWatch
 from training.runtime.validation import Validation
 from training.tasks import build_task
 from training.tasks.base import Task
@@ -86,6 +90,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.sample_log = SampleLog(payload.sample_log, ctx.rank)
         self.validation = Validation(task, engine, ema, stream, self.cfg, ctx)
+        self.stop = StopWatch(payload.stop_board)
 
     # --- build --------------------------------------------------------------------------------
 
@@ -139,9 +144,15 @@ class Trainer:
         while self.state.step < max_steps:
             self.train_step()
             last = self.state.step == max_steps
-            self.log_step(last)
+            # Every rank gets the same answer at the same step (training.runtime.stopping).
+            stopping = not last and self.stop.due(self.state.step)
+            self.log_step(last or stopping)
             self.maybe_validate(last)
-            self.maybe_checkpoint(last)
+            self.maybe_checkpoint(last, now=stopping)
+            if stopping:
+                if self.ctx.rank == 0:
+                    log.info("stopped on request at step %d, with its checkpoint", self.state.step)
+                return
 
     def train_step(self) -> None:
         """One optimizer step: train.grad_accum micro-batches, each loaded (decoded ahead by the
@@ -178,9 +189,9 @@ class Trainer:
             self.validation.run(self.state.step, self.steps)
             self.metrics.update(self.validation.metrics)
 
-    def maybe_checkpoint(self, last: bool) -> None:
+    def maybe_checkpoint(self, last: bool, *, now: bool = False) -> None:
         step = self.state.step
-        if step % self.cfg.train.checkpoint_every and not last:
+        if step % self.cfg.train.checkpoint_every and not (last or now):
             return
         began = time.perf_counter()
         self.steps.settle()

@@ -221,9 +221,10 @@ def test_timeout_stops_the_job_itself(tmp_path, ray_head, monkeypatch):
 
 
 def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monkeypatch):
-    """`ldmflow job stop KEY` stops the key's job; with a grace longer than Ray's 3 s the job's driver
-    ends its MLflow run (FAILED) and releases the run's lease before it exits; the submitter fails
-    with the job's STOPPED status."""
+    """`ldmflow job stop KEY` stops the key's job; with a grace longer than Ray's 3 s the workers save the
+    step they are at (between two train.checkpoint_every steps: nothing trained is lost), then the job's
+    driver ends its MLflow run (KILLED, tagged with that step) and releases the run's lease before it
+    exits; the submitter fails with the job's STOPPED status."""
     from mlflow import MlflowClient
 
     from data_prep.shard import ShardConfig, build_shards
@@ -238,7 +239,8 @@ def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monk
     build_shards(ShardConfig(source=str(tmp_path / "raw"), output=str(tmp_path / "shards"), samples_per_shard=8,
                              progress=False))
     key = f"stop-{uuid.uuid4().hex[:8]}"
-    sets = [a for o in [*OVERRIDES, "train.max_steps=100000"] for a in ("--set", o)]
+    # Checkpoints every 7 steps: the stop's own lands between two of them (unless the stop took exactly 7).
+    sets = [a for o in [*OVERRIDES, "train.max_steps=100000", "train.checkpoint_every=7"] for a in ("--set", o)]
     submitter = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--submit", "--job-key", key,
                                   "--data", str(tmp_path / "shards"), "--no-register", "--stop-grace", "60", *sets],
                                  cwd=ROOT, env=dict(os.environ), stderr=(tmp_path / "submitter.err").open("w"))
@@ -252,6 +254,7 @@ def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monk
                     break  # training, with the lease held
             time.sleep(0.5)
         assert run_id is not None and submitter.poll() is None, "the job never started training"
+        before = max(verified_steps(Path(runs_dir()) / "ray" / f"train-{run_id}"))
         stop = subprocess.run([sys.executable, "-m", "pipelines.cli", "job", "stop", key], cwd=ROOT, check=False,
                               env=dict(os.environ), capture_output=True, text=True, timeout=200)
         assert stop.returncode == 0 and f"stopped Ray job {submission_id(key)}" in stop.stdout, stop
@@ -264,7 +267,13 @@ def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monk
     assert [a.status for a in attempts(jobs_client(), key)] == ["STOPPED"]
     client = MlflowClient(setup_mlflow())
     assert current_holder(client, run_id) is None, "the stopped driver left its lease"
-    assert client.get_run(run_id).info.status == "FAILED"
+    run = client.get_run(run_id)
+    after = verified_steps(Path(runs_dir()) / "ray" / f"train-{run_id}")
+    assert run.info.status == "KILLED"
+    assert run.data.tags["stopped_at_step"] == str(max(after)), (run.data.tags, after)
+    assert max(after) > before, (before, after)
+    assert f"stopped on request at step {max(after)}" in err, err[-3000:]
+    print(f"stop: checkpointed step {max(after)} (last periodic before the stop: {before})")
 
 
 def test_flow_cancellation_hook_stops_the_flow_runs_jobs(ray_head, monkeypatch):
