@@ -11,7 +11,7 @@ step; so the driver asks the workers to save and return, and only then ends the 
   trains on would hang both. The board picks the step: the first poll after the request fixes it at
   the highest step any rank reported, plus 2. The ranks step in lockstep (every optimizer step
   all-reduces gradients, so none completes step s+1 before all have finished step s) and each polls
-  after every step, so every rank hears the stop step before it reaches it.
+  after every step (pipelined: StopWatch), so every rank hears the stop step by the time it reaches it.
 - The driver's SIGTERM handler (`install_sigterm`; installed again when the launch starts, since
   `ray.init` sets its own) only sets a flag and, from a thread, posts the
   request; a thread also re-sends SIGTERM to this process at the deadline (the grace less a margin
@@ -164,10 +164,17 @@ def _post_request(board, deadline_s: float) -> None:
 # --- the workers' side ---------------------------------------------------------------------------
 
 class StopWatch:
-    """A rank's view of the board: `due(step)` after each step says whether to save and return now."""
+    """A rank's view of the board: `due(step)` after each step says whether to save and return now.
+
+    The poll is pipelined, so a step never waits on the board: `due(step)` reads the answer to the poll
+    sent after the step before (long answered by then) and sends this step's. An answer is one step
+    late, which LEAD_STEPS covers: a rank's first poll answered after the decision is at most for step
+    highest + 1, and its answer is read at the end of step highest + 2, the stop step. (The same
+    argument with every interleaving: tests/training/runtime/test_stopping.py.)"""
 
     def __init__(self, address: BoardAddress | None):
         self.board = None
+        self.pending = None
         if address is not None:
             import ray
 
@@ -183,7 +190,8 @@ class StopWatch:
         from ray.exceptions import GetTimeoutError, RayActorError
 
         try:
-            stop_at = ray.get(self.board.poll.remote(step), timeout=30)
+            stop_at = ray.get(self.pending, timeout=30) if self.pending is not None else None
+            self.pending = self.board.poll.remote(step)
         except (RayActorError, GetTimeoutError) as e:
             # The driver (its owner) is gone; Ray Train ends the workers soon, and training must not
             # fail on the board's account before that.

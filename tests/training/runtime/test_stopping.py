@@ -1,6 +1,6 @@
 """The stop board's choice of step (training.runtime.stopping.BoardState): ranks that step in lockstep
-and poll after each step all stop at one step, whatever the interleaving and whenever the request
-comes. The real path (SIGTERM to a Ray job's driver, the workers' checkpoint) runs in test_ray_job."""
+and poll after each step (pipelined, as StopWatch does) all stop at one step, whatever the interleaving
+and whenever the request comes; with a lead of 1 step instead of 2 some rank passes the stop step. The real path (SIGTERM to a Ray job's driver, the workers' checkpoint) runs in test_ray_job."""
 
 from __future__ import annotations
 
@@ -12,33 +12,53 @@ from training.runtime.stopping import BoardState
 
 
 def run_ranks(ranks: int, seed: int, request_after: int, max_steps: int = 60) -> dict[int, int]:
-    """Simulate `ranks` ranks under a random schedule. A rank may finish step s+1 only once every rank
-    has finished step s (the gradient all-reduce); after each step it polls. The request comes after
-    `request_after` scheduler moves. Returns the step each rank stopped at."""
+    """Simulate `ranks` ranks polling as StopWatch does, under a random schedule. A rank may finish step s+1
+    only once every rank has finished step s (the gradient all-reduce). After each step it reads the answer to
+    its previous poll (waiting for the board to get to it) and sends this step's. The board answers the polls
+    in the order they were sent, at moments the schedule picks; the request comes after `request_after`
+    scheduler moves. Returns the step each rank stopped at."""
     rng = random.Random(seed)
     board = BoardState()
     done = [0] * ranks  # steps each rank finished
-    polled = [True] * ranks  # whether the rank has polled its latest step
+    read = [True] * ranks  # whether the rank has polled its latest step
+    queue: list[tuple[int, int]] = []  # (rank, step) polls sent, not yet answered
+    answers: dict[tuple[int, int], int | None] = {}
     stopped: dict[int, int] = {}
+
+    def answer_next() -> None:
+        rank, step = queue.pop(0)
+        answers[rank, step] = board.poll(step)
+
     moves = 0
     while len(stopped) < ranks:
         moves += 1
+        # A rank that stopped alone leaves the others waiting at its next all-reduce: the hang this prevents.
+        assert moves < 100 * max_steps * ranks, f"ranks {sorted(stopped)} stopped, the others wait for them"
         if moves == request_after:
             board.request()
-        rank = rng.choice([r for r in range(ranks) if r not in stopped])
-        if not polled[rank]:
-            stop_at = board.poll(done[rank])
-            assert stop_at is None or done[rank] <= stop_at, f"rank {rank} passed the stop step {stop_at}"
-            polled[rank] = True
-            if stop_at == done[rank]:
-                stopped[rank] = done[rank]
+        if queue and rng.random() < 0.3:
+            answer_next()
             continue
-        if done[rank] == max_steps:
+        rank = rng.choice([r for r in range(ranks) if r not in stopped])
+        step = done[rank]
+        if not read[rank]:
+            stop_at = None
+            if step > 1:  # the answer to the previous step's poll, waited for
+                while (rank, step - 1) not in answers:
+                    answer_next()
+                stop_at = answers[rank, step - 1]
+            assert stop_at is None or step <= stop_at, f"rank {rank} passed the stop step {stop_at}"
+            queue.append((rank, step))
+            read[rank] = True
+            if stop_at == step:
+                stopped[rank] = step
+            continue
+        if step == max_steps:
             stopped[rank] = max_steps  # trained to the end
             continue
-        if all(d >= done[rank] for d in done):  # everyone finished this rank's current step
+        if all(d >= step for d in done):  # everyone finished this rank's current step
             done[rank] += 1
-            polled[rank] = False
+            read[rank] = False
     return stopped
 
 
