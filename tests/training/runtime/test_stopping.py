@@ -1,6 +1,7 @@
 """The stop board's choice of step (training.runtime.stopping.BoardState): ranks that step in lockstep
 and poll after each step (pipelined, as StopWatch does) all stop at one step, whatever the interleaving
-and whenever the request comes; with a lead of 1 step instead of 2 some rank passes the stop step. The real path (SIGTERM to a Ray job's driver, the workers' checkpoint) runs in test_ray_job."""
+and whenever the request comes; with a lead of 1 step instead of 2 some rank passes the stop step.
+The real path (SIGTERM to a Ray job's driver, the workers' checkpoint) runs in test_ray_job."""
 
 from __future__ import annotations
 
