@@ -177,7 +177,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
         # Training reached its end but its driver stopped before recording it (killed between the final
         # checkpoint and the run's end): finish the run from that checkpoint; training again would refuse.
         with run_lease(run_id, holder=lease_holder):
-            return _finish_from(run_id, latest, cfg, tags, data_dir), cfg
+            return _finish_from(run_id, latest, _run_config_hash(cfg, tags, overrides), tags, data_dir), cfg
     dataset = check_data(cfg, data_dir)
     new_data = _changed_data(run_id, tags, dataset, allow_new_data)
     check_run_storage(storage_uri)
@@ -191,7 +191,8 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
         with tracked_run(run_id=run_id, log_system_metrics=True):
             resumes = int(tags.get("resumes", "0")) + 1
             mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(latest.step),
-                             f"resume.{resumes}.overrides": " ".join(overrides) or "-"})
+                             f"resume.{resumes}.overrides": " ".join(overrides) or "-",
+                             "config_hash": _run_config_hash(cfg, tags, overrides)})
             content_id = tags.get("dataset_content_id", "")
             if new_data:
                 mlflow.set_tags({f"resume.{resumes}.new_data": f"{content_id} -> {new_data}",
@@ -208,6 +209,16 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
     return outcome, cfg
 
 
+def _run_config_hash(cfg: RunConfig, tags: dict, overrides) -> str:
+    """The config hash a resumed run trains under: its `config_hash` tag (set at the start, and by every
+    resume that changed it, e.g. a higher train.max_steps), or the resumed config's where this resume's
+    overrides set one. A retried job resumes without overrides: it keeps the hash the run last recorded,
+    where the run's config artifact alone would give the hash from before those resumes."""
+    if overrides or not tags.get("config_hash"):
+        return cfg.hash
+    return tags["config_hash"]
+
+
 def recorded_outcome(run_id: str) -> TrainOutcome | None:
     """The outcome of MLflow run `run_id` when it finished and recorded its final checkpoint (None
     otherwise): what a retried Ray job publishes when its predecessor ended the run but was killed before
@@ -221,11 +232,11 @@ def recorded_outcome(run_id: str) -> TrainOutcome | None:
         return None
     cfg = config_from_dict(mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}"))
     return TrainOutcome(run_id=run_id, checkpoint_dir=tags["checkpoint"], metrics=dict(run.data.metrics),
-                        dataset_content_id=tags.get("dataset_content_id", ""), config_hash=cfg.hash,
-                        data=tags.get("data", ""))
+                        dataset_content_id=tags.get("dataset_content_id", ""),
+                        config_hash=_run_config_hash(cfg, tags, ()), data=tags.get("data", ""))
 
 
-def _finish_from(run_id: str, final: CheckpointRef, cfg: RunConfig, tags: dict, data_dir: str) -> TrainOutcome:
+def _finish_from(run_id: str, final: CheckpointRef, config_hash: str, tags: dict, data_dir: str) -> TrainOutcome:
     """The outcome of a run whose final checkpoint is complete but was never recorded: the run is marked
     finished with that checkpoint, its metrics are the last it logged."""
     import mlflow
@@ -235,10 +246,11 @@ def _finish_from(run_id: str, final: CheckpointRef, cfg: RunConfig, tags: dict, 
     with tracked_run(run_id=run_id):
         resumes = int(tags.get("resumes", "0")) + 1
         mlflow.set_tags({"resumes": str(resumes), f"resume.{resumes}.from_step": str(final.step),
-                         f"resume.{resumes}.finished_from_checkpoint": "true", "checkpoint": final.uri})
+                         f"resume.{resumes}.finished_from_checkpoint": "true", "checkpoint": final.uri,
+                         "config_hash": config_hash})
         metrics = dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
     return TrainOutcome(run_id=run_id, checkpoint_dir=final.uri, metrics=metrics,
-                        dataset_content_id=tags.get("dataset_content_id", ""), config_hash=cfg.hash, data=data_dir)
+                        dataset_content_id=tags.get("dataset_content_id", ""), config_hash=config_hash, data=data_dir)
 
 
 def _changed_data(run_id: str, tags: dict, dataset: Dataset, allow_new_data: bool) -> str:

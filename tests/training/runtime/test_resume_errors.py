@@ -176,6 +176,29 @@ def test_final_checkpoint_never_recorded_finishes_the_run(no_ray, tmp_path, shar
     assert recorded_outcome(run_id) == outcome
 
 
+def test_a_run_extended_by_resume_keeps_its_new_config_hash_through_a_retry(no_ray, tmp_path, shards):
+    """`--resume RUN --max-steps 6` of a 4-step run: the run trains under the 6-step config, and its driver is
+    killed after the final checkpoint. The retry (a Ray job's: no overrides) and the run's recorded outcome
+    both name the 6-step config's hash, which the run's config_hash tag now holds, not the artifact's 4-step
+    one."""
+    import mlflow
+
+    from training.runtime.driver import recorded_outcome, resume
+
+    cfg = load_config("tiny", ["train.max_steps=4"])
+    longer = load_config("tiny", ["train.max_steps=6"])
+    assert longer.hash != cfg.hash
+    run_id = make_run(str(tmp_path / "storage"), shards, cfg, config_hash=cfg.hash)
+    commit_checkpoint(tmp_path / "storage" / f"train-{run_id}" / "checkpoint_a", step=6, config=longer.to_dict(),
+                      frozen=frozen_of(cfg))
+    # The resume that asked for 6 steps reached them; its driver died before recording the final checkpoint.
+    mlflow.MlflowClient().set_tag(run_id, "config_hash", longer.hash)  # what that resume recorded at its start
+    outcome, _ = resume(run_id)  # the retry: no overrides
+    assert outcome.config_hash == longer.hash
+    assert mlflow.MlflowClient().get_run(run_id).data.tags["config_hash"] == longer.hash
+    assert recorded_outcome(run_id) == outcome
+
+
 def test_storage_nobody_can_write(no_ray, tmp_path, shards):
     """A storage path that cannot be written fails before the MLflow run and before Ray."""
     from data_prep.storage import StorageError
