@@ -272,7 +272,7 @@ def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monk
     assert run.info.status == "KILLED"
     assert run.data.tags["stopped_at_step"] == str(max(after)), (run.data.tags, after)
     assert max(after) > before, (before, after)
-    assert f"stopped on request at step {max(after)}" in err, err[-3000:]
+    assert f"training stopped on request at step {max(after)}; its checkpoint" in err, err[-3000:]
     print(f"stop: checkpointed step {max(after)} (last periodic before the stop: {before})")
 
 
