@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import yaml
 
 from tests.training.tiny_pipeline import save_tiny_pipeline
@@ -112,6 +113,8 @@ BEFORE_THE_MOVE = "67b837832394a392a2246696858dd56153cca13d"
 """The last commit with the flat training/ folder, whose pyfunc_model.py carried its own sampler code."""
 
 
+# The flat layout logged its model without an input example, as this does.
+@pytest.mark.filterwarnings("ignore:.*An input example was not provided")
 def test_a_version_registered_before_the_move_loads_beside_a_new_one(tmp_path):
     """Versions registered by the flat layout (a self-contained pyfunc file, no code_paths) still
     load and generate, in the same process as a version registered now, and agree with it."""

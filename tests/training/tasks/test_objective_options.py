@@ -294,7 +294,7 @@ def run_forward_backward(unet_dtype: torch.dtype, overrides: list[str], seed: in
     task = LatentDiffusionTask(cfg, parts, device=torch.device("cpu"))
     loss = task.loss(engine, batch, torch.Generator().manual_seed(seed))
     engine.backward(loss)
-    loss = float(loss)
+    loss = float(loss.detach())
     return engine, parts, loss
 
 
