@@ -135,15 +135,15 @@ def crash_automation(within_s: float):
     """CRASH_AUTOMATION: after a flow run's heartbeat, expect another (or its end) within `within_s`."""
     from datetime import timedelta
 
-    from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
     heartbeat = "prefect.flow-run.heartbeat"
     ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
-    return Automation(
+    # AutomationCore, what the API creates (prefect.automations.Automation adds an `id` the API refuses).
+    return AutomationCore(
         name=CRASH_AUTOMATION,
         description=f"Mark a flow run CRASHED when no heartbeat or final state follows its last heartbeat within "
                     f"{within_s:.0f} s (its process is gone). Created by `ldmflow deploy`.",
