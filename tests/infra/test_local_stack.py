@@ -384,27 +384,21 @@ def deploy_e2e_retrain(stack: Stack, folder: Path) -> str:
 
 def wait_state(stack: Stack, flow_run_id, state_type: str, timeout: float):
     """The flow run once its state is of `state_type` (failing after `timeout` seconds)."""
+    run = wait_final(stack, flow_run_id, timeout, until=lambda state: state.type.value == state_type)
+    assert run.state and run.state.type.value == state_type, \
+        f"flow run {flow_run_id} still {run.state} after {timeout:.0f} s"
+    return run
+
+
+def wait_final(stack: Stack, flow_run_id, timeout: float, until=lambda state: state.is_final()):
+    """The flow run once its state is final (or meets `until`), or as it is after `timeout` seconds."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout
     with prefect_api(stack), get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            if run.state and run.state.type.value == state_type:
-                return run
-            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run.state} after {timeout:.0f} s"
-            time.sleep(3)
-
-
-def wait_final(stack: Stack, flow_run_id, timeout: float):
-    """The flow run once its state is final (or as it is after `timeout` seconds)."""
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout
-    with prefect_api(stack), get_client(sync_client=True) as client:
-        while True:
-            run = client.read_flow_run(flow_run_id)
-            if (run.state and run.state.is_final()) or time.monotonic() > deadline:
+            if (run.state and until(run.state)) or time.monotonic() > deadline:
                 return run
             time.sleep(3)
 

@@ -62,7 +62,7 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ray's `stop_job` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (the submitter's stop
     # grace): within it the workers checkpoint the step they are at, then the driver's cleanup runs (the
-    # MLflow run marked failed, the run's lease released). Before training starts it exits at once.
+    # MLflow run marked KILLED, the run's lease released). Before training starts it exits at once.
     stopping.install_sigterm(float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3")))
     spec = JobSpec.from_json(os.environ[SPEC_ENV])
     # The holder names the job, so a submitter that sees this job failed may break its lease at once

@@ -200,12 +200,12 @@ def launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow
     with stopping.stop_board() as board:
         return _launch(cfg, data_dir, storage_uri=storage_uri, name=name, mlflow_run_id=mlflow_run_id,
                        tracking_uri=tracking_uri, frozen=frozen, dataset_content_id=dataset_content_id,
-                       allow_new_data=allow_new_data, forward_env=forward_env, board=board)
+                       allow_new_data=allow_new_data, board=board)
 
 
 def _launch(cfg: RunConfig, data_dir: str, *, storage_uri: str, name: str, mlflow_run_id: str | None,
             tracking_uri: str | None, frozen: dict, dataset_content_id: str, allow_new_data: bool,
-            forward_env: dict[str, str] | None, board: stopping.BoardAddress | None) -> LaunchResult:
+            board: stopping.BoardAddress | None) -> LaunchResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 

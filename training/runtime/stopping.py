@@ -4,7 +4,7 @@ A stopped Ray job gets SIGTERM, then SIGKILL `RAY_JOB_STOP_WAIT_TIME_S` later (j
 job's stop grace). Exiting at once would lose everything since the last `train.checkpoint_every`
 step; so the driver asks the workers to save and return, and only then ends the run:
 
-- The driver's launch owns a `StopBoard`: a small Ray actor (no CPU) that every rank asks after each
+- The driver's launch owns a board (`BoardState` as a small Ray actor, no CPU) that every rank asks after each
   step "where do we stop?". Ray Train has no channel from the driver to the workers' loop; a named
   actor is one any node of the job reaches.
 - The ranks must stop at the same step: saving is a collective, and one rank saving while another
@@ -18,8 +18,8 @@ step; so the driver asks the workers to save and return, and only then ends the 
   for ending the MLflow run and releasing the lease), and the second one exits at once. Outside a
   launch there is nothing to save, and SIGTERM exits at once as before.
 - After the workers return, the launch raises `TrainingStopped` (a SystemExit, so the driver's
-  cleanup runs as for any exit): the run is FAILED in MLflow and its latest verified checkpoint is
-  the stop step's, which `--resume` continues from.
+  cleanup runs as for any exit): the run is KILLED in MLflow, tagged with the stop step, and its latest
+  verified checkpoint is that step's, which `--resume` continues from.
 """
 
 from __future__ import annotations
@@ -94,13 +94,14 @@ _deadline_s: float | None = None
 @contextmanager
 def stop_board() -> Iterator[BoardAddress | None]:
     """The board of one launch, for its duration; a stop already requested is posted at once. None
-    (no board, no actor process) unless this process stops on SIGTERM (install_sigterm)."""
-    import ray
-
+    (no board, no actor process, no polls) unless this process stops on SIGTERM with time to save
+    (install_sigterm with a grace over STOP_MARGIN_S)."""
     global _board
-    if _deadline_s is None or threading.current_thread() is not threading.main_thread():
+    if not _deadline_s or threading.current_thread() is not threading.main_thread():
         yield None
         return
+    import ray
+
     # `ray.init` replaced our handler with its own (sys.exit on SIGTERM): take it back for the launch.
     signal.signal(signal.SIGTERM, _on_sigterm)
     actor_class = ray.remote(num_cpus=0, max_restarts=0)(BoardState)
