@@ -9,7 +9,7 @@ export RAY_DEDUP_LOGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench bench-gpu clean
+.PHONY: install demo test test-fast test-cluster test-all bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/python -m pipelines.demo
 
+# CI's suite. The `cluster` tests (killed workers, nodes, drivers and jobs; flows end to end on the local
+# stack) take about 45 minutes more on 2 cores: `make test-cluster` runs them, `make test-all` everything.
 test: install
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+test-cluster: install
+	$(BIN)/python -m pytest -q -m cluster
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install

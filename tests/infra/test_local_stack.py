@@ -277,6 +277,7 @@ def test_retrain_cron_schedule_creates_scheduled_runs(stack):
     assert all((t.hour, t.minute) == (3, 0) for t in starts), starts
 
 
+@pytest.mark.cluster
 def test_readme_running_on_a_cluster_lines_run(stack, tmp_path):
     """The README's "Running on a cluster" block, then its "Scheduling retraining" block, line by line in bash
     with the environment `stack env` exports (the module's stack; its folder given by --dir): `up` finds it
@@ -422,6 +423,7 @@ def ldm_runs(mlflow_client) -> list:
                                      filter_string="tags.task = 'ldm'")
 
 
+@pytest.mark.cluster
 def test_new_images_retrain_through_the_stack_then_nothing_new_trains_nothing(stack, tmp_path):
     """The whole loop on the stack's services: the sensor's event makes the Prefect server start `retrain`
     on the stack's worker, which shards only the new images (two under names the source already had) into a
@@ -616,6 +618,7 @@ class TrainingRun:
         return lines
 
 
+@pytest.mark.cluster
 def test_killing_the_training_job_fails_the_flow_run_and_its_rerun_resumes_the_run(stack, tmp_path, monkeypatch):
     """The training Ray job stopped through Ray's Jobs API while the retrain flow run trains: the flow run
     ends Failed naming the job; rerunning that flow run submits the job's second attempt, which resumes the
@@ -662,6 +665,7 @@ def test_killing_the_training_job_fails_the_flow_run_and_its_rerun_resumes_the_r
         print(f"{phase}: {seconds:.1f} s")
 
 
+@pytest.mark.cluster
 def test_a_new_worker_reattaches_the_running_job_of_a_killed_worker(stack, tmp_path, monkeypatch):
     """The flow worker and the flow-run process it started are SIGKILLed mid-training (the training job runs on
     the cluster and goes on); `stack up` starts another worker; the deployment's automation marks the silent

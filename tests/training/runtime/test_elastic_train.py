@@ -13,7 +13,7 @@ import pytest
 
 from tests.training.run_logs import sample_log
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SAMPLES = 36
 FIRST_STEPS = 3

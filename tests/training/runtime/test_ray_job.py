@@ -89,6 +89,7 @@ def job_driver(head: subprocess.Popen) -> psutil.Process | None:
     return None
 
 
+@pytest.mark.cluster
 def test_job_survives_its_submitter_refuses_a_second_driver_and_resumes_after_a_kill(tmp_path, ray_head,
                                                                                      monkeypatch):
     from mlflow import MlflowClient
@@ -220,6 +221,7 @@ def test_timeout_stops_the_job_itself(tmp_path, ray_head, monkeypatch):
     print(f"timeout: stopped after {took:.0f} s")
 
 
+@pytest.mark.cluster
 def test_job_stop_command_ends_the_run_within_its_grace(tmp_path, ray_head, monkeypatch):
     """`ldmflow job stop KEY` stops the key's job; with a grace longer than Ray's 3 s the workers save the
     step they are at (between two train.checkpoint_every steps: nothing trained is lost), then the job's

@@ -22,7 +22,7 @@ import torch
 
 from tests.training.run_logs import find_run, last_trained_step
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[3]
 STEPS = 18

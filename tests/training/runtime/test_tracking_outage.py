@@ -23,7 +23,7 @@ import pytest
 from tests.mlflow_server import MlflowServer
 from tests.training.run_logs import find_run, last_trained_step
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[3]
 SECRET = "s3cr3t-PLANTED"

@@ -176,6 +176,7 @@ def epochs_across(folder: Path, killed: dict, start: int) -> dict[int, Counter]:
     return by_epoch
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("lose", ["worker", "node"])
 def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bucket, cluster, mlflow_server, lose):
     """The second node has no credentials of its own: --forward-credentials hands it the driver's.
@@ -265,7 +266,8 @@ def test_two_node_training_on_s3_survives_losing_the_second_node(tmp_path, s3_bu
     # and the shared files, never the whole checkpoint (every rank read all of it before).
     total = sum(f.stat().st_size for f in (tmp_path / "final").rglob("*") if f.is_file())
     read = [float(m) * 1e6 for m in re.findall(r"rank \d+ read ([\d.]+) MB from storage for its restore", out)]
-    print(f"restore reads per rank: {', '.join(f'{r / 1e6:.1f} MB' for r in read)} of a {total / 1e6:.1f} MB checkpoint")
+    per_rank = ", ".join(f"{r / 1e6:.1f} MB" for r in read)
+    print(f"restore reads per rank: {per_rank} of a {total / 1e6:.1f} MB checkpoint")
     assert len(read) >= state.world_size, out[-4000:]  # every rank of the group that resumed
     if lose == "worker":
         assert all(r < 0.9 * total for r in read), (read, total)
