@@ -58,6 +58,11 @@ class RunConfig:
             if serving.max_image_size is not None:
                 check_key(serving.max_image_size >= self.model.resolution, "serving.max_image_size",
                           f"null or >= model.resolution ({self.model.resolution})", serving.max_image_size)
+        if self.task == "ldm" and self.model.unet.pretrained and self.train.deepspeed.zero_init:
+            # diffusers' from_pretrained builds the whole model before loading into it; loading into the
+            # partitions of deepspeed.zero.Init is not done here yet.
+            raise ConfigError("config key `train.deepspeed.zero_init` is true but model.unet.pretrained is set: zero.Init "
+                              "builds only new UNets here; set train.deepspeed.zero_init=false to fine-tune a pretrained one")
         if self.task == "vae":
             check_key(self.model.vae.pretrained is None, "model.vae.pretrained",
                    "null for `train-vae` (the VAE it trains is built from model.vae's shape fields)",
@@ -125,6 +130,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key `{key}` must be a mapping of fields, got {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key `{key}` must be a mapping, got {value!r}")
+        return {str(k): _plain(v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -153,6 +162,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key `{key}` must be a string, got {value!r}")
     raise ConfigError(f"config key `{key}` has unsupported type {tp!r}")
+
+
+def _plain(value: Any, key: str) -> Any:
+    """A free-form mapping's value (e.g. train.deepspeed.extra): plain YAML/JSON data only."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"config key `{key}` must be plain data (mapping, list, number, string, bool), got {value!r}")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

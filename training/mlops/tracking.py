@@ -19,6 +19,8 @@ from training.locations import default_artifact_location
 log = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "config.json"
+DEEPSPEED_CONFIG_ARTIFACT = "deepspeed_config.json"
+"""The DeepSpeed config the engine was built with (rank 0 logs it when the engine is built)."""
 """A training run's resolved config, as an MLflow artifact (what resume and evaluate read back)."""
 STORAGE_TAG = "ray_storage"
 """A training run's tag naming the storage its checkpoints are under (what resume reads back)."""
@@ -99,6 +101,8 @@ class BufferedMetricLogger:
         self.close_timeout = close_timeout
         self.pending: list = []
         self.images: list[tuple] = []
+        self.dicts: dict[str, dict] = {}
+        """JSON artifacts to log, by artifact file (the latest of each)."""
         self.tags: dict[str, str] = {}
         self.dropped = 0
         self.dropped_images = 0
@@ -140,6 +144,11 @@ class BufferedMetricLogger:
             if len(self.images) > self.max_images:
                 self.images.pop(0)
                 self._count_drop(0, 1)
+        self._wake.set()
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        with self._lock:
+            self.dicts[artifact_file] = data
         self._wake.set()
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -230,6 +239,13 @@ class BufferedMetricLogger:
                     if self.images and self.images[0] is image:
                         self.images.pop(0)
             with self._lock:
+                dicts = dict(self.dicts)
+            for artifact_file, data in dicts.items():
+                self.client.log_dict(self.run_id, data, artifact_file)
+                with self._lock:
+                    if self.dicts.get(artifact_file) is data:
+                        del self.dicts[artifact_file]
+            with self._lock:
                 tags = dict(self.tags)
             if tags:
                 from mlflow.entities import RunTag
@@ -287,7 +303,7 @@ class BufferedMetricLogger:
 
     def _empty(self) -> bool:
         with self._lock:
-            return not self.pending and not self.images and not self.tags \
+            return not self.pending and not self.images and not self.tags and not self.dicts \
                 and (self.dropped, self.dropped_images) == self.recorded_drops
 
     def close(self, timeout: float | None = None) -> int:

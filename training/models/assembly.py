@@ -6,6 +6,7 @@ seed, so every Ray worker and the exporting driver hold bit-identical frozen wei
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -132,17 +133,21 @@ def frozen_hashes(vae: AutoencoderKL, text: TextEncoder) -> dict[str, str]:
     return {"vae": module_sha256(vae), "text_encoder": module_sha256(text.model)}
 
 
-def build_components(cfg: ModelConfig, *, seed: int) -> Components:
+def build_components(cfg: ModelConfig, *, seed: int, unet_init=None) -> Components:
+    """The frozen VAE and text encoder, then the UNet; `unet_init` is a context the UNet alone is built
+    in (training.runtime.engine.module_init: deepspeed.zero.Init under train.deepspeed.zero_init), so
+    the frozen models stay whole on every rank, outside DeepSpeed."""
     vae, text = build_frozen(cfg)
     # The latent's side, channels and scale are the loaded VAE's (a pretrained one's own config),
     # never the VAE fields of the config, which describe only a VAE built from config.
-    unet = build_unet(
-        cfg.unet,
-        sample_size=cfg.resolution // vae_downsample_factor(vae),
-        in_channels=vae.config.latent_channels,
-        cross_attention_dim=text.hidden_size,
-        seed=seed,
-    )
+    with unet_init if unet_init is not None else contextlib.nullcontext():
+        unet = build_unet(
+            cfg.unet,
+            sample_size=cfg.resolution // vae_downsample_factor(vae),
+            in_channels=vae.config.latent_channels,
+            cross_attention_dim=text.hidden_size,
+            seed=seed,
+        )
     return Components(unet=unet, vae=vae, text=text, noise_scheduler=build_noise_scheduler(cfg.scheduler))
 
 

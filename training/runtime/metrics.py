@@ -149,6 +149,11 @@ class StepLogger:
         if self.logs(step):
             self.logger.log_image(image, artifact_file)
 
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """A JSON artifact of the run (not tied to a step: logged again, it replaces the earlier one)."""
+        if self.logger is not None:
+            self.logger.log_dict(data, artifact_file)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.logger is not None:
             self.logger.set_tags(tags)

@@ -23,6 +23,7 @@ from data_prep.dataset import read_dataset
 from training.checkpoint.run_storage import check_run_storage
 from training.errors import ConfigError
 from training.runtime.context import WorkerContext, WorkerPayload
+from training.runtime.deepspeed_checks import check_nvme
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def worker_preflight(payload: WorkerPayload, ctx: WorkerContext) -> None:
     ]
     if payload.mlflow_run_id:
         checks.append(("reach MLflow", lambda: check_tracking(payload.tracking_uri, payload.mlflow_run_id)))
+    # NVMe offload writes to this node's own disk, with an op built from this node's libaio.
+    checks.append(("offload to NVMe", lambda: check_nvme(payload.config.train)))
     failures = []
     for name, check in checks:
         try:
