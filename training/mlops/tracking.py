@@ -41,7 +41,7 @@ def git_commit() -> str:
     if os.environ.get("LDMFLOW_GIT_COMMIT"):
         return os.environ["LDMFLOW_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
@@ -173,7 +173,7 @@ class BufferedMetricLogger:
         while True:
             try:
                 return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure is retried until the deadline
                 if time.monotonic() + delay > deadline:
                     raise TrackingUnavailable(
                         f"could not read the last logged step of {key!r} of MLflow run {self.run_id} for "
@@ -256,7 +256,7 @@ class BufferedMetricLogger:
                         if self.tags.get(k) == v:
                             del self.tags[k]
             self._record_drops()
-        except Exception as e:  # any transport or server error: keep the data, train on
+        except Exception as e:  # noqa: BLE001 - any transport or server error: keep the data, train on
             self.failures += 1
             if self.failures == 1 or self.failures % 10 == 0:
                 log.warning("MLflow unreachable (%d failed deliveries), %d metrics and %d images buffered: %s",
@@ -349,7 +349,7 @@ def prefect_flow_run_id() -> str | None:
     try:
         flow_run = importlib.import_module("prefect.runtime.flow_run")
         found = flow_run.id
-    except Exception:  # no active flow run, or a Prefect without the runtime module
+    except Exception:  # noqa: BLE001 - no active flow run, or a Prefect without the runtime module
         return None
     return str(found) if found else None
 

@@ -20,11 +20,20 @@ from training.errors import ConfigError
 
 def check_deepspeed(train: TrainConfig) -> dict:
     """The DeepSpeed config of `train`, validated; ConfigError (one line) for anything DeepSpeed or this
-    machine would refuse. The driver calls it before a run starts, every worker before its engine."""
-    config = generated_config(train)
-    _check_with_deepspeed(config)
+    machine would refuse. Every worker runs it before its engine is built (and its pre-flight runs
+    check_nvme before anything): the precision and NVMe checks are about the worker's own node."""
+    config = validated_config(train)
     _check_precision(train)
     check_nvme(train)
+    return config
+
+
+def validated_config(train: TrainConfig) -> dict:
+    """The DeepSpeed config of `train` through DeepSpeed's own config models: what the driver checks
+    before a run starts. Nothing about this machine: the driver's node (a CPU head of a GPU cluster)
+    is not where the engines run."""
+    config = generated_config(train)
+    _check_with_deepspeed(config)
     return config
 
 

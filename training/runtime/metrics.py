@@ -30,7 +30,7 @@ class SampleLog:
         self.file = None
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(folder) / f"rank-{rank}-{os.getpid()}.jsonl", "a", buffering=1)
+            self.file = open(Path(folder) / f"rank-{rank}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115 - closed by close()
         self.rank = rank
 
     def add(self, step: int, keys: list[str], epochs: list[int]) -> None:

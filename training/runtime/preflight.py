@@ -62,7 +62,7 @@ def worker_preflight(payload: WorkerPayload, ctx: WorkerContext) -> None:
     for name, check in checks:
         try:
             check()
-        except Exception as e:  # every failure is reported, whatever raised it
+        except Exception as e:  # noqa: BLE001 - every failure is reported, whatever raised it
             failures.append(f"cannot {name}: {_one_line(e)}")
     if failures:
         raise PreflightError(
