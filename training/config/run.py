@@ -58,11 +58,6 @@ class RunConfig:
             if serving.max_image_size is not None:
                 check_key(serving.max_image_size >= self.model.resolution, "serving.max_image_size",
                           f"null or >= model.resolution ({self.model.resolution})", serving.max_image_size)
-        if self.task == "ldm" and self.model.unet.pretrained and self.train.deepspeed.zero_init:
-            # diffusers' from_pretrained builds the whole model before loading into it; loading into the
-            # partitions of deepspeed.zero.Init is not done here yet.
-            raise ConfigError("config key `train.deepspeed.zero_init` is true but model.unet.pretrained is set: zero.Init "
-                              "builds only new UNets here; set train.deepspeed.zero_init=false to fine-tune a pretrained one")
         if self.task == "vae":
             check_key(self.model.vae.pretrained is None, "model.vae.pretrained",
                    "null for `train-vae` (the VAE it trains is built from model.vae's shape fields)",

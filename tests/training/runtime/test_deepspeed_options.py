@@ -58,8 +58,6 @@ REFUSED = [
     (["train.precision=bf16", "train.allow_cpu_half_precision=true",
       "train.deepspeed.extra.bf16.bf16_master_weights_and_grads=true"],
      "train.deepspeed.extra.bf16.bf16_master_weights_and_grads", "CPU Adam"),
-    ([*ZERO3, "train.deepspeed.zero_init=true", "model.unet.pretrained=/models/sd15"], "train.deepspeed.zero_init",
-     "zero_init=false"),
 ]
 
 
