@@ -93,6 +93,10 @@ NOT_TRAINING_FIELDS = frozenset({
     "name",  # the preset's name: two presets with the same values train the same model
     "train.log_every", "train.max_failures", "train.loader_workers",
     "train.cluster_wait_s", "train.checkpoints_to_keep", "train.checkpoint_upload", "train.max_pending_uploads",
+    # Where DeepSpeed keeps things and what it recomputes, not what it computes (zero.Init builds the same
+    # initial weights: tests/training/runtime/test_deepspeed_options.py). train.deepspeed.extra is hashed.
+    "train.deepspeed.offload_optimizer", "train.deepspeed.offload_param", "train.deepspeed.nvme_path",
+    "train.deepspeed.pin_memory", "train.deepspeed.activation_checkpointing", "train.deepspeed.zero_init",
     "tracking",  # where and how a run is recorded, not what it trains
     "gate", "serving",  # what happens to the model after training
 })

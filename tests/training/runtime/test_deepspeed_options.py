@@ -96,6 +96,17 @@ def test_extra_is_deep_merged_and_the_keys_train_owns_stay_its_own():
     assert flat["train.deepspeed.offload_optimizer"] == "cpu"
 
 
+def test_memory_options_keep_the_config_hash_and_extra_changes_it():
+    """Offload, zero.Init and activation checkpointing change where DeepSpeed keeps things, not what is
+    trained: a run's config hash (caching, lineage) stays; an extra key may change training: it does not."""
+    plain = config(*ZERO3)
+    memory = config(*ZERO3, "train.deepspeed.offload_optimizer=cpu", "train.deepspeed.offload_param=cpu",
+                    "train.deepspeed.zero_init=true", "train.deepspeed.activation_checkpointing=true",
+                    "train.deepspeed.pin_memory=false")
+    tuned = config(*ZERO3, "train.deepspeed.extra.zero_optimization.stage3_prefetch_bucket_size=1000")
+    assert memory.hash == plain.hash and tuned.hash != plain.hash
+
+
 def test_nothing_set_generates_the_config_of_before():
     """A config without train.deepspeed builds the same engine as before the section existed (plus
     the flag that only matters with offload)."""
