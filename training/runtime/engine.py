@@ -4,7 +4,6 @@ beside it, and gathering its full weights (a collective under ZeRO-3).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -53,10 +52,11 @@ def module_init(train: TrainConfig):
     """The context the trained module is built in: deepspeed.zero.Init with train.deepspeed.zero_init
     (ZeRO-3), which partitions each parameter across the ranks as soon as its layer is created (and
     puts the partition where offload_param says), so no rank ever holds the whole model; otherwise
-    nothing. Every rank must enter it (it is collective). Only the trained module is built inside:
-    the frozen VAE and text encoder are whole on every rank and never touched by DeepSpeed."""
+    None. Every rank must enter it (it is collective). Only the trained module is built inside:
+    the frozen VAE and text encoder are whole on every rank and never touched by DeepSpeed. None, not
+    an empty context, when it is off: a pretrained UNet given a context is loaded partition-wise."""
     if not train.deepspeed.zero_init:
-        return contextlib.nullcontext()
+        return None
     import deepspeed
 
     load_deepspeed_ops()  # zero.Init starts deepspeed.comm, which loads the shared-memory op on CPU
