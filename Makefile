@@ -9,9 +9,20 @@ export RAY_DEDUP_LOGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast test-cluster test-all bench bench-gpu clean
+.PHONY: install libaio demo test test-fast test-cluster test-all bench bench-gpu clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed libaio
+
+# DeepSpeed's async_io op (NVMe offload: train.deepspeed.offload_*=nvme) is built from libaio's headers.
+# Skipped when they are present; installed with apt-get when this user is root; otherwise said (NVMe
+# offload is then refused in one line before training, everything else works).
+libaio:
+	@if [ -e /usr/include/libaio.h ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing libaio-dev (DeepSpeed NVMe offload)"; \
+	  apt-get install -y -qq libaio-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null; } \
+	  || echo "note: libaio-dev could not be installed: NVMe offload will be refused"; \
+	else echo "note: libaio-dev is missing (as root: apt-get install libaio-dev): NVMe offload will be refused"; fi
 
 # torch==2.13.0 first: it resolves to the local CPU wheel here; letting another package pull an
 # unpinned torch would fetch GBs of CUDA libraries.

@@ -5,6 +5,7 @@ checked against the field's type before any work starts. Each field carries a do
 it controls; validation lives in ``__post_init__`` and names the field and the allowed values.
 """
 
+from training.config.deepspeed import OFFLOAD_DEVICES, DeepSpeedConfig
 from training.config.gate import GateConfig
 from training.config.model import (
     BETA_SCHEDULES,
@@ -29,8 +30,8 @@ from training.config.train import (
 from training.errors import ConfigError
 
 __all__ = [
-    "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "PRECISIONS", "PREDICTION_TYPES", "TASKS",
-    "ConfigError", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "ServingConfig",
+    "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "OFFLOAD_DEVICES", "PRECISIONS", "PREDICTION_TYPES", "TASKS",
+    "ConfigError", "DeepSpeedConfig", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "ServingConfig",
     "TextEncoderConfig", "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
     "config_from_dict", "load_config", "parse_override", "resolve_config_path",
 ]

@@ -93,6 +93,10 @@ NOT_TRAINING_FIELDS = frozenset({
     "name",  # the preset's name: two presets with the same values train the same model
     "train.log_every", "train.max_failures", "train.loader_workers",
     "train.cluster_wait_s", "train.checkpoints_to_keep", "train.checkpoint_upload", "train.max_pending_uploads",
+    # Where DeepSpeed keeps things and what it recomputes, not what it computes (zero.Init builds the same
+    # initial weights: tests/training/runtime/test_deepspeed_options.py). train.deepspeed.extra is hashed.
+    "train.deepspeed.offload_optimizer", "train.deepspeed.offload_param", "train.deepspeed.nvme_path",
+    "train.deepspeed.pin_memory", "train.deepspeed.activation_checkpointing", "train.deepspeed.zero_init",
     "tracking",  # where and how a run is recorded, not what it trains
     "gate", "serving",  # what happens to the model after training
 })
@@ -125,6 +129,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key `{key}` must be a mapping of fields, got {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key `{key}` must be a mapping, got {value!r}")
+        return {str(k): _plain(v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -153,6 +161,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key `{key}` must be a string, got {value!r}")
     raise ConfigError(f"config key `{key}` has unsupported type {tp!r}")
+
+
+def _plain(value: Any, key: str) -> Any:
+    """A free-form mapping's value (e.g. train.deepspeed.extra): plain YAML/JSON data only."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"config key `{key}` must be plain data (mapping, list, number, string, bool), got {value!r}")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

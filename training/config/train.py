@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from training.config.checks import check_key
+from training.config.deepspeed import DeepSpeedConfig, check_deepspeed_section
 from training.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,6 +56,9 @@ class TrainConfig:
     """Gradient norm clipping (0 disables)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed's memory options (offload, activation checkpointing, zero.Init) and any other key of
+    its config (train.deepspeed.extra)."""
     precision: str = "fp32"
     """fp32, bf16 or fp16. bf16/fp16 need train.use_gpu=true (or train.allow_cpu_half_precision)."""
     caption_dropout: float = 0.1
@@ -166,6 +170,7 @@ class TrainConfig:
         # ZeRO-3 partitions parameters across ranks, so no rank holds the full weights to average.
         check_key(not (self.ema.enabled and self.zero_stage == 3), "train.ema.enabled",
                "false when train.zero_stage is 3 (EMA needs full parameters on each rank)", True)
+        check_deepspeed_section(self)
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,8 @@ from training.locations import default_artifact_location
 log = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "config.json"
+DEEPSPEED_CONFIG_ARTIFACT = "deepspeed_config.json"
+"""The DeepSpeed config the engine was built with (rank 0 logs it when the engine is built)."""
 """A training run's resolved config, as an MLflow artifact (what resume and evaluate read back)."""
 STORAGE_TAG = "ray_storage"
 """A training run's tag naming the storage its checkpoints are under (what resume reads back)."""
@@ -39,7 +41,7 @@ def git_commit() -> str:
     if os.environ.get("LDMFLOW_GIT_COMMIT"):
         return os.environ["LDMFLOW_GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
@@ -99,6 +101,8 @@ class BufferedMetricLogger:
         self.close_timeout = close_timeout
         self.pending: list = []
         self.images: list[tuple] = []
+        self.dicts: dict[str, dict] = {}
+        """JSON artifacts to log, by artifact file (the latest of each)."""
         self.tags: dict[str, str] = {}
         self.dropped = 0
         self.dropped_images = 0
@@ -142,6 +146,11 @@ class BufferedMetricLogger:
                 self._count_drop(0, 1)
         self._wake.set()
 
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        with self._lock:
+            self.dicts[artifact_file] = data
+        self._wake.set()
+
     def set_tags(self, tags: dict[str, str]) -> None:
         with self._lock:
             self.tags.update(tags)
@@ -164,7 +173,7 @@ class BufferedMetricLogger:
         while True:
             try:
                 return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure is retried until the deadline
                 if time.monotonic() + delay > deadline:
                     raise TrackingUnavailable(
                         f"could not read the last logged step of {key!r} of MLflow run {self.run_id} for "
@@ -230,6 +239,13 @@ class BufferedMetricLogger:
                     if self.images and self.images[0] is image:
                         self.images.pop(0)
             with self._lock:
+                dicts = dict(self.dicts)
+            for artifact_file, data in dicts.items():
+                self.client.log_dict(self.run_id, data, artifact_file)
+                with self._lock:
+                    if self.dicts.get(artifact_file) is data:
+                        del self.dicts[artifact_file]
+            with self._lock:
                 tags = dict(self.tags)
             if tags:
                 from mlflow.entities import RunTag
@@ -240,7 +256,7 @@ class BufferedMetricLogger:
                         if self.tags.get(k) == v:
                             del self.tags[k]
             self._record_drops()
-        except Exception as e:  # any transport or server error: keep the data, train on
+        except Exception as e:  # noqa: BLE001 - any transport or server error: keep the data, train on
             self.failures += 1
             if self.failures == 1 or self.failures % 10 == 0:
                 log.warning("MLflow unreachable (%d failed deliveries), %d metrics and %d images buffered: %s",
@@ -287,7 +303,7 @@ class BufferedMetricLogger:
 
     def _empty(self) -> bool:
         with self._lock:
-            return not self.pending and not self.images and not self.tags \
+            return not self.pending and not self.images and not self.tags and not self.dicts \
                 and (self.dropped, self.dropped_images) == self.recorded_drops
 
     def close(self, timeout: float | None = None) -> int:
@@ -333,7 +349,7 @@ def prefect_flow_run_id() -> str | None:
     try:
         flow_run = importlib.import_module("prefect.runtime.flow_run")
         found = flow_run.id
-    except Exception:  # no active flow run, or a Prefect without the runtime module
+    except Exception:  # noqa: BLE001 - no active flow run, or a Prefect without the runtime module
         return None
     return str(found) if found else None
 

@@ -6,6 +6,7 @@ seed, so every Ray worker and the exporting driver hold bit-identical frozen wei
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +23,36 @@ SD_SCALING_FACTOR = 0.18215
 
 
 def build_unet(cfg: UNetConfig, *, sample_size: int, in_channels: int, cross_attention_dim: int,
-               seed: int) -> UNet2DConditionModel:
+               seed: int, init=None) -> UNet2DConditionModel:
     """A new UNet from the config (seeded), or the pretrained one it names. `in_channels` and
     `cross_attention_dim` are the loaded VAE's latent channels and text encoder's width: a new UNet
-    is shaped for them, a pretrained one was checked against them (check_compatible)."""
+    is shaped for them, a pretrained one was checked against them (check_compatible). `init`: the
+    context it is built in (deepspeed.zero.Init: a pretrained one is then loaded partition-wise)."""
+    if init is None:
+        init = contextlib.nullcontext()
+    elif cfg.pretrained:
+        return _pretrained_partitioned(cfg.pretrained, init, sample_size=sample_size)
+    with init:
+        return _build_unet(cfg, sample_size=sample_size, in_channels=in_channels,
+                           cross_attention_dim=cross_attention_dim, seed=seed)
+
+
+def _pretrained_partitioned(name: str, init, *, sample_size: int) -> UNet2DConditionModel:
+    from training.models.partitioned_load import load_into_partitions, weight_files
+
+    key = "model.unet.pretrained"
+    location = locate(name, "unet", key, expected_class=UNet2DConditionModel.__name__)
+    files = weight_files(location.folder, key)  # before anything is built: a folder without safetensors fails here
+    config = dict(UNet2DConditionModel.load_config(location.path, subfolder=location.subfolder))
+    config["sample_size"] = sample_size  # as below: the exported pipeline's default size
+    with init:
+        unet = UNet2DConditionModel.from_config(config)
+    load_into_partitions(unet, files, key)
+    return unet
+
+
+def _build_unet(cfg: UNetConfig, *, sample_size: int, in_channels: int, cross_attention_dim: int,
+                seed: int) -> UNet2DConditionModel:
     if cfg.pretrained:
         unet = _from_pretrained(UNet2DConditionModel, cfg.pretrained, "unet", "model.unet.pretrained")
         # Only metadata (a pipeline's default image size), but the exported pipeline should
@@ -132,7 +159,10 @@ def frozen_hashes(vae: AutoencoderKL, text: TextEncoder) -> dict[str, str]:
     return {"vae": module_sha256(vae), "text_encoder": module_sha256(text.model)}
 
 
-def build_components(cfg: ModelConfig, *, seed: int) -> Components:
+def build_components(cfg: ModelConfig, *, seed: int, unet_init=None) -> Components:
+    """The frozen VAE and text encoder, then the UNet; `unet_init` is a context the UNet alone is built
+    in (training.runtime.engine.module_init: deepspeed.zero.Init under train.deepspeed.zero_init), so
+    the frozen models stay whole on every rank, outside DeepSpeed."""
     vae, text = build_frozen(cfg)
     # The latent's side, channels and scale are the loaded VAE's (a pretrained one's own config),
     # never the VAE fields of the config, which describe only a VAE built from config.
@@ -142,6 +172,7 @@ def build_components(cfg: ModelConfig, *, seed: int) -> Components:
         in_channels=vae.config.latent_channels,
         cross_attention_dim=text.hidden_size,
         seed=seed,
+        init=unet_init,
     )
     return Components(unet=unet, vae=vae, text=text, noise_scheduler=build_noise_scheduler(cfg.scheduler))
 

@@ -25,9 +25,17 @@ from training.errors import ConfigError, DataError, TrackingUnavailable
 from training.loader.batch import trains_on_any
 from training.locations import runs_dir, setup_mlflow, tracking_uri
 from training.mlops.publish import TrainOutcome
-from training.mlops.tracking import (CONFIG_ARTIFACT, STORAGE_TAG, cap_http_retries, dataset_input, ensure_experiment,
-                                     git_commit, prefect_flow_run_id)
+from training.mlops.tracking import (
+    CONFIG_ARTIFACT,
+    STORAGE_TAG,
+    cap_http_retries,
+    dataset_input,
+    ensure_experiment,
+    git_commit,
+    prefect_flow_run_id,
+)
 from training.runtime.cluster import forwarded_credentials, refuse_node_local
+from training.runtime.deepspeed_checks import validated_config
 from training.runtime.launcher import launch, prepare_cluster
 from training.runtime.lease import run_lease
 from training.runtime.stopping import TrainingStopped
@@ -314,6 +322,7 @@ def _prepare(cfg: RunConfig, storage_uri: str, *, storage_given: bool, forward: 
     """Load the frozen models and join or start Ray: every error they raise comes before a run exists
     or a worker starts. `check(frozen_hashes)` runs in between (resume's model check)."""
 
+    validated_config(cfg.train)  # an option DeepSpeed's config models refuse fails here (NVMe: the workers' pre-flight)
     frozen = frozen_hashes_for(cfg)  # a wrong model path fails here
     if check is not None:
         check(frozen)

@@ -11,8 +11,10 @@ import torch
 
 from training.checkpoint.elastic import deepspeed_universal_config
 from training.config import TrainConfig
+from training.config.deepspeed import generated_config
 from training.errors import ConfigError
 from training.runtime.context import WorkerContext
+from training.runtime.deepspeed_checks import check_deepspeed
 from training.runtime.jit_ops import load_deepspeed_ops
 
 log = logging.getLogger(__name__)
@@ -41,19 +43,38 @@ def micro_batches(train: TrainConfig, world_size: int, global_batch: int) -> int
 
 
 def deepspeed_config(train: TrainConfig) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
-        # The optimizer is torch's AdamW, handed to DeepSpeed: it runs the same on CPU and GPU and
-        # needs no JIT-compiled op. ZeRO partitions its state like any other optimizer's.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    """The DeepSpeed config of `train`: generated from train.* and train.deepspeed, with
+    train.deepspeed.extra merged over it (training.config.deepspeed.generated_config)."""
+    return generated_config(train)
+
+
+def module_init(train: TrainConfig):
+    """The context the trained module is built in: deepspeed.zero.Init with train.deepspeed.zero_init
+    (ZeRO-3), which partitions each parameter across the ranks as soon as its layer is created (and
+    puts the partition where offload_param says), so no rank ever holds the whole model; otherwise
+    None. Every rank must enter it (it is collective). Only the trained module is built inside:
+    the frozen VAE and text encoder are whole on every rank and never touched by DeepSpeed. None, not
+    an empty context, when it is off: a pretrained UNet given a context is loaded partition-wise."""
+    if not train.deepspeed.zero_init:
+        return None
+    import deepspeed
+
+    load_deepspeed_ops()  # zero.Init starts deepspeed.comm, which loads the shared-memory op on CPU
+    # Its config gives the partitions' dtype (bf16/fp16 as the engine trains) and device (offload_param).
+    return deepspeed.zero.Init(config_dict_or_path=check_deepspeed(train))
+
+
+def enable_activation_checkpointing(module: torch.nn.Module) -> None:
+    """diffusers' gradient checkpointing on every diffusers model in `module` that supports it (the UNet;
+    the `vae` task's AutoencoderKL): each block's activations are recomputed in the backward pass."""
+    from diffusers import ModelMixin
+
+    models = [m for m in module.modules() if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing]
+    if not models:
+        raise ConfigError(f"config key `train.deepspeed.activation_checkpointing` is true but {type(module).__name__} "
+                          "supports no gradient checkpointing: set it to false")
+    for model in models:
+        model.enable_gradient_checkpointing()
 
 
 def lr_lambda(train: TrainConfig):
@@ -73,19 +94,24 @@ def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, 
     checkpoint (a resume on a different number of workers), which must be known before it is built."""
     import deepspeed
 
+    config = check_deepspeed(train)  # one line for anything DeepSpeed would refuse, before it is built
     load_deepspeed_ops()  # before deepspeed.initialize, which would wait forever on a killed loader's lock
-    unet.to(ctx.device)
+    if not any(hasattr(p, "ds_id") for p in unet.parameters()):
+        # A module built in deepspeed.zero.Init (module_init) already has its partitions where they belong.
+        unet.to(ctx.device)
     unet.train()
+    if train.deepspeed.activation_checkpointing:
+        enable_activation_checkpointing(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
+    # With optimizer offload the step runs on CPU copies of the partitions: fused is a GPU kernel here.
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                                  fused=ctx.device.type == "cuda")
+                                  fused=ctx.device.type == "cuda" and train.deepspeed.offload_optimizer == "none")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
-    config = deepspeed_config(train)
     if load_universal:
-
         config = deepspeed_universal_config(config)
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
+    engine.ldmflow_config = config  # what it was built with: the loop logs it with the run (deepspeed_config.json)
     return engine
 
 

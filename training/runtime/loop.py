@@ -27,9 +27,10 @@ from training.checkpoint.layout import TrainState
 from training.config import TrainConfig
 from training.loader.plan import LoaderState
 from training.loader.stream import ShardStream
+from training.mlops.tracking import DEEPSPEED_CONFIG_ARTIFACT
 from training.runtime.checkpointing import check_frozen, remove_orphaned_uploads, restore, save_and_report
 from training.runtime.context import WorkerContext, WorkerPayload
-from training.runtime.engine import build_ema, build_engine, micro_batches
+from training.runtime.engine import build_ema, build_engine, micro_batches, module_init
 from training.runtime.metrics import LossWindow, SampleLog, StepLogger, publish_worker_processes
 from training.runtime.preflight import worker_preflight
 from training.runtime.restore_point import checkpoint_directory
@@ -103,7 +104,8 @@ class Trainer:
         load before it is built."""
         cfg = payload.config
         remove_orphaned_uploads()  # what killed workers of this node left behind
-        task = build_task(cfg, seed=cfg.train.seed, device=ctx.device)
+        # Under train.deepspeed.zero_init the trained module is partitioned as it is built (module_init).
+        task = build_task(cfg, seed=cfg.train.seed, device=ctx.device, module_init=module_init(cfg.train))
         frozen = check_frozen(task.frozen_hashes(), payload.frozen)
         generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + ctx.rank)
         state = TrainState(world_size=ctx.world_size, config=cfg.to_dict(), frozen=frozen,
@@ -129,6 +131,7 @@ class Trainer:
                              holdout_fraction=cfg.validation.holdout_fraction)
         steps = StepLogger.for_worker(payload, ctx, resumed=saved is not None)
         publish_worker_processes(steps, ctx)
+        steps.log_dict(engine.ldmflow_config, DEEPSPEED_CONFIG_ARTIFACT)  # rank 0's logger; the others log nothing
         if saved is not None:
             steps.note_resume(state.step)
         state.global_batch = train.batch_size * train.grad_accum * ctx.world_size

@@ -30,7 +30,7 @@ class SampleLog:
         self.file = None
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(folder) / f"rank-{rank}-{os.getpid()}.jsonl", "a", buffering=1)
+            self.file = open(Path(folder) / f"rank-{rank}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115 - closed by close()
         self.rank = rank
 
     def add(self, step: int, keys: list[str], epochs: list[int]) -> None:
@@ -148,6 +148,11 @@ class StepLogger:
     def log_image(self, image, artifact_file: str, step: int) -> None:
         if self.logs(step):
             self.logger.log_image(image, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        """A JSON artifact of the run (not tied to a step: logged again, it replaces the earlier one)."""
+        if self.logger is not None:
+            self.logger.log_dict(data, artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.logger is not None:

@@ -23,6 +23,7 @@ from data_prep.dataset import read_dataset
 from training.checkpoint.run_storage import check_run_storage
 from training.errors import ConfigError
 from training.runtime.context import WorkerContext, WorkerPayload
+from training.runtime.deepspeed_checks import check_nvme
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ def worker_preflight(payload: WorkerPayload, ctx: WorkerContext) -> None:
     ]
     if payload.mlflow_run_id:
         checks.append(("reach MLflow", lambda: check_tracking(payload.tracking_uri, payload.mlflow_run_id)))
+    # NVMe offload writes to this node's own disk, with an op built from this node's libaio.
+    checks.append(("offload to NVMe", lambda: check_nvme(payload.config.train)))
     failures = []
     for name, check in checks:
         try:
             check()
-        except Exception as e:  # every failure is reported, whatever raised it
+        except Exception as e:  # noqa: BLE001 - every failure is reported, whatever raised it
             failures.append(f"cannot {name}: {_one_line(e)}")
     if failures:
         raise PreflightError(

@@ -15,10 +15,12 @@ from training.tasks.ldm import LatentDiffusionTask
 from training.tasks.vae import AutoencoderTask
 
 
-def build_task(cfg: RunConfig, *, seed: int, device: torch.device) -> Task:
+def build_task(cfg: RunConfig, *, seed: int, device: torch.device, module_init=None) -> Task:
+    """The task of `cfg`; its trained module (the UNet, or the `vae` task's AutoencoderKL) is built inside
+    `module_init` when given (deepspeed.zero.Init: training.runtime.engine.module_init), nothing else is."""
     if cfg.task == "vae":
-        return AutoencoderTask(cfg, seed=seed, device=device)
-    return LatentDiffusionTask(cfg, build_components(cfg.model, seed=seed), device=device)
+        return AutoencoderTask(cfg, seed=seed, device=device, module_init=module_init)
+    return LatentDiffusionTask(cfg, build_components(cfg.model, seed=seed, unet_init=module_init), device=device)
 
 
 def frozen_hashes_for(cfg: RunConfig) -> dict[str, str]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from training.checkpoint.layout import VAE_FILE
@@ -33,12 +35,13 @@ class AutoencoderTask:
     name = "vae"
     weights_file = VAE_FILE
 
-    def __init__(self, cfg: RunConfig, *, seed: int, device: torch.device):
-
+    def __init__(self, cfg: RunConfig, *, seed: int, device: torch.device, module_init=None):
+        """`module_init`: the context the trained AutoencoderKL is built in (deepspeed.zero.Init), if any."""
         self.cfg = cfg
         self.device = device
-        vae = new_vae(cfg.model.vae, resolution=cfg.model.resolution, seed=seed)
-        self.module = AutoencoderObjective(vae.requires_grad_(True).train())
+        with module_init if module_init is not None else contextlib.nullcontext():
+            vae = new_vae(cfg.model.vae, resolution=cfg.model.resolution, seed=seed)
+            self.module = AutoencoderObjective(vae.requires_grad_(True).train())
 
     def frozen_hashes(self) -> dict[str, str]:
         return {}

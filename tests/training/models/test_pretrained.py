@@ -42,10 +42,11 @@ def clip_tokenizer():
 
 def tiny_unet(**overrides) -> UNet2DConditionModel:
     torch.manual_seed(123)
-    config = dict(sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
-                  block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
-                  attention_head_dim=4)
+    config = {"sample_size": 8, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
+              "layers_per_block": 1, "block_out_channels": (32, 64),
+              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": TEXT_WIDTH,
+              "attention_head_dim": 4}
     return UNet2DConditionModel(**{**config, **overrides})
 
 
@@ -179,6 +180,48 @@ def test_fine_tuning_a_pretrained_unet_steps_through_the_worker_engine(pipeline_
     after = engine.module.state_dict()
     assert loss > 0 and all(torch.isfinite(t).all() for t in after.values())
     assert sum(not torch.equal(after[k], start[k]) for k in start) > 0.9 * len(start)
+
+
+@pytest.mark.slow
+def test_a_pretrained_unet_loads_into_zero_init_partitions(pipeline_dir, process_group, tmp_path):
+    """train.deepspeed.zero_init with model.unet.pretrained: the UNet is built partitioned from its
+    config.json and the file's weights are copied in one parameter at a time; gathered, they are the
+    saved ones exactly, and the engine fine-tunes from them. A folder with pickled weights only is refused
+    (nothing here unpickles model files)."""
+    import deepspeed
+
+    from training.loader.batch import Batch
+    from training.runtime.context import WorkerContext
+    from training.runtime.engine import build_engine, module_init
+    from training.tasks.ldm import LatentDiffusionTask
+
+    data = model_cfg(pipeline_dir, pipeline_dir, pipeline_dir).to_dict()
+    data["train"].update(zero_stage=3, deepspeed={"zero_init": True})
+    cfg = config_from_dict(data)
+    parts = build_components(cfg.model, seed=cfg.train.seed, unet_init=module_init(cfg.train))
+    start = saved(pipeline_dir / "unet")
+    params = dict(parts.unet.named_parameters())
+    assert all(p.numel() == 0 and p.ds_numel == start[name].numel() for name, p in params.items())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        assert_same_weights(parts.unet, start)
+    ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
+    engine = build_engine(parts.unet, cfg.train, ctx)
+    batch = Batch(pixels=torch.randint(0, 256, (2, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8,
+                                       generator=torch.Generator().manual_seed(0)),
+                  captions=["a red circle", "a red square"], keys=["a", "b"])
+    loss = LatentDiffusionTask(cfg, parts, device=ctx.device).loss(engine, batch, torch.Generator().manual_seed(1))
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss) and loss > 0
+
+    pickled = tmp_path / "pickled-unet"  # what an old folder may hold: diffusion_pytorch_model.bin only
+    shutil.copytree(pipeline_dir / "unet", pickled)
+    for weights in pickled.glob("*.safetensors"):
+        torch.save(load_file(str(weights)), pickled / "diffusion_pytorch_model.bin")
+        weights.unlink()
+    data["model"]["unet"]["pretrained"] = str(pickled)
+    with pytest.raises(ConfigError, match=r"`model.unet.pretrained`: .*has no diffusion_pytorch_model.safetensors"):
+        build_components(config_from_dict(data).model, seed=0, unet_init=module_init(config_from_dict(data).train))
 
 
 # ------------------------------------------------------------------------------------------------

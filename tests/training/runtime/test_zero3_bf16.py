@@ -1,5 +1,7 @@
 """ZeRO-3 with bf16 (what the sdxl preset uses) on 2 Ray workers: parameters partitioned across
-ranks, then consolidated by the export into a working fp32 pipeline."""
+ranks (as the UNet is built: train.deepspeed.zero_init, with activation checkpointing), then
+consolidated by the export into a working fp32 pipeline; the DeepSpeed config the engines ran with is
+the run's deepspeed_config.json."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
         "train.zero_stage=3", "train.precision=bf16", "train.allow_cpu_half_precision=true",
         "train.ema.enabled=false", "train.max_steps=3",
         "train.batch_size=4", "tracking.run_name=zero3-bf16",
+        "train.deepspeed.zero_init=true", "train.deepspeed.activation_checkpointing=true",
         # Validation under ZeRO-3 runs on every rank (each forward gathers the partitions).
         "validation.holdout_fraction=0.25", "validation.every=2", "validation.max_samples=4",
         "tracking.sample_steps=2",
@@ -52,6 +55,15 @@ def test_zero3_bf16_trains_and_exports(tmp_path):
 
     artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "samples")}
     assert {"samples/step-000002.png", "samples/step-000003.png"} <= artifacts
+    import mlflow
+
+    from training.config.deepspeed import generated_config
+    from training.mlops.tracking import DEEPSPEED_CONFIG_ARTIFACT
+
+    logged = mlflow.artifacts.load_dict(f"{MlflowClient().get_run(outcome.run_id).info.artifact_uri}/"
+                                        f"{DEEPSPEED_CONFIG_ARTIFACT}")
+    assert logged == generated_config(cfg.train)
+    assert logged["zero_optimization"]["stage"] == 3 and logged["bf16"]["enabled"] is True
 
     pipe, _ = build_pipeline(ckpt)
     assert pipe.unet.dtype == torch.float32
