@@ -30,8 +30,9 @@ from training.config.train import (
 from training.errors import ConfigError
 
 __all__ = [
-    "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "OFFLOAD_DEVICES", "PRECISIONS", "PREDICTION_TYPES", "TASKS",
-    "ConfigError", "DeepSpeedConfig", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig", "RunConfig", "ServingConfig",
+    "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "OFFLOAD_DEVICES", "PRECISIONS", "PREDICTION_TYPES",
+    "TASKS", "ConfigError", "DeepSpeedConfig", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig",
+    "RunConfig", "ServingConfig",
     "TextEncoderConfig", "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
     "config_from_dict", "load_config", "parse_override", "resolve_config_path",
 ]

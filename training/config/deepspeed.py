@@ -80,7 +80,8 @@ def check_deepspeed_section(train: TrainConfig) -> None:
     if ds.offload_optimizer == "nvme" and stage != 3:
         # DeepSpeed's ZeRO-1/2 take `nvme` as plain CPU offload and never write to nvme_path.
         raise ConfigError(f"config key `train.deepspeed.offload_optimizer` is nvme but train.zero_stage is {stage}: "
-                          "NVMe offload (ZeRO-Infinity) needs train.zero_stage=3; use offload_optimizer=cpu at stages 1-2")
+                          "NVMe offload (ZeRO-Infinity) needs train.zero_stage=3; "
+                          "use offload_optimizer=cpu at stages 1-2")
     if ds.zero_init and stage != 3:
         raise ConfigError(f"config key `train.deepspeed.zero_init` is true but train.zero_stage is {stage}: "
                           "deepspeed.zero.Init partitions parameters, which only ZeRO-3 does; set train.zero_stage=3")

@@ -48,8 +48,8 @@ def _check_with_deepspeed(config: dict) -> None:
     except pydantic.ValidationError as e:
         error = e.errors()[0]
         where = ".".join(str(part) for part in ("zero_optimization", *error["loc"]))
-        raise ConfigError(f"config key `train.deepspeed.extra.{where}`: DeepSpeed refuses it ({_one_line(error['msg'])}); "
-                          "fix or remove it") from None
+        raise ConfigError(f"config key `train.deepspeed.extra.{where}`: DeepSpeed refuses it "
+                          f"({_one_line(error['msg'])}); fix or remove it") from None
     # Then the whole config as deepspeed.initialize reads it (its sections' models and sanity checks).
     try:
         DeepSpeedConfig(config)
@@ -94,9 +94,9 @@ def check_nvme(train: TrainConfig) -> None:
         raise ConfigError(f"config key `train.deepspeed.nvme_path` is {path}, which is not writable here "
                           f"({e.strerror or e}): name a folder this user can write") from None
     if not async_io_available():
-        raise ConfigError(f"config key `train.deepspeed.{nvme[0]}` is nvme, but DeepSpeed's async_io op cannot be built "
-                          "here (it needs libaio: `make install` installs libaio-dev, or apt-get install libaio-dev); "
-                          "install it or use cpu offload")
+        raise ConfigError(f"config key `train.deepspeed.{nvme[0]}` is nvme, but DeepSpeed's async_io op cannot be "
+                          "built here (it needs libaio: `make install` installs libaio-dev, or apt-get install "
+                          "libaio-dev); install it or use cpu offload")
 
 
 @functools.cache

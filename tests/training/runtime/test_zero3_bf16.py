@@ -94,7 +94,8 @@ def assert_gathered_equals_consolidated(ckpt: Path) -> None:
     assert {t.dtype for t in gathered.values()} == {torch.bfloat16}
     assert {t.dtype for t in master.values()} == {torch.float32}
     differ = [k for k in master if not torch.equal(gathered[k], master[k].to(torch.bfloat16))]
-    assert not differ, f"{len(differ)} of {len(master)} gathered tensors differ from the consolidated ones: {differ[:3]}"
+    assert not differ, (f"{len(differ)} of {len(master)} gathered tensors differ from the consolidated ones: "
+                        f"{differ[:3]}")
     # Not vacuous: three steps moved the master weights away from the initial ones.
     initial = build_components(config_from_dict(state.config).model, seed=state.config["train"]["seed"]).unet
     moved = [k for k, v in initial.state_dict().items() if not torch.equal(v.float(), master[k])]
