@@ -160,10 +160,8 @@ def test_attention_mask_option_is_what_training_and_sampling_both_use(pipeline_d
 
 
 def test_fine_tuning_a_pretrained_unet_steps_through_the_worker_engine(pipeline_dir, process_group):
-    from training.loader.batch import Batch
     from training.runtime.context import WorkerContext
     from training.runtime.engine import build_engine
-    from training.tasks.ldm import LatentDiffusionTask
 
     cfg = model_cfg(pipeline_dir, pipeline_dir, pipeline_dir)
     parts = build_components(cfg.model, seed=cfg.train.seed)
@@ -171,15 +169,24 @@ def test_fine_tuning_a_pretrained_unet_steps_through_the_worker_engine(pipeline_
     ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
     engine = build_engine(parts.unet, cfg.train, ctx)
     assert_same_weights(engine.module, start)
+    loss = one_step(cfg, parts, engine, ctx)
+    after = engine.module.state_dict()
+    assert loss > 0 and all(torch.isfinite(t).all() for t in after.values())
+    assert sum(not torch.equal(after[k], start[k]) for k in start) > 0.9 * len(start)
+
+
+def one_step(cfg, parts, engine, ctx) -> torch.Tensor:
+    """One seeded LDM optimizer step of `engine` on two random images; its loss."""
+    from training.loader.batch import Batch
+    from training.tasks.ldm import LatentDiffusionTask
+
     batch = Batch(pixels=torch.randint(0, 256, (2, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8,
                                        generator=torch.Generator().manual_seed(0)),
                   captions=["a red circle", "a red square"], keys=["a", "b"])
     loss = LatentDiffusionTask(cfg, parts, device=ctx.device).loss(engine, batch, torch.Generator().manual_seed(1))
     engine.backward(loss)
     engine.step()
-    after = engine.module.state_dict()
-    assert loss > 0 and all(torch.isfinite(t).all() for t in after.values())
-    assert sum(not torch.equal(after[k], start[k]) for k in start) > 0.9 * len(start)
+    return loss
 
 
 @pytest.mark.slow
@@ -190,10 +197,8 @@ def test_a_pretrained_unet_loads_into_zero_init_partitions(pipeline_dir, process
     (nothing here unpickles model files)."""
     import deepspeed
 
-    from training.loader.batch import Batch
     from training.runtime.context import WorkerContext
     from training.runtime.engine import build_engine, module_init
-    from training.tasks.ldm import LatentDiffusionTask
 
     data = model_cfg(pipeline_dir, pipeline_dir, pipeline_dir).to_dict()
     data["train"].update(zero_stage=3, deepspeed={"zero_init": True})
@@ -206,12 +211,7 @@ def test_a_pretrained_unet_loads_into_zero_init_partitions(pipeline_dir, process
         assert_same_weights(parts.unet, start)
     ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))
     engine = build_engine(parts.unet, cfg.train, ctx)
-    batch = Batch(pixels=torch.randint(0, 256, (2, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8,
-                                       generator=torch.Generator().manual_seed(0)),
-                  captions=["a red circle", "a red square"], keys=["a", "b"])
-    loss = LatentDiffusionTask(cfg, parts, device=ctx.device).loss(engine, batch, torch.Generator().manual_seed(1))
-    engine.backward(loss)
-    engine.step()
+    loss = one_step(cfg, parts, engine, ctx)
     assert torch.isfinite(loss) and loss > 0
 
     pickled = tmp_path / "pickled-unet"  # what an old folder may hold: diffusion_pytorch_model.bin only
