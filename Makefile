@@ -8,10 +8,14 @@ export DS_ACCELERATOR ?= cpu
 export RAY_DEDUP_LOGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
+# DeepSpeed's JIT-built C++ ops live with the environment that built them: torch reuses a build only
+# while its ninja file, which names the environment's absolute paths, is unchanged, so two checkouts
+# sharing ~/.cache would rebuild over each other (minutes each time).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install libaio demo test test-fast test-cluster test-all bench bench-gpu clean
+.PHONY: install libaio ops demo test test-fast test-cluster test-all bench bench-gpu clean
 
-install: $(VENV)/.installed libaio
+install: $(VENV)/.installed libaio ops
 
 # DeepSpeed's async_io op (NVMe offload: train.deepspeed.offload_*=nvme) is built from libaio's headers.
 # Skipped when they are present; installed with apt-get when this user is root; otherwise said (NVMe
@@ -23,6 +27,11 @@ libaio:
 	  apt-get install -y -qq libaio-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libaio-dev >/dev/null; } \
 	  || echo "note: libaio-dev could not be installed: NVMe offload will be refused"; \
 	else echo "note: libaio-dev is missing (as root: apt-get install libaio-dev): NVMe offload will be refused"; fi
+
+# Built once per environment here (about 5 minutes on 2 cores), seconds when already built: not in the
+# first training run or test.
+ops: $(VENV)/.installed libaio
+	@$(BIN)/python -m training.runtime.jit_ops
 
 # torch==2.13.0 first: it resolves to the local CPU wheel here; letting another package pull an
 # unpinned torch would fetch GBs of CUDA libraries.

@@ -64,3 +64,35 @@ def load_deepspeed_ops() -> None:
     """The JIT ops `deepspeed.initialize` loads, loaded first under the node lock (on an accelerator
     without the op, as on CUDA for the shared-memory one, nothing is loaded: DeepSpeed's own rule)."""
     load_op(SHM_COMM)
+
+
+PREBUILT = (SHM_COMM, "PinMemoryBuilder", "AsyncIOBuilder")
+"""What `make install` builds ahead: the shared-memory collectives every CPU run loads, and the pinned
+memory and async I/O ops that offload and NVMe offload load (async I/O only where libaio is present)."""
+
+
+def prebuild() -> list[str]:
+    """Build (or find built) every op of PREBUILT this accelerator can build; the folders of those loaded.
+
+    torch reuses a build only when its ninja file is unchanged, and that file holds the absolute paths of
+    the environment's sources: each environment builds once, at install, not in its first run or test.
+    """
+    from training.runtime.deepspeed_checks import async_io_available
+
+    from deepspeed.accelerator import get_accelerator
+
+    loaded = []
+    for name in PREBUILT:
+        if name == "AsyncIOBuilder" and not async_io_available():
+            continue
+        if load_op(name) is not None:
+            loaded.append(str(build_directory(get_accelerator().create_op_builder(name).name)))
+    return loaded
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.monotonic()
+    folders = prebuild()
+    log.info("DeepSpeed's JIT ops built (%.0f s): %s", time.monotonic() - started,
+             " ".join(folders) or "none needed on this accelerator")
