@@ -48,6 +48,9 @@ GRPC_OFFSET = 10000
 component takes a pair of free ports p, p + 10000."""
 SERVICES = ("seaweedfs", "mlflow", "prefect", "worker", "ray-head", "ray-node")
 """Start order; `down` stops them in reverse (flow runs first, storage last)."""
+NEEDS = {"mlflow": "seaweedfs", "worker": "prefect", "ray-node": "ray-head"}
+"""The service each one must find answering when it starts (MLflow's artifacts bucket, the worker's API, the
+second node's head); the three chains start side by side."""
 
 
 class StackError(Exception):
@@ -159,14 +162,25 @@ def alive(record: dict | None) -> bool:
         return False
 
 
-def stop_group(record: dict, timeout: float) -> str:
-    """SIGTERM the service's process group, SIGKILL what is left after `timeout`; returns how it ended."""
+def stop_group(record: dict, timeout: float, *, leader_first: bool = False) -> str:
+    """SIGTERM the service's process group, SIGKILL what is left after `timeout`; returns how it ended.
+
+    `leader_first`: SIGTERM the group's leader alone and give it the time to stop its own children before the
+    rest of the group is signalled (`ray start --block` drains its node through the GCS on SIGTERM: with the
+    GCS signalled at the same moment, that drain waits out its whole 30 s timeout on a dead server)."""
     if not alive(record):
         return "not running"
     pgid = record["pid"]  # start_new_session: the service leads its own group
     members = _group(pgid)
-    os.killpg(pgid, signal.SIGTERM)
-    _gone, left = psutil.wait_procs(members, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    if leader_first:
+        os.kill(pgid, signal.SIGTERM)
+        psutil.wait_procs([p for p in members if p.pid == pgid], timeout=timeout)
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:  # the leader took every member with it
+        pass
+    _gone, left = psutil.wait_procs(members, timeout=max(0.0, deadline - time.monotonic()))
     if left:
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -215,6 +229,8 @@ class Service:
     cwd: Callable[[], Path] | None = None
     stop_timeout: float | None = None
     """Seconds between SIGTERM and SIGKILL when not the stack's default."""
+    stop_leader_first: bool = False
+    """SIGTERM the leading process alone first (see stop_group)."""
 
 
 class Stack:
@@ -410,9 +426,9 @@ class Stack:
                               self._worker_healthy, lambda: f"pool {self.config.work_pool}",
                               cwd=lambda: self.config.project_root),
             "ray-head": Service("ray-head", lambda: ray_cmd("head"), lambda: ray_env("head"), self._ray_healthy,
-                                lambda: u["ray"]),
+                                lambda: u["ray"], stop_leader_first=True),
             "ray-node": Service("ray-node", lambda: ray_cmd("second"), lambda: ray_env("second"),
-                                lambda: self._ray_healthy(nodes=2), lambda: "second node"),
+                                lambda: self._ray_healthy(nodes=2), lambda: "second node", stop_leader_first=True),
         }
 
     def ray_temp(self, node: str) -> Path:
@@ -495,11 +511,23 @@ class Stack:
         for name in SERVICES:
             if name in running:
                 log(f"{name:10s} already running (pid {records[name]['pid']})")
-                continue
-            t0 = time.monotonic()
-            self._start(services[name])
-            self._wait(services[name])
-            log(f"{name:10s} up in {time.monotonic() - t0:5.1f} s  {services[name].url()}")
+        # Each service starts once the one it needs answers (NEEDS), not after every service before it: `up`
+        # takes as long as its slowest chain instead of the sum of all the starts (most of which wait on I/O
+        # and imports).
+        answering, started = set(running), {}
+        waiting = [name for name in SERVICES if name not in running]
+        while waiting or started:
+            for name in [n for n in waiting if NEEDS.get(n) is None or NEEDS[n] in answering]:
+                waiting.remove(name)
+                self._start(services[name])
+                started[name] = time.monotonic()
+            for name, t0 in list(started.items()):
+                if self._check(services[name], t0):
+                    log(f"{name:10s} up in {time.monotonic() - t0:5.1f} s  {services[name].url()}")
+                    answering.add(name)
+                    del started[name]
+            if started and not any(NEEDS.get(n) in answering for n in waiting):
+                time.sleep(0.5)
         return self.urls()
 
     def _start(self, service: Service) -> None:
@@ -514,19 +542,19 @@ class Stack:
                                                 "log": str(log_path), "command": service.command()}
         self._save()
 
-    def _wait(self, service: Service) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout
-        problem = "not checked"
+    def _check(self, service: Service, started: float) -> bool:
+        """Whether the service started at `started` (monotonic) answers yet; raises when it exited or
+        did not answer within the startup timeout."""
         record = self.state["services"][service.name]
-        while time.monotonic() < deadline:
-            if not alive(record):
-                raise StackError(f"{service.name} exited while starting; see {record['log']}:\n{self._tail(record)}")
-            problem = service.healthy()
-            if problem is None:
-                return
-            time.sleep(0.5)
-        raise StackError(f"{service.name} not healthy after {self.config.startup_timeout:.0f} s ({problem}); "
-                         f"see {record['log']}:\n{self._tail(record)}")
+        if not alive(record):
+            raise StackError(f"{service.name} exited while starting; see {record['log']}:\n{self._tail(record)}")
+        problem = service.healthy()
+        if problem is None:
+            return True
+        if time.monotonic() - started > self.config.startup_timeout:
+            raise StackError(f"{service.name} not healthy after {self.config.startup_timeout:.0f} s ({problem}); "
+                             f"see {record['log']}:\n{self._tail(record)}")
+        return False
 
     @staticmethod
     def _tail(record: dict, lines: int = 15) -> str:
@@ -553,7 +581,8 @@ class Stack:
             record = self.state["services"].get(name)
             if record:
                 timeout = getattr(services.get(name), "stop_timeout", None) or self.config.stop_timeout
-                log(f"{name:10s} {stop_group(record, timeout)}")
+                leader_first = getattr(services.get(name), "stop_leader_first", False)
+                log(f"{name:10s} {stop_group(record, timeout, leader_first=leader_first)}")
         self.state["services"] = {}
         self._save()
         for node in ("head", "second"):
