@@ -1,23 +1,8 @@
-"""Prefect's local server for flow tests, and reading back what it recorded."""
+"""Reading back what Prefect's local server recorded (the server itself: conftest.py's `prefect_server`)."""
 
 from __future__ import annotations
 
 import anyio
-import pytest
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    """Prefect starts its local server on the first flow run; stopped here while pytest still captures
-    output (its atexit hook would log to a closed stream), once the logs queued for it are sent."""
-    yield
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    # Logs still queued for the API go before the server does (else: "Error logging to API" at exit).
-    APILogWorker.drain_all(timeout=10)
-    for server in list(SubprocessASGIServer._instances.values()):
-        server.stop()
 
 
 def task_runs(flow_run_id) -> list:

@@ -6,20 +6,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from pipelines.cli import main
-from tests.training.mlops.consumer_fixtures import NAME  # `registered`: tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    yield
-    from prefect.server.api.server import SubprocessASGIServer
-
-    # Stop Prefect's local server while pytest still captures output (its atexit hook logs).
-    for server in list(SubprocessASGIServer._instances.values()):
-        server.stop()
+from tests.training.mlops.consumer_fixtures import NAME  # fixtures: tests/conftest.py, tests/pipelines/conftest.py
 
 
 def test_flow_completes_an_interrupted_batch(registered, prefect_server, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def flow_result(tmp_path_factory):
+def flow_result(prefect_server, local_ray, tmp_path_factory):
     from pipelines.flows import run_pipeline
 
     work = tmp_path_factory.mktemp("flow")
@@ -40,15 +40,7 @@ def flow_result(tmp_path_factory):
         )
     finally:
         os.chdir(cwd)
-    yield summary, work
-    import ray
-    from prefect.server.api.server import SubprocessASGIServer
-
-    ray.shutdown()
-    # Stop Prefect's local server now, while pytest still captures output; its atexit hook would
-    # log to a stream pytest has already closed.
-    for server in list(SubprocessASGIServer._instances.values()):
-        server.stop()
+    return summary, work
 
 
 @pytest.fixture(scope="module")

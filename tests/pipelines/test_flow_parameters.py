@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pipelines.prefect_fixtures import prefect_server, task_runs  # noqa: F401  (fixture)
+from tests.pipelines.prefect_fixtures import task_runs
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def source(tmp_path):
     ({"config": "shapes-vae"}, "flow parameter `config`: shapes-vae is a `vae` config"),
     ({"source": "/no/such/folder"}, "flow parameter `source`: local path /no/such/folder does not exist"),
 ], ids=lambda v: str(v)[:40])
-def test_a_bad_parameter_fails_the_retrain_before_any_work(prefect_server, source, tmp_path, change, words):  # noqa: F811
+def test_a_bad_parameter_fails_the_retrain_before_any_work(prefect_server, source, tmp_path, change, words):
     from pipelines.flows import retrain_flow
 
     dataset = tmp_path / "dataset"

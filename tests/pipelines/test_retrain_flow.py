@@ -12,7 +12,7 @@ import time
 import anyio
 import pytest
 
-from tests.pipelines.prefect_fixtures import artifact_text, prefect_server, task_runs  # noqa: F401  (fixture)
+from tests.pipelines.prefect_fixtures import artifact_text, task_runs
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ QUICK = {"config": "tiny", "overrides": OVERRIDES, "eval_prompts": 1, "eval_per_
 
 
 @pytest.fixture(scope="module")
-def world(prefect_server, tmp_path_factory):  # noqa: F811
+def world(prefect_server, local_ray, tmp_path_factory):
     from mlflow import MlflowClient
 
     from data_prep.synth import generate_synthetic
@@ -36,10 +36,7 @@ def world(prefect_server, tmp_path_factory):  # noqa: F811
     # The second batch's files are named exactly like the first's: new by content, not by name.
     generate_synthetic(str(root / "batch2"), 12, seed=1, image_size=64)
     setup_mlflow()
-    yield root, MlflowClient()
-    import ray
-
-    ray.shutdown()
+    return root, MlflowClient()
 
 
 def ldm_runs(client) -> list:
