@@ -218,17 +218,19 @@ def test_new_items_event_starts_retrain_only_when_items_are_new(stack, tmp_path)
     generate_synthetic(source, 4, seed=2, image_size=32)
     build_shards(ShardConfig(source=str(source), output=str(dataset), resolution=32, progress=False))
 
-    def sensor() -> None:
+    def sensor(source: Path) -> None:
         run = ldmflow(stack, "run", "watch-source", "--param", f"source={source}", "--param", f"dataset={dataset}",
                       "--timeout", "300")
         assert run.returncode == 0, run.stdout + run.stderr
 
-    # Nothing new: no event, no retrain.
-    t0 = time.monotonic()
-    sensor()
-    time.sleep(15)  # a triggered run appears within seconds of the event (below); none may appear here
-    assert retrain_runs_for(stack, deployment_id, str(source)) == []
-    print(f"nothing new -> no retrain: {time.monotonic() - t0:.1f} s")
+    # Nothing new: no event, no retrain. The check that no run appears is made at the end: the new items' part
+    # below (in another copy of the source, so that the runs tell the two apart) takes longer than a triggered
+    # run takes to appear, where a fixed 15 s sleep stood here before.
+    unchanged = tmp_path / "unchanged"
+    shutil.copytree(source, unchanged)
+    sensor(unchanged)
+    assert retrain_runs_for(stack, deployment_id, str(unchanged)) == []
+    nothing_new_at = time.monotonic()
 
     # Two new images, one under a file name the dataset already has (new bytes): the event starts retrain.
     other = tmp_path / "other"
@@ -241,7 +243,7 @@ def test_new_items_event_starts_retrain_only_when_items_are_new(stack, tmp_path)
         shutil.copy(image, source / name)
         shutil.copy(image.with_suffix(".txt"), source / Path(name).with_suffix(".txt"))
     t0 = time.monotonic()
-    sensor()
+    sensor(source)
     deadline = time.monotonic() + 90
     runs = []
     while time.monotonic() < deadline and not runs:
@@ -253,6 +255,11 @@ def test_new_items_event_starts_retrain_only_when_items_are_new(stack, tmp_path)
     assert runs[0].parameters["config"] == retrain["parameters"]["config"]  # the rest: defaults
     with prefect_api(stack), get_client(sync_client=True) as client:
         client.delete_flow_run(runs[0].id)
+
+    # At least the 15 s a run triggered by the nothing-new sensor run had before (normally long past).
+    time.sleep(max(0.0, nothing_new_at + 15 - time.monotonic()))
+    assert retrain_runs_for(stack, deployment_id, str(unchanged)) == []
+    print(f"nothing new -> no retrain, {time.monotonic() - nothing_new_at:.1f} s after its sensor run")
 
 
 def test_retrain_cron_schedule_creates_scheduled_runs(stack):
