@@ -7,6 +7,7 @@ end, so the next module paid their start again (several seconds each on 2 cores)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,10 +37,26 @@ def local_ray() -> Iterator[None]:
     the tiny preset's): a module that ran first with 1 worker would otherwise leave a Ray too small for the
     next one's 2."""
     import ray
+    from ray.job_submission import JobStatus
 
     from training.config import load_config
-    from training.runtime.jobs import jobs_address
+    from training.runtime.jobs import jobs_address, jobs_client
 
-    jobs_address(load_config(ROOT / "configs" / "tiny.yaml"))
+    client = jobs_client(jobs_address(load_config(ROOT / "configs" / "tiny.yaml")))
+    # On a loaded machine the dashboard's job agent registers seconds after ray.init, and a job submitted
+    # before then is refused ("No available agent to submit job", HTTP 500): wait for it once, here, with a
+    # job that does nothing.
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            probe = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    while not client.get_job_status(probe).is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.get_job_status(probe) == JobStatus.SUCCEEDED, client.get_job_logs(probe)
     yield
     ray.shutdown()
