@@ -10,8 +10,9 @@
     ray-node    `ray start --address ... --block`: a second node with its own temp folder and HOME
                 (both nodes have the stack's S3 credentials and run training jobs with this Python)
 
-`up` starts what is not running (twice is harmless), waits until each answers, and prints the URLs and
-the `export` lines; `status` asks each; `down` stops each (SIGTERM to its process group, SIGKILL after a
+`up` starts what is not running (twice is harmless; the S3 -> MLflow, Prefect -> worker and Ray head -> node
+chains side by side), waits until each answers, and prints the URLs and the `export` lines; `status` asks
+each; `down` stops each (SIGTERM to its process group, a Ray node's leading process first, SIGKILL after a
 grace period). Pids, ports, logs and data live in the stack folder (`runs/stack` by default), so a later
 `up` comes back on the same ports with the same data.
 
@@ -498,7 +499,7 @@ class Stack:
     # -- commands
 
     def up(self, log: Callable[[str], None] = print) -> dict[str, str]:
-        """Start every service that is not running, in order, each answering before the next starts."""
+        """Start every service that is not running, each once the one it needs answers (NEEDS)."""
         records = self.state["services"]
         running = {name for name in SERVICES if alive(records.get(name))}
         if running != set(SERVICES):
