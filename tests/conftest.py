@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from tests.mlflow_server import MlflowServer
     from tests.s3_server import S3Server
     from tests.training.mlops.consumer_fixtures import Registered
 
@@ -106,9 +107,25 @@ def s3_bucket(s3_env: S3Server) -> str:
 
 
 @pytest.fixture(scope="session")
-def registered(tmp_path_factory) -> Iterator[Registered]:
-    """A real MLflow server with one tiny registered model (alias champion) that the consumer tests of
-    every module read; see tests/training/mlops/consumer_fixtures.py."""
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """One real MLflow server (SQLite store, local proxied artifacts) for every test of the session that
+    only talks to a server and never stops it: each start costs seconds of CPU on the shared cores.
+    Its users keep apart by name (each module its own experiments and registered models); a test that
+    stops, kills or configures its server starts its own MlflowServer. Nothing here points this process
+    at it: each user sets MLFLOW_TRACKING_URI itself."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-session")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def registered(mlflow_server: MlflowServer, tmp_path_factory) -> Registered:
+    """The session's MLflow server with one tiny registered model (alias champion) that the consumer
+    tests of every module read; see tests/training/mlops/consumer_fixtures.py."""
     from tests.training.mlops.consumer_fixtures import serve_registered
 
-    yield from serve_registered(tmp_path_factory)
+    return serve_registered(mlflow_server, tmp_path_factory)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import mlflow
 import pytest
@@ -49,12 +48,9 @@ def test_gate_section_is_typed_validated_and_not_hashed():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def server(mlflow_server) -> MlflowServer:
+    """The session's server (tests/conftest.py): this module's experiment and model names are its own."""
+    return mlflow_server
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from data_prep import storage
-from tests.mlflow_server import MlflowServer
 from tests.training.mlops.export_run import copying_report, train_and_save
 from training.checkpoint.layout import EMA_FILE, STATE_FILE, UNET_FILE, CheckpointError
 from training.locations import setup_mlflow
@@ -25,8 +24,9 @@ from training.mlops.export import build_pipeline
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-ckpt")).start()
+def tracking(mlflow_server):
+    """The session's server (tests/conftest.py), this process pointed at it for the module."""
+    server = mlflow_server
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.uri
     try:
@@ -39,7 +39,6 @@ def tracking(tmp_path_factory):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
         setup_mlflow()
-        server.stop()
 
 
 @pytest.fixture

@@ -23,11 +23,22 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
 
 
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory, s3_server):
+    """An MLflow server with S3 artifacts through its proxy, one for the module (a start costs seconds of
+    CPU): its tests only log to it, each in runs of its own, and none stops it."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3=s3_server, s3_prefix="mlflow").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def proxied_server(tmp_path, s3_server, monkeypatch):
-    """An MLflow server with S3 artifacts through its proxy; this process is its client, with no AWS_*
-    variable, no AWS config file and MLFLOW_TRACKING_URI pointing at the server."""
-    server = MlflowServer(tmp_path / "mlflow-server", s3=s3_server, s3_prefix="mlflow").start()
+def proxied_server(proxied, monkeypatch):
+    """`proxied`, with this process as its client for one test: no AWS_* variable, no AWS config file and
+    MLFLOW_TRACKING_URI pointing at the server."""
+    server = proxied
     for key in [k for k in os.environ if k.startswith("AWS_") or k.startswith("MLFLOW_S3_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
@@ -39,10 +50,7 @@ def proxied_server(tmp_path, s3_server, monkeypatch):
 
     for key in PROXIED_ARTIFACTS_ENV:
         monkeypatch.delenv(key, raising=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+    return server
 
 
 def _s3_keys(server: MlflowServer) -> dict[str, int]:
@@ -90,7 +98,9 @@ def test_a_pipeline_sized_folder_goes_through_the_proxy_and_back(proxied_server,
         mlflow.log_artifacts(str(folder), "pipeline")
     upload_s = time.monotonic() - t0
 
-    stored = {k.split("/pipeline/", 1)[1]: size for k, size in _s3_keys(proxied_server).items() if "/pipeline/" in k}
+    # This run's keys only: the module's other tests log to the same bucket.
+    ours = f"/{run.info.run_id}/artifacts/pipeline/"
+    stored = {k.split(ours, 1)[1]: size for k, size in _s3_keys(proxied_server).items() if ours in k}
     assert stored == {rel: (folder / rel).stat().st_size for rel in local}
     assert not (proxied_server.folder / "artifacts").exists(), "artifacts must go to S3, not the server's disk"
 

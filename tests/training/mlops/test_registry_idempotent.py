@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -30,12 +28,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def server(mlflow_server) -> MlflowServer:
+    """The session's server (tests/conftest.py): this module's experiment and model names are its own."""
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.mlflow_server import MlflowServer, free_port
+from tests.mlflow_server import free_port
 from tests.training.tiny_pipeline import tiny_pipeline
 from training.locations import setup_mlflow
 from training.mlops import pyfunc_model
@@ -38,8 +38,9 @@ STARTUP_S = 240.0
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-serve")).start()
+def tracking(mlflow_server):
+    """The session's server (tests/conftest.py), this process pointed at it for the module."""
+    server = mlflow_server
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.uri
     try:
@@ -51,7 +52,6 @@ def tracking(tmp_path_factory):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
         setup_mlflow()
-        server.stop()
 
 
 @pytest.fixture(scope="module")
