@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from training.checkpoint.elastic import UNIVERSAL_CLIENT_STATE, load_universal_checkpoint
 from training.checkpoint.layout import DEEPSPEED_DIR, UNET_FILE, CheckpointError, TrainState
