@@ -159,6 +159,40 @@ def _call(what: str, address: str, fn, *args, **kwargs):
                               "run the same command again to re-attach") from None
 
 
+NO_AGENT = "No available agent to submit job"
+"""What Ray's Jobs server answers (HTTP 500, "please try again later") while no node's job agent is ready
+to take a job: for a while after the head starts, longer on a loaded machine."""
+AGENT_WAIT_S = 60.0
+
+
+def submit(client, logger: logging.Logger, *, wait_s: float = AGENT_WAIT_S, **job) -> None:
+    """`client.submit_job(**job)`, tried again with back-off for `wait_s` while the cluster has no job
+    agent ready. The submission id is fixed, so a try whose answer was lost but whose job was created is
+    found by the next try ("already exists") and taken as submitted."""
+    address = client.get_address()
+    deadline = time.monotonic() + wait_s
+    pause = 1.0
+    tried = 0
+    while True:
+        tried += 1
+        try:
+            _call("submitting the job", address, client.submit_job, **job)
+            return
+        except RuntimeError as e:
+            if tried > 1 and "already exists" in str(e):
+                return
+            if NO_AGENT not in str(e):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise JobsUnreachable(f"the Ray cluster at {address} had no job agent ready to take the job for "
+                                      f"{wait_s:.0f} s (Ray: {NO_AGENT}); check its nodes' dashboard agents "
+                                      "(`ray status`, the agent logs) and run the same command again") from None
+            logger.info("the Ray cluster at %s has no job agent ready yet; submitting again in %.0f s",
+                        address, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
+
+
 def attempts(client, key: str) -> list[Attempt]:
     """This key's jobs on the cluster, oldest attempt first."""
     base = submission_id(key)
@@ -216,10 +250,10 @@ def run_training_job(cfg: RunConfig, data: str, *, key: str, storage_uri: str | 
         sid = submission_id(key, number)
         spec = JobSpec(submission_id=sid, key_dir=folder, data=data, storage=storage_uri, config=cfg.to_dict(),
                        resume_run_id=resume_id, allow_new_data=allow_new_data)
-        _call("submitting the job", address, client.submit_job, entrypoint=entrypoint(address), submission_id=sid,
-              runtime_env={"env_vars": job_env(spec, stop_grace_s)},
-              metadata={"ldmflow.key": job_key(key), "ldmflow.attempt": str(number),
-                        "ldmflow.resumes": resume_id or ""})
+        submit(client, logger, entrypoint=entrypoint(address), submission_id=sid,
+               runtime_env={"env_vars": job_env(spec, stop_grace_s)},
+               metadata={"ldmflow.key": job_key(key), "ldmflow.attempt": str(number),
+                         "ldmflow.resumes": resume_id or ""})
         what = f"resuming MLflow run {resume_id} after {latest.submission_id} {latest.status}" if resume_id \
             else "a new run"
         logger.info("submitted Ray job %s to %s: %s", sid, address, what)

@@ -118,3 +118,97 @@ def test_entrypoint_python(monkeypatch):
     assert jobs.entrypoint("http://127.0.0.1:8265/") == f"{shlex.quote(sys.executable)} -m training.runtime.job_entry"
     monkeypatch.setenv(jobs.PYTHON_ENV, "/opt/py/bin/python3")
     assert jobs.entrypoint("http://127.0.0.1:8265") == "/opt/py/bin/python3 -m training.runtime.job_entry"
+
+
+class _NoAgentYet:
+    """A Jobs API (Ray's routes, Ray's answers) whose cluster has no job agent ready for the first
+    `busy` submissions, then takes them; `created` answers "already exists" for a known id, as Ray does."""
+
+    def __init__(self, busy: int):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import ray
+
+        self.busy, self.posts, self.created = busy, 0, set()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: str, kind: str = "application/json"):
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.startswith("/api/version"):
+                    self._answer(200, json.dumps({"version": "4", "ray_version": ray.__version__,
+                                                  "ray_commit": "x", "session_name": "s"}))
+                else:
+                    self._answer(404, "not found", "text/plain")
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.posts += 1
+                if api.posts <= api.busy:
+                    # job_head.py, when no agent answers in time
+                    self._answer(500, "No available agent to submit job, please try again later.", "text/plain")
+                elif request["submission_id"] in api.created:
+                    self._answer(400, f"Job with submission_id {request['submission_id']} already exists. "
+                                      "Please use a different submission_id.", "text/plain")
+                else:
+                    api.created.add(request["submission_id"])
+                    self._answer(200, json.dumps({"job_id": request["submission_id"],
+                                                  "submission_id": request["submission_id"]}))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_cluster_without_a_job_agent_yet_is_asked_again_then_refused_in_one_line(caplog):
+    """Right after a head starts (longer on a loaded machine) Ray's Jobs server answers 'No available
+    agent to submit job, please try again later': the submission is tried again with back-off, and only
+    a cluster that stays without an agent past the wait is refused, in one line."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    from training.runtime.jobs import JobsUnreachable, submit
+
+    logger = logging.getLogger("test.jobs")
+    api = _NoAgentYet(busy=2)
+    try:
+        client = JobSubmissionClient(api.address)
+        with caplog.at_level(logging.INFO, logger="test.jobs"):
+            submit(client, logger, wait_s=30, entrypoint="true", submission_id="ldmflow-train-k")
+        assert api.created == {"ldmflow-train-k"} and api.posts == 3
+        assert sum("no job agent ready yet" in r.getMessage() for r in caplog.records) == 2
+
+        # A try whose answer was lost after the job was made: the next one finds it, and that is a submit.
+        api.busy, api.posts = 1, 0
+        api.created.add("ldmflow-train-lost")
+        submit(client, logger, wait_s=30, entrypoint="true", submission_id="ldmflow-train-lost")
+        # ...but a first try that finds the id taken is someone else's job: refused, as Ray says.
+        api.busy, api.posts = 0, 0
+        with pytest.raises(RuntimeError, match="already exists"):
+            submit(client, logger, wait_s=30, entrypoint="true", submission_id="ldmflow-train-k")
+
+        api.busy, api.posts = 100, 0
+        with pytest.raises(JobsUnreachable) as refused:
+            submit(client, logger, wait_s=2, entrypoint="true", submission_id="ldmflow-train-never")
+        message = str(refused.value)
+        assert "\n" not in message and api.address in message and "no job agent ready" in message
+        assert "ldmflow-train-never" not in api.created
+    finally:
+        api.close()
