@@ -365,7 +365,8 @@ def follow(client, sid: str, logger: logging.Logger, *, deadline: float | None,
         logger.warning("Ray job %s ran past its timeout; stopping it (grace %.0f s)", sid, stop_grace_s)
         _stop_and_wait(client, sid, stop_grace_s)
         return "TIMEOUT", list(lines)
-    except (RuntimeError, OSError, aiohttp.ClientError) as e:  # the log stream broke (a dashboard restart): the job may go on; poll instead
+    except (RuntimeError, OSError, aiohttp.ClientError) as e:
+        # The log stream broke (a dashboard restart): the job may go on; poll instead.
         logger.warning("the log stream of Ray job %s broke (%s); polling its status", sid, str(e)[:200])
     # The stream ends when the job does, its status may be written a moment later.
     while True:
