@@ -263,6 +263,8 @@ def verify_dataset(uri: str) -> VerifyReport:
     for part in dataset.parts:
         prefix = f"{part.name}/" if part.name else ""
         listed |= {prefix + MANIFEST_NAME, prefix + part.manifest.samples_file, prefix + DIGESTS_NAME}
+        # Files a manifest's writer keeps beside it (a latent dataset's empty-caption states).
+        listed |= {prefix + str(name) for name in part.manifest.config.get("files", [])}
     orphans = [o.name for o in storage.storage_for(uri).list(uri) if o.name not in listed]
     return VerifyReport(uri=uri, shards=len(dataset.shards), samples=dataset.total_samples, problems=problems,
                         orphans=orphans)

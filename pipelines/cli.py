@@ -174,6 +174,22 @@ def submit_training(args: argparse.Namespace):
     return outcome, cfg
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    """`ldmflow encode`: raw shards -> latent shards for the config's frozen VAE and text encoder."""
+    from training.encode.job import encode_dataset
+
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    report = encode_dataset(build_run_config(args), args.data, args.out, workers=args.workers,
+                            batch_size=args.batch_size)
+    print(f"ldmflow encode {args.data} -> {report.out}")
+    print(report.table())
+    print(f"train on them with: ldmflow train --config {args.config} --data {report.out}")
+    return 0
+
+
 def cmd_job(args: argparse.Namespace) -> int:
     """`ldmflow job stop KEY`: stop the training job of KEY (as a flow's cancellation does)."""
     from training.runtime.jobs import stop_training_job
@@ -340,6 +356,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-grace", type=float, default=120.0, help="seconds between a stop's SIGTERM and SIGKILL "
                    "(Ray's default is 3; default here: %(default)s)")
     p.set_defaults(func=cmd_train, default_config=DEFAULT_CONFIG)
+
+    p = sub.add_parser("encode", help="raw shards -> latent shards (VAE posterior + text states) of the config's "
+                                      "frozen encoders, on Ray workers; `train --data` then reads them")
+    p.add_argument("--data", required=True, help="raw dataset folder or s3:// prefix written by `ldmflow shard`")
+    p.add_argument("--out", required=True, help="latent dataset folder or s3:// prefix; a rerun finishes what an "
+                                                "interrupted one left")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the `ldm` preset that will train on them (its "
+                                                            "model.vae and model.text_encoder; default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--workers", type=int, help="Ray workers (default: train.num_workers; 0: in this process)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per encoder forward (default: %(default)s)")
+    p.set_defaults(func=cmd_encode, max_steps=None, num_workers=None)
 
     p = sub.add_parser("train-vae", help="train the first-stage AutoencoderKL (a `task: vae` config) through the "
                                          "same Ray + DeepSpeed loop; saves a diffusers VAE folder")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from data_prep.dataset import Dataset, ShardRef, read_samples
 from training.errors import DataError
+from training.loader.latents import decode_latent_sample, latents_info, read_empty_text
 from training.loader.tar_reader import ShardReader
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def shard_keys(shard: ShardRef) -> Iterator[str]:
 def read_split(dataset: Dataset, fraction: float, resolution: int, limit: int, *, held: bool = True) -> Batch:
     """The first `limit` samples of `dataset` in shard order (the same ones every time) in the held-out
     split (`held`) or the training split, as one Batch; DataError when the split has none. Reads
-    shards front to back until it has enough."""
-    pixels: list[torch.Tensor] = []
+    shards front to back until it has enough. A latent dataset gives its latents and text states."""
+    info = latents_info(dataset)
+    decoded: list[tuple] = []
     captions: list[str] = []
     keys: list[str] = []
     for shard in dataset.shards:
@@ -69,14 +71,19 @@ def read_split(dataset: Dataset, fraction: float, resolution: int, limit: int, *
                 key, members, _, _ = reader.read()
                 if held_out(key, fraction) != held:
                     continue
+                sample = {"__key__": key, **members}
                 try:
-                    image, caption = decode_sample({"__key__": key, **members}, resolution)
+                    if info is not None:
+                        latent, text, caption = decode_latent_sample(sample, info)
+                        decoded.append((latent, text))
+                    else:
+                        image, caption = decode_sample(sample, resolution)
+                        decoded.append((image,))
                 except DataError:
                     raise
-                except Exception as e:  # counted by the training streams; here just not used
+                except Exception as e:  # noqa: BLE001 -- counted by the training streams; here just not used
                     log.warning("held-out sample %s does not decode: %s", key, e)
                     continue
-                pixels.append(image)
                 captions.append(caption)
                 keys.append(key)
                 if len(keys) == limit:
@@ -89,7 +96,11 @@ def read_split(dataset: Dataset, fraction: float, resolution: int, limit: int, *
         which = "holds out none" if held else "leaves none for training"
         raise DataError(f"validation.holdout_fraction={fraction} {which} of the {dataset.total_samples} samples; "
                         "change it or add data")
-    return Batch(pixels=torch.stack(pixels), captions=captions, keys=keys)
+    if info is not None:
+        return Batch(pixels=torch.empty(0, dtype=torch.uint8), captions=captions, keys=keys,
+                     latents=torch.stack([d[0] for d in decoded]), text_states=torch.stack([d[1] for d in decoded]),
+                     empty_text=read_empty_text(dataset, info))
+    return Batch(pixels=torch.stack([d[0] for d in decoded]), captions=captions, keys=keys)
 
 
 class Undecodable(Exception):
@@ -137,6 +148,13 @@ class Batch:
     """The stream that produced it."""
     state: dict | None = None
     """Its stream's StreamState.to_dict() right after this batch."""
+    latents: torch.Tensor | None = None
+    """From a latent dataset (training.loader.latents): float16 (B, 2C, h, w) scaled posterior mean and std;
+    `pixels` is then empty."""
+    text_states: torch.Tensor | None = None
+    """From a latent dataset: float16 (B, L, D) text states of the captions."""
+    empty_text: torch.Tensor | None = None
+    """From a latent dataset: float16 (L, D) states of the empty caption (caption dropout)."""
 
     @property
     def epoch(self) -> int:
@@ -145,5 +163,9 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread (pin_memory=True)."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
         return Batch(pixels=self.pixels.pin_memory(), captions=self.captions, keys=self.keys, epochs=self.epochs,
-                     stream=self.stream, state=self.state)
+                     stream=self.stream, state=self.state, latents=pin(self.latents),
+                     text_states=pin(self.text_states), empty_text=self.empty_text)

@@ -19,6 +19,7 @@ from data_prep.checks import require_int
 from data_prep.dataset import Dataset, ShardRef, read_dataset
 from training.errors import DataError
 from training.loader.batch import Batch, Undecodable, decode_sample, held_out
+from training.loader.latents import LatentsInfo, decode_latent_sample, latents_info, read_empty_text
 from training.loader.lifetime import die_with_parent
 from training.loader.plan import BufferedSample, LoaderState, StreamState, draw_index, fit_streams, plan_epoch
 from training.loader.tar_reader import ShardReader
@@ -37,6 +38,10 @@ class _StreamConfig:
     mix_shards: int
     shuffle_buffer: int
     holdout_fraction: float = 0.0
+    latents: LatentsInfo | None = None
+    """Set for a latent dataset: batches carry its latents and text states instead of pixels."""
+    empty_text: torch.Tensor | None = None
+    """A latent dataset's empty-caption states, handed on with every batch."""
 
 
 class _StreamReader:
@@ -113,11 +118,26 @@ class _StreamReader:
             sample = {"__key__": key, **members}
         return ref.epoch, sample
 
+    def _empty_batch(self) -> tuple[torch.Tensor, ...]:
+        cfg = self.cfg
+        if cfg.latents is None:
+            return (torch.empty((cfg.batch_size, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8),)
+        return (torch.empty((cfg.batch_size, *cfg.latents.latent_shape), dtype=torch.float16),
+                torch.empty((cfg.batch_size, *cfg.latents.text_shape), dtype=torch.float16))
+
+    def _decode(self, sample: dict) -> tuple[tuple[torch.Tensor, ...], str]:
+        """(tensors, caption) of a raw sample: the pixels, or a latent sample's moments and text states."""
+        if self.cfg.latents is not None:
+            latent, text, caption = decode_latent_sample(sample, self.cfg.latents)
+            return (latent, text), caption
+        image, caption = decode_sample(sample, self.cfg.resolution)
+        return (image,), caption
+
     def batches(self) -> Iterator[Batch]:
         cfg, st = self.cfg, self.state
         try:
             while True:
-                pixels = torch.empty((cfg.batch_size, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8)
+                tensors = self._empty_batch()
                 captions: list[str] = []
                 keys: list[str] = []
                 epochs: list[int] = []
@@ -133,7 +153,7 @@ class _StreamReader:
                         continue
                     held = 0
                     try:
-                        image, caption = decode_sample(sample, cfg.resolution)
+                        decoded, caption = self._decode(sample)
                     except DataError:
                         raise
                     except Exception as e:  # undecodable: count it and read one more sample instead
@@ -146,14 +166,20 @@ class _StreamReader:
                                             "check the shards with `ldmflow shard verify`") from e
                         continue
                     failures = 0
-                    pixels[len(keys)] = image
+                    for out, value in zip(tensors, decoded):
+                        out[len(keys)] = value
                     captions.append(caption)
                     keys.append(sample["__key__"])
                     epochs.append(epoch)
                 st.batches += 1
                 st.taken += cfg.batch_size
-                yield Batch(pixels=pixels, captions=captions, keys=keys, epochs=epochs, stream=st.stream,
-                            state=st.to_dict())
+                if cfg.latents is None:
+                    yield Batch(pixels=tensors[0], captions=captions, keys=keys, epochs=epochs, stream=st.stream,
+                                state=st.to_dict())
+                else:
+                    yield Batch(pixels=torch.empty(0, dtype=torch.uint8), captions=captions, keys=keys, epochs=epochs,
+                                stream=st.stream, state=st.to_dict(), latents=tensors[0], text_states=tensors[1],
+                                empty_text=cfg.empty_text)
         finally:
             for reader in self._readers.values():
                 reader.close()
@@ -239,9 +265,12 @@ class ShardStream:
                 f"{total} samples cannot give {world_size} workers{workers} a batch of {batch_size} each; "
                 "add data or lower train.batch_size / train.num_workers" + (" / loader_workers" if workers else "")
             )
+        # A latent dataset (`ldmflow encode`) streams the same way; only what a sample decodes to differs.
+        self.latents = latents_info(self.dataset)
+        empty_text = read_empty_text(self.dataset, self.latents) if self.latents is not None else None
         self.cfg = _StreamConfig(shards=shards, seed=seed, batch_size=batch_size, resolution=resolution,
                                  mix_shards=mix_shards, shuffle_buffer=shuffle_buffer,
-                                 holdout_fraction=holdout_fraction)
+                                 holdout_fraction=holdout_fraction, latents=self.latents, empty_text=empty_text)
         self.state = state if state is not None else LoaderState()
         fitted = fit_streams([StreamState.from_dict(d) for d in self.state.streams], mine=self.stream_ids,
                               num_streams=self.num_streams, shards=shards, seed=seed, rank=rank,

@@ -115,6 +115,18 @@ def new_vae(cfg: VAEConfig, *, resolution: int, seed: int) -> AutoencoderKL:
         )
 
 
+def configured_scaling_factor(cfg: VAEConfig) -> float:
+    """The latent scaling factor the VAE of `cfg` will have (build_vae), read without loading weights:
+    model.vae.scaling_factor, else a pretrained folder's own, else SD_SCALING_FACTOR."""
+    if cfg.scaling_factor is not None:
+        return float(cfg.scaling_factor)
+    if cfg.pretrained:
+        location = locate(cfg.pretrained, "vae", "model.vae.pretrained", expected_class=AutoencoderKL.__name__)
+        config = AutoencoderKL.load_config(location.path, subfolder=location.subfolder)
+        return float(config.get("scaling_factor", SD_SCALING_FACTOR))
+    return SD_SCALING_FACTOR
+
+
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
     """Pixels per latent side: 2 per encoder level after the first, as diffusers' pipelines compute it."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -23,6 +23,7 @@ from training.checkpoint.verify import CheckpointRef, latest_verified_checkpoint
 from training.config import RunConfig, config_from_dict
 from training.errors import ConfigError, DataError, TrackingUnavailable
 from training.loader.batch import trains_on_any
+from training.loader.latents import check_latents_config, check_latents_frozen, latents_info
 from training.locations import runs_dir, setup_mlflow, tracking_uri
 from training.mlops.publish import TrainOutcome
 from training.mlops.tracking import (
@@ -34,6 +35,7 @@ from training.mlops.tracking import (
     git_commit,
     prefect_flow_run_id,
 )
+from training.models.assembly import configured_scaling_factor
 from training.runtime.cluster import forwarded_credentials, refuse_node_local
 from training.runtime.deepspeed_checks import validated_config
 from training.runtime.launcher import launch, prepare_cluster
@@ -49,7 +51,14 @@ def check_data(cfg: RunConfig, data: str) -> Dataset:
     s3:// prefix (its index.json), or a single part (its manifest.json)."""
     storage.storage_for(data).check_readable(data)
     dataset = read_dataset(data)
-    if dataset.resolution is not None and dataset.resolution != cfg.model.resolution:
+    info = latents_info(dataset)
+    if info is not None:  # `ldmflow encode`'s latents: made for this config? (the weights: check_frozen_latents)
+        te = cfg.model.text_encoder
+        check_latents_config(info, where=data, resolution=cfg.model.resolution, task=cfg.task,
+                             scaling_factor=configured_scaling_factor(cfg.model.vae),
+                             text_encoder={"name_or_path": te.name_or_path, "max_length": te.max_length,
+                                           "use_attention_mask": te.use_attention_mask, "tokenizer": te.tokenizer})
+    elif dataset.resolution is not None and dataset.resolution != cfg.model.resolution:
         raise DataError(
             f"shards in {data} are {dataset.resolution}px but model.resolution is {cfg.model.resolution}; "
             f"re-shard with --resolution {cfg.model.resolution} or set model.resolution={dataset.resolution}"
@@ -60,6 +69,14 @@ def check_data(cfg: RunConfig, data: str) -> Dataset:
         raise DataError(f"validation.holdout_fraction={fraction} leaves none of the {dataset.total_samples} samples "
                         f"in {data} for training; lower it or add data")
     return dataset
+
+
+def check_frozen_latents(dataset: Dataset, frozen: dict[str, str]) -> None:
+    """Refuse a latent dataset made by other VAE or text encoder weights than `frozen` (the config's,
+    frozen_hashes_for); nothing for raw shards."""
+    info = latents_info(dataset)
+    if info is not None:
+        check_latents_frozen(info, frozen, where=dataset.uri)
 
 
 STORAGE_ENV = "LDMFLOW_STORAGE"
@@ -94,7 +111,8 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
     dataset = check_data(cfg, data_dir)
     check_run_storage(storage_uri)  # nobody can write there: one message now, not a failed first checkpoint
     forward = forwarded_credentials() if forward_credentials else None
-    frozen = _prepare(cfg, storage_uri, storage_given=given, forward=forward)
+    frozen = _prepare(cfg, storage_uri, storage_given=given, forward=forward,
+                      check=lambda frozen: check_frozen_latents(dataset, frozen))
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {
         **run_tags(cfg),
@@ -194,7 +212,7 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
     with run_lease(run_id, holder=lease_holder):
         # The run's storage was chosen when it started; workers check that they share it (preflight).
         frozen = _prepare(cfg, storage_uri, storage_given=True, forward=forward,
-                          check=lambda frozen: check_resumable(latest.uri, cfg, frozen))
+                          check=lambda frozen: _check_resume_models(dataset, latest.uri, cfg, frozen))
         log.info("resuming MLflow run %s from step %d (%s)", run_id, latest.step, latest.uri)
         with tracked_run(run_id=run_id, log_system_metrics=True):
             resumes = int(tags.get("resumes", "0")) + 1
@@ -215,6 +233,11 @@ def resume(run_id: str, overrides: list[str] | tuple[str, ...] = (), *, allow_ne
             outcome = _launch_in_run(cfg, data_dir, run_id, storage_uri, uri, frozen, content_id,
                                      allow_new_data=bool(new_data), forward=forward)
     return outcome, cfg
+
+
+def _check_resume_models(dataset: Dataset, checkpoint_uri: str, cfg: RunConfig, frozen: dict) -> None:
+    check_frozen_latents(dataset, frozen)
+    check_resumable(checkpoint_uri, cfg, frozen)
 
 
 def _run_config_hash(cfg: RunConfig, tags: dict, overrides) -> str:

@@ -42,8 +42,15 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     that classifier-free guidance subtracts at sampling time."""
     if p <= 0:
         return captions
-    keep = torch.rand(len(captions), generator=generator) >= p
+    keep = kept_captions(len(captions), p, generator)
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def kept_captions(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of n captions caption dropout keeps (bool (n,)); the one draw drop_captions makes, none for p <= 0."""
+    if p <= 0:
+        return torch.ones(n, dtype=torch.bool)
+    return torch.rand(n, generator=generator) >= p
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,11 @@ import torch
 from training.checkpoint.layout import UNET_FILE
 from training.config import RunConfig
 from training.loader.batch import Batch, to_model_input
+from training.loader.latents import sample_moments
 from training.models.assembly import frozen_hashes
 from training.models.sampling import build_scheduler, generate_images, image_grid
 from training.tasks.base import VALIDATION_BATCH
-from training.tasks.diffusion_loss import ObjectiveOptions, diffusion_loss, drop_captions, encode_latents
+from training.tasks.diffusion_loss import ObjectiveOptions, diffusion_loss, drop_captions, encode_latents, kept_captions
 
 
 class LatentDiffusionTask:
@@ -41,11 +42,25 @@ class LatentDiffusionTask:
         return frozen_hashes(self.parts.vae, self.parts.text)
 
     def loss(self, engine, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        if batch.latents is not None:
+            return self.loss_from_latents(engine, batch, generator)
         captions = drop_captions(batch.captions, self.cfg.train.caption_dropout, generator)
         latents = self.latents(batch, generator)
         text_states = self.text_states(captions)
         # fp32 latents: diffusion_loss noises them in fp32 and casts only the UNet's input to its dtype.
         return diffusion_loss(engine, self.parts.noise_scheduler, latents, text_states, generator, options=self.options)
+
+    def loss_from_latents(self, engine, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """The same loss from a latent dataset's batch (`ldmflow encode`): neither frozen encoder runs. The
+        generator's draws are the pixel path's, in its order (caption dropout, the posterior sample, then
+        the loss's own), so the same seed gives the same loss up to the latents' fp16 storage."""
+        kept = kept_captions(len(batch.keys), self.cfg.train.caption_dropout, generator)
+        states = batch.text_states.float()
+        if not bool(kept.all()):
+            states = torch.where(kept[:, None, None], states, batch.empty_text.float()[None])
+        latents = sample_moments(batch.latents, generator).to(self.device)
+        return diffusion_loss(engine, self.parts.noise_scheduler, latents, states.to(self.device), generator,
+                              options=self.options)
 
     def latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         vae = self.parts.vae
@@ -74,9 +89,13 @@ class LatentDiffusionTask:
         total = 0.0
         for start in range(0, len(held_out.keys), VALIDATION_BATCH):
             part = slice(start, start + VALIDATION_BATCH)
-            pixels = to_model_input(held_out.pixels[part], self.device)
-            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-            states = self.parts.text.encode(held_out.captions[part], self.device)
+            if held_out.latents is not None:  # a latent dataset: its stored (scaled) posterior mean
+                latents = held_out.latents[part].float().chunk(2, dim=1)[0].to(self.device)
+                states = held_out.text_states[part].float().to(self.device)
+            else:
+                pixels = to_model_input(held_out.pixels[part], self.device)
+                latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+                states = self.parts.text.encode(held_out.captions[part], self.device)
             for t in v.timesteps:
                 noise = torch.randn(latents.shape, generator=generator).to(self.device)
                 timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
