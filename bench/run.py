@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.speed_only or every_group:
             from bench.speed_habits import bench_speed
 
-            rows += bench_speed(args.steps, None if args.speed_compile_backend == "none" else args.speed_compile_backend)
+            backend = None if args.speed_compile_backend == "none" else args.speed_compile_backend
+            rows += bench_speed(args.steps, backend)
         if args.dataprep_only or (every_group and not args.no_dataprep):
             dataprep_rows, dataprep = bench_dataprep(work, args.dataprep_samples, args.dataprep_repeats)
             rows += dataprep_rows
