@@ -48,7 +48,23 @@ def cases(compile_backend: str | None) -> list[Case]:
     return out
 
 
-def measure(steps: int, rounds: int = 3, compile_backend: str | None = "inductor", device: str = "cpu") -> list[Case]:
+def measure(steps: int, rounds: int = 3, compile_backend: str | None = "inductor", device: str = "cpu",
+            threads: int | None = None) -> list[Case]:
+    """Every case warmed up, then `rounds` interleaved timings of `steps` steps each; torch runs on
+    `threads` CPU threads (None: all cores) and gets its own count back at the end."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or max(1, os.cpu_count() or 2))
+        return _measure(steps, rounds, compile_backend, device)
+    finally:
+        torch.set_num_threads(before)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True  # torch's defaults
+
+
+def _measure(steps: int, rounds: int, compile_backend: str | None, device: str) -> list[Case]:
     import torch
 
     from training.config import load_config
@@ -57,7 +73,6 @@ def measure(steps: int, rounds: int = 3, compile_backend: str | None = "inductor
     from training.runtime.speed import apply_to_module
     from training.tasks.diffusion_loss import ObjectiveOptions, diffusion_loss
 
-    torch.set_num_threads(max(1, os.cpu_count() or 2))
     dev = torch.device(device)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
     parts = build_components(cfg.model, seed=0)
@@ -102,17 +117,16 @@ def measure(steps: int, rounds: int = 3, compile_backend: str | None = "inductor
             began = time.perf_counter()
             run()
             case.times.append(time.perf_counter() - began)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = True  # torch's defaults
     return [case for case, _ in runs]
 
 
-def bench_speed(steps: int, compile_backend: str | None = "inductor") -> list:
+def bench_speed(steps: int, compile_backend: str | None = "inductor", rounds: int = 3,
+                threads: int | None = None) -> list:
     """Rows of the `speed` group for bench.run (samples/s, ratio to `defaults`)."""
     from bench.run import Row
 
     rows = []
-    for case in measure(steps, compile_backend=compile_backend):
+    for case in measure(steps, rounds=rounds, compile_backend=compile_backend, threads=threads):
         rows.append(Row("speed", f"tiny UNet step, {case.name}", BATCH * steps / min(case.times), "samples/s",
                         ratio_to="tiny UNet step, defaults", note=case.note))
     return rows
