@@ -7,6 +7,7 @@ Groups:
   shard    - shard writing throughput per image format (baseline: jpg)
   loader   - per-rank batch stream: decoded batches vs reading the tars alone (baseline: raw read)
   step     - tiny-preset UNet train step, single process, per batch size (baseline: batch 8)
+  speed    - the same step with each train.speed switch on vs the defaults (bench/speed_habits.py)
   dataprep - images/s of `ldmflow shard` vs img2dataset 1.47.0 (its own venv, .venv-img2dataset/, built on
              first use) on the same 512x512 JPEGs -> 256x256 centre-crop JPEG-95 tars, 1 and 2 processes each;
              each row's ratio is to the row named after it, and the scaling ratios print below the table
@@ -22,6 +23,8 @@ Just the data-prep comparison (a few minutes on 2 cores):
   .venv/bin/python -m bench.run --dataprep-only [--dataprep-samples 5000] [--dataprep-repeats 3]
 Just the checkpoint stall:
   .venv/bin/python -m bench.run --checkpoint-only [--checkpoint-steps 30] [--checkpoint-repeats 1]
+Just the train.speed switches (a few minutes on 2 cores, most of it inductor compiling):
+  .venv/bin/python -m bench.run --speed-only [--steps 5] [--speed-compile-backend none]
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     only.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     only.add_argument("--checkpoint-only", action="store_true", help="run only the checkpoint-stall group")
     only.add_argument("--urls-only", action="store_true", help="run only the urls group")
+    only.add_argument("--speed-only", action="store_true", help="run only the train.speed group")
+    p.add_argument("--speed-compile-backend", default="inductor",
+                   help="torch.compile backend of the speed group's compile rows; none leaves them out")
     only.add_argument("--gpu", action="store_true",
                       help="run the GPU plan instead (bench/gpu.py; the other arguments go to it, --out defaults to "
                            "bench/results/gpu.json)")
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--gpu" in argv:
         return run_gpu_plan([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
-    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only
+    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only or args.speed_only
     run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)
     if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
         p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
@@ -382,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_shard(work, args.samples)
             rows += bench_loader(work, batches=args.samples // 8)
             rows += bench_step(args.steps)
+        if args.speed_only or every_group:
+            from bench.speed_habits import bench_speed
+
+            backend = None if args.speed_compile_backend == "none" else args.speed_compile_backend
+            rows += bench_speed(args.steps, backend)
         if args.dataprep_only or (every_group and not args.no_dataprep):
             dataprep_rows, dataprep = bench_dataprep(work, args.dataprep_samples, args.dataprep_repeats)
             rows += dataprep_rows

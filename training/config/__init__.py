@@ -18,6 +18,7 @@ from training.config.model import (
 )
 from training.config.run import TASKS, RunConfig, config_from_dict, load_config, parse_override, resolve_config_path
 from training.config.serving import ServingConfig
+from training.config.speed import SpeedConfig
 from training.config.train import (
     CHECKPOINT_UPLOADS,
     LR_SCHEDULES,
@@ -32,7 +33,7 @@ from training.errors import ConfigError
 __all__ = [
     "BETA_SCHEDULES", "CHECKPOINT_UPLOADS", "LR_SCHEDULES", "OFFLOAD_DEVICES", "PRECISIONS", "PREDICTION_TYPES",
     "TASKS", "ConfigError", "DeepSpeedConfig", "EMAConfig", "GateConfig", "ModelConfig", "NoiseSchedulerConfig",
-    "RunConfig", "ServingConfig",
+    "RunConfig", "ServingConfig", "SpeedConfig",
     "TextEncoderConfig", "TrackingConfig", "TrainConfig", "UNetConfig", "VAEConfig", "ValidationConfig",
     "config_from_dict", "load_config", "parse_override", "resolve_config_path",
 ]

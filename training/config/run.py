@@ -97,6 +97,12 @@ NOT_TRAINING_FIELDS = frozenset({
     # initial weights: tests/training/runtime/test_deepspeed_options.py). train.deepspeed.extra is hashed.
     "train.deepspeed.offload_optimizer", "train.deepspeed.offload_param", "train.deepspeed.nvme_path",
     "train.deepspeed.pin_memory", "train.deepspeed.activation_checkpointing", "train.deepspeed.zero_init",
+    # How fast a step runs, not what it computes: the same model, objective, data and optimizer update;
+    # the kernels differ only in floating-point rounding (attention kernel, fused vs foreach AdamW,
+    # compiled fusions, memory layout), as a run on another GPU would. TF32 is the closest call (fp32
+    # matmul inputs rounded to 10 mantissa bits on Ampere+), but it is a property of the hardware path
+    # like cuDNN's algorithm choice, while train.precision, the dtype the weights train in, stays hashed.
+    "train.speed",
     "tracking",  # where and how a run is recorded, not what it trains
     "gate", "serving",  # what happens to the model after training
 })

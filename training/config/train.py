@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from training.config.checks import check_key
 from training.config.deepspeed import DeepSpeedConfig, check_deepspeed_section
+from training.config.speed import SpeedConfig, check_speed_section
 from training.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -128,6 +129,9 @@ class TrainConfig:
     """The most memory (GiB, per worker) train.cache_encodings may hold; past it the encodings used
     longest ago are dropped (and computed again when their sample comes round)."""
     ema: EMAConfig = field(default_factory=EMAConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """Throughput switches (attention kernel, channels_last, TF32, torch.compile, fused AdamW): how fast
+    a step runs, not what it computes (training.config.speed)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "num_workers", "cpus_per_worker",
@@ -171,6 +175,7 @@ class TrainConfig:
         check_key(not (self.ema.enabled and self.zero_stage == 3), "train.ema.enabled",
                "false when train.zero_stage is 3 (EMA needs full parameters on each rank)", True)
         check_deepspeed_section(self)
+        check_speed_section(self)
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ from training.errors import ConfigError
 from training.runtime.context import WorkerContext
 from training.runtime.deepspeed_checks import check_deepspeed
 from training.runtime.jit_ops import load_deepspeed_ops
+from training.runtime.speed import apply_to_engine, apply_to_module, check_speed, fused_adamw, set_tf32
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, 
     import deepspeed
 
     config = check_deepspeed(train)  # one line for anything DeepSpeed would refuse, before it is built
+    check_speed(train, ctx.device)  # ...and for a train.speed switch this machine cannot run
     load_deepspeed_ops()  # before deepspeed.initialize, which would wait forever on a killed loader's lock
     if not any(hasattr(p, "ds_id") for p in unet.parameters()):
         # A module built in deepspeed.zero.Init (module_init) already has its partitions where they belong.
@@ -102,15 +104,20 @@ def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, 
     unet.train()
     if train.deepspeed.activation_checkpointing:
         enable_activation_checkpointing(unet)
+    apply_to_module(unet, train.speed)
+    if set_tf32(train.speed, ctx.device):
+        log.info("train.speed.tf32: fp32 matmuls and convolutions in TF32")
     params = [p for p in unet.parameters() if p.requires_grad]
-    # With optimizer offload the step runs on CPU copies of the partitions: fused is a GPU kernel here.
+    # train.speed.fused_adamw: by default fused on CUDA without offload (with offload the step runs on
+    # CPU copies of the partitions).
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                                  fused=ctx.device.type == "cuda" and train.deepspeed.offload_optimizer == "none")
+                                  fused=fused_adamw(train, ctx.device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     if load_universal:
         config = deepspeed_universal_config(config)
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
+    apply_to_engine(engine, train)  # compile, and channels_last weights where DeepSpeed allows them
     engine.ldmflow_config = config  # what it was built with: the loop logs it with the run (deepspeed_config.json)
     return engine
 

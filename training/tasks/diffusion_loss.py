@@ -22,10 +22,14 @@ class ObjectiveOptions:
     """Min-SNR-gamma weighting of each sample's loss; None: unweighted (train.snr_gamma)."""
     noise_offset: float = 0.0
     """Scale of the per-(sample, channel) offset added to the noise (train.noise_offset)."""
+    channels_last: bool = False
+    """The UNet's noisy input in torch.channels_last layout (train.speed.channels_last): a speed
+    switch, the values are the same."""
 
     @classmethod
     def from_train(cls, train: TrainConfig) -> ObjectiveOptions:
-        return cls(snr_gamma=train.snr_gamma, noise_offset=train.noise_offset)
+        return cls(snr_gamma=train.snr_gamma, noise_offset=train.noise_offset,
+                   channels_last=train.speed.channels_last)
 
 
 @torch.no_grad()
@@ -113,7 +117,10 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: tor
 
     # --- prediction in the UNet's dtype, loss in fp32 ---
     dtype = next(unet.parameters()).dtype
-    prediction = unet(noisy.to(dtype), timesteps, text_states.to(dtype)).sample.float()
+    noisy = noisy.to(dtype)
+    if options.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    prediction = unet(noisy, timesteps, text_states.to(dtype)).sample.float()
     per_sample = (prediction - target).square().mean(dim=tuple(range(1, prediction.ndim)))
     if weights is not None:
         per_sample = per_sample * weights
