@@ -18,7 +18,7 @@ import torch
 from training.config import load_config
 from training.loader.batch import Batch
 from training.runtime.context import WorkerContext
-from training.runtime.engine import build_engine, lr_lambda
+from training.runtime.engine import SINGLE_RANK_ZERO, build_engine, deepspeed_config, lr_lambda, single_rank_config
 from training.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,6 +66,8 @@ def engine_steps(cfg, data: list[Batch]) -> tuple[dict[str, torch.Tensor], list[
     ctx = WorkerContext(0, 1, torch.device("cpu"))
     task = build_task(cfg, seed=train.seed, device=ctx.device)
     engine = build_engine(task.module, train, ctx)
+    if train.zero_stage in (1, 2):  # the single-rank settings are what is compared with the bare loop
+        assert {k: engine.ldmflow_config["zero_optimization"][k] for k in SINGLE_RANK_ZERO} == SINGLE_RANK_ZERO
     generator, lrs, it = torch.Generator().manual_seed(0), [], iter(data)
     for _ in range(STEPS):
         for _ in range(train.grad_accum):  # as Trainer.train_step: DeepSpeed steps at the boundary
@@ -91,3 +93,16 @@ def test_engine_steps_equal_a_bare_torch_loop(process_group, stage, grad_accum):
     assert moved > 1e-3  # the steps did change the weights
     # Summation order differs (flat buffers vs per-parameter); the updates agree to float32 rounding.
     assert differs < 1e-3 * moved, (differs, moved)
+
+
+def test_single_rank_settings_only_on_one_rank_of_zero_1_2_and_extra_wins():
+    cfg = vae_config(2, 1)
+    one = single_rank_config(deepspeed_config(cfg.train), cfg.train, world_size=1)
+    assert {k: one["zero_optimization"][k] for k in SINGLE_RANK_ZERO} == SINGLE_RANK_ZERO
+    for other in (single_rank_config(deepspeed_config(cfg.train), cfg.train, world_size=2),
+                  single_rank_config(deepspeed_config(vae_config(0, 1).train), vae_config(0, 1).train, world_size=1)):
+        assert not set(SINGLE_RANK_ZERO) & set(other["zero_optimization"])
+    told = load_config(ROOT / "configs/shapes-vae.yaml", [
+        "train.num_workers=1", "train.deepspeed.extra.zero_optimization.contiguous_gradients=true"])
+    kept = single_rank_config(deepspeed_config(told.train), told.train, world_size=1)["zero_optimization"]
+    assert kept["contiguous_gradients"] is True and kept["reduce_scatter"] is False
