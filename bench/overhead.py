@@ -26,7 +26,7 @@ What is the same on both sides, and why it is fair:
 
 Heavy (Ray, minutes): run it under `flock /tmp/ldmflow-heavy.lock` on a shared machine. Measured here
 (2 cores shared with other jobs, so +-0.03 on the ratio between runs): tiny UNet, batch 8, 1 thread:
-bare 17.3-18.0 samples/s, ours 14.8-15.6 (0.85-0.87), the gap inside the loop's train_step (its wall
+bare 17.3-19.4 samples/s, ours 14.8-17.0 (0.85-0.88), the gap inside the loop's train_step (its wall
 time per step equals train_step's), i.e. DeepSpeed's ZeRO-1/2 machinery on one rank, not Ray or the
 loop's other phases. In one process the same step costs bare 401 ms, ZeRO-0 431 ms (0.93), ZeRO-2
 484 ms (0.83), ZeRO-2 with training.runtime.engine.SINGLE_RANK_ZERO 453 ms (0.885). shapes-vae at 600
