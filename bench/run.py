@@ -15,6 +15,9 @@ Groups:
   checkpoint - the stall of a checkpoint step with train.checkpoint_upload=sync and =async (Ray Train to a
              local SeaweedFS S3), in milliseconds; ratio: x a normal step of the same runs (see
              bench/checkpoint_stall.py)
+  overhead - our trainer (Ray + DeepSpeed, 1 worker) vs a bare PyTorch loop on the tiny UNet, samples/s (target
+             >= 0.90); and configs/shapes-vae.yaml's held-out PSNR both ways (target: within 0.2 dB; the full
+             recipe is 4000 steps each way, about 2 x 8 minutes on 2 idle cores; see bench/overhead.py)
   urls     - `ldmflow shard` on 100k URL rows from a local HTTP server, 2 processes, capped at 15 minutes:
              rows/s, peak resident memory and each process's open descriptors at start, warm and end
              (see bench/url_fetch.py)
@@ -25,6 +28,8 @@ Just the checkpoint stall:
   .venv/bin/python -m bench.run --checkpoint-only [--checkpoint-steps 30] [--checkpoint-repeats 1]
 Just the train.speed switches (a few minutes on 2 cores, most of it inductor compiling):
   .venv/bin/python -m bench.run --speed-only [--steps 5] [--speed-compile-backend none]
+Just the trainer overhead (--overhead-vae-steps 800: a shorter VAE comparison; --no-overhead-vae: none):
+  .venv/bin/python -m bench.run --overhead-only [--overhead-steps 80] [--overhead-vae-steps N]
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
@@ -353,12 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-repeats", type=int, default=1,
                    help="sync + async run pairs in the checkpoint group, interleaved")
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-stall group")
+    p.add_argument("--overhead-steps", type=int, default=80, help="train steps per side of the overhead throughput")
+    p.add_argument("--overhead-vae-steps", type=int, default=None,
+                   help="steps of the shapes-vae PSNR comparison (default: the recipe's 4000)")
+    p.add_argument("--no-overhead-vae", action="store_true", help="skip the shapes-vae PSNR comparison")
+    p.add_argument("--no-overhead", action="store_true", help="skip the overhead group")
     p.add_argument("--url-rows", type=int, default=100_000, help="URL rows in the urls group")
     p.add_argument("--url-cap", type=int, default=900, help="seconds the urls group's shard run may take")
     p.add_argument("--no-urls", action="store_true", help="skip the urls group")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     only.add_argument("--checkpoint-only", action="store_true", help="run only the checkpoint-stall group")
+    only.add_argument("--overhead-only", action="store_true", help="run only the trainer-overhead group")
     only.add_argument("--urls-only", action="store_true", help="run only the urls group")
     only.add_argument("--speed-only", action="store_true", help="run only the train.speed group")
     p.add_argument("--speed-compile-backend", default="inductor",
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--gpu" in argv:
         return run_gpu_plan([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
-    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only or args.speed_only
+    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only or args.speed_only or args.overhead_only
     run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)
     if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
         p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         os.environ.setdefault("LDMFLOW_RUNS_DIR", str(work / "runs"))
         rows: list[Row] = []
-        dataprep = checkpoint = urls = None
+        dataprep = checkpoint = urls = overhead = None
         every_group = not one_group
         if every_group:
             rows += bench_shard(work, args.samples)
@@ -402,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_rows, checkpoint = bench_checkpoint(work, args.checkpoint_steps, args.checkpoint_every,
                                                            args.checkpoint_repeats)
             rows += checkpoint_rows
+        if args.overhead_only or (every_group and not args.no_overhead):
+            from bench.overhead import bench_overhead
+
+            overhead_rows, overhead = bench_overhead(work, steps=args.overhead_steps, vae_steps=args.overhead_vae_steps,
+                                                     vae=not args.no_overhead_vae)
+            rows += overhead_rows
         if args.urls_only or (every_group and not args.no_urls):
             url_rows, urls = bench_urls(work, args.url_rows, args.url_cap)
             rows += url_rows
@@ -434,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataprep": dataprep,
         "checkpoint": checkpoint,
         "urls": urls,
+        "overhead": overhead,
     }), indent=2))
     print(f"\nwrote {out}")
     return 0
