@@ -197,7 +197,8 @@ def encode_flow(data: StorageUri, latents_dir: StorageUri, config: ConfigPath = 
     """Dataset -> its latent dataset under `latents_dir` (<latents_dir>/<encoding id>) for the frozen VAE
     and text encoder of `config` (the `ldm` config that will train on them); `ldmflow train` or
     train_flow then reads them as `data`. `workers` Ray actors (None: the config's train.num_workers; 0:
-    in the flow's process). Cached on the raw data, the encoders' weights and config, never a path."""
+    in the flow's process). Cached on the raw data's content id, the encoders' weights and config and
+    `latents_dir`; never on the raw data's path."""
     cfg = run_config("config", config, overrides, task="ldm")
     data = check_source("data", data)
     content_id = _content_id("data", data)

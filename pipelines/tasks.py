@@ -107,11 +107,13 @@ class EncodeSummary:
 
 def _encode_key(context, parameters: dict) -> str:
     """What an encode is: the raw dataset's content id, the frozen weights' hashes and the config fields
-    that change the latents (training.encode.job.encoding_id). Not where the data or latents are."""
+    that change the latents (training.encode.job.encoding_id), never the raw data's location. And where
+    its result is kept: latents asked for in another `latents_dir` (another bucket, S3 instead of a
+    local folder the Ray nodes cannot read) are written there, not answered with the old location."""
     from training.encode.job import encoding_id
 
     return identity_key(step="encode", latents=encoding_id(parameters["config"], parameters["content_id"],
-                                                           parameters["frozen"]))
+                                                           parameters["frozen"]), kept_in=parameters["latents_dir"])
 
 
 @task(cache_policy=CacheKeyFnPolicy(cache_key_fn=_encode_key), persist_result=True, retry_condition_fn=retry_transient,

@@ -42,7 +42,7 @@ def states_of(state) -> dict[str, str]:
     return {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs(state.state_details.flow_run_id)}
 
 
-def test_the_encode_flow_encodes_once_and_a_rerun_or_another_location_hits_its_cache(prefect_server, raw, tmp_path):
+def test_the_encode_flow_is_cached_unless_the_encoders_or_the_place_change(prefect_server, raw, tmp_path):
     from data_prep.dataset import read_dataset
     from pipelines.flows import encode_flow
     from training.loader.latents import latents_info
@@ -61,14 +61,18 @@ def test_the_encode_flow_encodes_once_and_a_rerun_or_another_location_hits_its_c
     report = artifact_text(state.state_details.flow_run_id, "ldm-encode-report")
     assert "| latent samples | 16 |" in report and "| latent shards encoded now | 2 |" in report
     assert "| samples | 16 |" in artifact_text(state.state_details.flow_run_id, "encode-report")
-    # Cached on the raw data's content id, the encoders' hashes and the encoding config, not on a path:
-    # another latents_dir (or a training-only change) is the same encode.
-    again, second = encode(str(tmp_path / "b"), "train.max_steps=3")
+    # Cached on the raw data's content id, the encoders' hashes and the encoding config (and where the
+    # latents are kept): a change that only concerns training is the same encode.
+    again, second = encode(str(tmp_path / "a"), "train.max_steps=3")
     assert states_of(again)["encode_task"] == "Cached" and second == first
     # Another VAE (same shapes, other weights): another encode, under another name.
     other_state, other = encode(str(tmp_path / "a"), "model.vae.seed=1")
     assert states_of(other_state)["encode_task"] == "Completed" and other["output"] != first["output"]
     assert other["encoding_id"] != first["encoding_id"] and other["content_id"] != first["content_id"]
+    # The same latents asked for elsewhere (another bucket, a prefix every node reads) are written there.
+    moved_state, moved = encode(str(tmp_path / "b"))
+    assert states_of(moved_state)["encode_task"] == "Completed" and moved["output"].startswith(str(tmp_path / "b"))
+    assert (moved["encoding_id"], moved["content_id"]) == (first["encoding_id"], first["content_id"])
 
 
 @pytest.mark.slow  # ~80 s on 2 cores: a Ray job trains (Ray, its driver, DeepSpeed) and the model is exported
