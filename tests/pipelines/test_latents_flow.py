@@ -117,3 +117,28 @@ def test_the_train_flow_encodes_trains_from_latents_and_a_rerun_reuses_the_encod
     assert states_of(again)["encode_task"] == "Cached" and states_of(again)["train_task"] == "Cached"
     assert second["latents"] == latents and second["run_id"] == result["run_id"]
     assert read_dataset(latents["output"]).content_id == dataset.content_id
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: a Ray job trains, the model is exported, evaluated by the gate, promoted
+def test_a_retrain_on_latents_then_nothing_new_trains_nothing(prefect_server, local_ray, tmp_path):
+    """The champion trained on latents: its version's dataset id is the latent dataset's, so retrain
+    compares the raw data with its run's `source_content_id` and trains nothing when nothing is new."""
+    from data_prep.synth import generate_synthetic
+    from pipelines.flows import retrain_flow
+
+    generate_synthetic(str(tmp_path / "incoming"), 16, seed=4, image_size=32)
+    model = "ldm-latents-retrain-test"
+    params = {"source": str(tmp_path / "incoming"), "dataset": str(tmp_path / "dataset"), "config": "tiny",
+              "overrides": [*OVERRIDES, f"tracking.model_name={model}", "gate.prompts=1", "gate.per_prompt=1",
+                            "gate.steps=1", "gate.first_floor=0", "gate.floor=0", "gate.margin=0"],
+              "evaluate": False, "latents": True, "latents_dir": str(tmp_path / "latents"), "encode_workers": 0}
+    state = retrain_flow(**params, return_state=True)
+    assert state.is_completed(), state.message
+    first = state.result()
+    assert first["trained"] and first["model"]["gate"]["promoted"]
+    assert first["latents"]["source_content_id"] == first["shards"]["content_id"] != first["latents"]["content_id"]
+    again = retrain_flow(**params, return_state=True)
+    assert again.is_completed(), again.message
+    result = again.result()
+    assert not result["trained"] and result["champion"] == first["model"]["version"]
+    assert "nothing new" in result["reason"] and states_of(again).keys() == {"champion_task", "shard_task"}
