@@ -14,6 +14,8 @@ Groups:
   checkpoint - the stall of a checkpoint step with train.checkpoint_upload=sync and =async (Ray Train to a
              local SeaweedFS S3), in milliseconds; ratio: x a normal step of the same runs (see
              bench/checkpoint_stall.py)
+  latents  - training samples/s of the demo's LDM from latent shards (`ldmflow encode`) vs raw shards, and the
+             loader's samples/s on both vs what that step consumes (rows in `loader`; see bench/latents.py)
   urls     - `ldmflow shard` on 100k URL rows from a local HTTP server, 2 processes, capped at 15 minutes:
              rows/s, peak resident memory and each process's open descriptors at start, warm and end
              (see bench/url_fetch.py)
@@ -22,6 +24,8 @@ Just the data-prep comparison (a few minutes on 2 cores):
   .venv/bin/python -m bench.run --dataprep-only [--dataprep-samples 5000] [--dataprep-repeats 3]
 Just the checkpoint stall:
   .venv/bin/python -m bench.run --checkpoint-only [--checkpoint-steps 30] [--checkpoint-repeats 1]
+Just the latents group (and its loader rows; a few minutes on 2 cores):
+  .venv/bin/python -m bench.run --latents-only
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
@@ -357,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     only.add_argument("--dataprep-only", action="store_true", help="run only the ldmflow vs img2dataset group")
     only.add_argument("--checkpoint-only", action="store_true", help="run only the checkpoint-stall group")
     only.add_argument("--urls-only", action="store_true", help="run only the urls group")
+    only.add_argument("--latents-only", action="store_true", help="run only the latents group (bench/latents.py)")
     only.add_argument("--gpu", action="store_true",
                       help="run the GPU plan instead (bench/gpu.py; the other arguments go to it, --out defaults to "
                            "bench/results/gpu.json)")
@@ -365,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--gpu" in argv:
         return run_gpu_plan([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
-    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only
+    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only or args.latents_only
     run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)
     if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
         p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
@@ -376,12 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         os.environ.setdefault("LDMFLOW_RUNS_DIR", str(work / "runs"))
         rows: list[Row] = []
-        dataprep = checkpoint = urls = None
+        dataprep = checkpoint = urls = latents = None
         every_group = not one_group
         if every_group:
             rows += bench_shard(work, args.samples)
             rows += bench_loader(work, batches=args.samples // 8)
             rows += bench_step(args.steps)
+        if every_group or args.latents_only:
+            from bench.latents import bench_latents
+
+            latent_rows, latents = bench_latents(work)
+            rows += latent_rows
         if args.dataprep_only or (every_group and not args.no_dataprep):
             dataprep_rows, dataprep = bench_dataprep(work, args.dataprep_samples, args.dataprep_repeats)
             rows += dataprep_rows
@@ -398,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if urls is not None:
         print_urls(urls)
+    if latents is not None:
+        print_ratios(f"latents ratios ({latents['config']}, batch {latents['batch_size']}, best windows)",
+                     latents["ratios"])
     if checkpoint is not None:
         print_checkpoint(checkpoint)
     if dataprep is not None:
@@ -423,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataprep": dataprep,
         "checkpoint": checkpoint,
         "urls": urls,
+        "latents": latents,
     }), indent=2))
     print(f"\nwrote {out}")
     return 0
