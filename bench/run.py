@@ -18,6 +18,8 @@ Groups:
   overhead - our trainer (Ray + DeepSpeed, 1 worker) vs a bare PyTorch loop on the tiny UNet, samples/s (target
              >= 0.90); and configs/shapes-vae.yaml's held-out PSNR both ways (target: within 0.2 dB; the full
              recipe is 4000 steps each way, about 2 x 8 minutes on 2 idle cores; see bench/overhead.py)
+  latents  - training samples/s of the demo's LDM from latent shards (`ldmflow encode`) vs raw shards, and the
+             loader's samples/s on both vs what that step consumes (rows in `loader`; see bench/latents.py)
   urls     - `ldmflow shard` on 100k URL rows from a local HTTP server, 2 processes, capped at 15 minutes:
              rows/s, peak resident memory and each process's open descriptors at start, warm and end
              (see bench/url_fetch.py)
@@ -30,6 +32,8 @@ Just the train.speed switches (a few minutes on 2 cores, most of it inductor com
   .venv/bin/python -m bench.run --speed-only [--steps 5] [--speed-compile-backend none]
 Just the trainer overhead (--overhead-vae-steps 800: a shorter VAE comparison; --no-overhead-vae: none):
   .venv/bin/python -m bench.run --overhead-only [--overhead-steps 80] [--overhead-vae-steps N]
+Just the latents group (and its loader rows; a few minutes on 2 cores):
+  .venv/bin/python -m bench.run --latents-only
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     only.add_argument("--speed-only", action="store_true", help="run only the train.speed group")
     p.add_argument("--speed-compile-backend", default="inductor",
                    help="torch.compile backend of the speed group's compile rows; none leaves them out")
+    only.add_argument("--latents-only", action="store_true", help="run only the latents group (bench/latents.py)")
     only.add_argument("--gpu", action="store_true",
                       help="run the GPU plan instead (bench/gpu.py; the other arguments go to it, --out defaults to "
                            "bench/results/gpu.json)")
@@ -382,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--gpu" in argv:
         return run_gpu_plan([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
-    one_group = args.dataprep_only or args.checkpoint_only or args.urls_only or args.speed_only or args.overhead_only
+    one_group = (args.dataprep_only or args.checkpoint_only or args.urls_only or args.speed_only or args.overhead_only
+                 or args.latents_only)
     run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)
     if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
         p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         os.environ.setdefault("LDMFLOW_RUNS_DIR", str(work / "runs"))
         rows: list[Row] = []
-        dataprep = checkpoint = urls = overhead = None
+        dataprep = checkpoint = urls = overhead = latents = None
         every_group = not one_group
         if every_group:
             rows += bench_shard(work, args.samples)
@@ -404,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
 
             backend = None if args.speed_compile_backend == "none" else args.speed_compile_backend
             rows += bench_speed(args.steps, backend)
+        if every_group or args.latents_only:
+            from bench.latents import bench_latents
+
+            latent_rows, latents = bench_latents(work)
+            rows += latent_rows
         if args.dataprep_only or (every_group and not args.no_dataprep):
             dataprep_rows, dataprep = bench_dataprep(work, args.dataprep_samples, args.dataprep_repeats)
             rows += dataprep_rows
@@ -426,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if urls is not None:
         print_urls(urls)
+    if latents is not None:
+        print_ratios(f"latents ratios ({latents['config']}, batch {latents['batch_size']}, best windows)",
+                     latents["ratios"])
     if checkpoint is not None:
         print_checkpoint(checkpoint)
     if dataprep is not None:
@@ -452,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": checkpoint,
         "urls": urls,
         "overhead": overhead,
+        "latents": latents,
     }), indent=2))
     print(f"\nwrote {out}")
     return 0

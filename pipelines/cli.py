@@ -242,6 +242,7 @@ def cmd_flow(args: argparse.Namespace) -> int:
         overwrite_shards=args.overwrite,
         vae_config_path=args.vae_config,
         forward_credentials=args.forward_credentials,
+        latents=args.latents,
     )
     print(json.dumps(summary, indent=2))
     return 0 if summary["state"] == "COMPLETED" else 1
@@ -403,6 +404,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, help="default: the shard config's sizing (1000 samples or 1 GiB "
                                                           "per tar, the size readers stream well)")
     p.add_argument("--overwrite", action="store_true", help="replace shards from an earlier run")
+    p.add_argument("--latents", action="store_true", help="encode the shards (`ldmflow encode`, into "
+                   "<work dir>/latents) once the VAE is known, and train the LDM from the latent shards")
     p.add_argument("--vae-config", help="a `task: vae` config (e.g. shapes-vae): train the VAE on the shards "
                                         "first and the LDM on it")
     p.set_defaults(func=cmd_flow)

@@ -2,6 +2,8 @@
 the same code runs with or without Prefect.
 
     shard_flow        source -> a new part of a dataset (only what the dataset does not hold)
+    encode_flow       dataset -> its latent dataset (`ldmflow encode`) for a config's frozen VAE and text
+                      encoder; train_flow, retrain_flow and ldm_pipeline insert this step with `latents`
     train_vae_flow    dataset -> the first-stage VAE (a diffusers folder, logged to its run)
     train_flow        dataset -> an MLflow run -> a registered version (and the gate, if asked)
     evaluate_flow     a model version -> caption adherence, recorded on its run and version
@@ -31,6 +33,7 @@ from data_prep import storage
 from pipelines.params import (
     ConfigPath,
     ModelUri,
+    NonNegativeInt,
     Override,
     PositiveInt,
     Seconds,
@@ -47,10 +50,13 @@ from pipelines.policies import result_storage as result_storage_for
 from pipelines.reports import metric_rows, mlflow_links, publish_report
 from pipelines.retrain_lock import retrain_slot
 from pipelines.tasks import (
+    EncodeSummary,
     ShardSummary,
     batch_generate_task,
     champion_task,
+    encode_task,
     evaluate_task,
+    frozen_task,
     gate_task,
     publish_task,
     shard_task,
@@ -79,6 +85,37 @@ def _shard(source: str, output: str, resolution: int, samples_per_shard: int | N
            timeout_s: float) -> ShardSummary:
     return shard_task.with_options(timeout_seconds=timeout_s)(source, output, resolution, samples_per_shard,
                                                               overwrite)
+
+
+def _encode(cfg: RunConfig, data: str, content_id: str, latents_dir: str, *, workers: int | None, timeout_s: float,
+            retries: int, result_storage_uri: str | None, refresh_cache: bool = False,
+            batch_size: int = 64) -> EncodeSummary:
+    """The raw dataset -> its latents for `cfg`'s frozen encoders, under `latents_dir`; cached on (the
+    raw dataset's content id, the VAE and text encoder weights' hashes, the encoding config), so a
+    rerun with the same data and encoders reuses them, and new weights under an old path encode again."""
+    frozen = frozen_task.with_options(timeout_seconds=timeout_s)(cfg)
+    options = {"timeout_seconds": timeout_s, "retries": retries, "refresh_cache": refresh_cache,
+               "result_storage": result_storage_for(result_storage_uri)}
+    return encode_task.with_options(**options)(cfg, data, content_id, frozen, latents_dir, workers, batch_size)
+
+
+def _latents_dir(param: str, value: str | None, data: str) -> str:
+    """Where a flow keeps latent datasets: `value`, else <runs dir>/latents beside local data. Data on S3
+    needs it named: a local default would be a folder the Ray nodes cannot read."""
+    if value is not None:
+        return check_output(param, value)
+    if storage.is_s3(data):
+        from training.errors import ConfigError
+
+        raise ConfigError(f"flow parameter `{param}`: required when the data is on S3 ({data}); give an s3:// prefix "
+                          "every Ray node can read")
+    return check_output(param, str(runs_dir() / "latents"))
+
+
+def _latents_rows(latents: EncodeSummary) -> list[tuple[str, object]]:
+    return [("latent dataset", latents.output), ("latent samples", latents.samples),
+            ("latent shards encoded now", latents.encoded), ("latent shards reused", latents.kept),
+            ("latent dataset content id", latents.content_id[:16])]
 
 
 def _run_training(training_task, cfg: RunConfig, data: str, content_id: str, *, timeout_s: float, retries: int,
@@ -152,6 +189,27 @@ def shard_flow(source: StorageUri, output: StorageUri, resolution: PositiveInt =
     return asdict(shards)
 
 
+@flow(name="ldm-encode", log_prints=True)
+def encode_flow(data: StorageUri, latents_dir: StorageUri, config: ConfigPath = "tiny",
+                overrides: list[Override] | None = None, workers: NonNegativeInt | None = None,
+                batch_size: PositiveInt = 64, timeout_s: Seconds = 6 * HOUR, retries: Retries = 1,
+                result_storage: StorageUri | None = None, refresh_cache: bool = False) -> dict:
+    """Dataset -> its latent dataset under `latents_dir` (<latents_dir>/<encoding id>) for the frozen VAE
+    and text encoder of `config` (the `ldm` config that will train on them); `ldmflow train` or
+    train_flow then reads them as `data`. `workers` Ray actors (None: the config's train.num_workers; 0:
+    in the flow's process). Cached on the raw data's content id, the encoders' weights and config and
+    `latents_dir`; never on the raw data's path."""
+    cfg = run_config("config", config, overrides, task="ldm")
+    data = check_source("data", data)
+    content_id = _content_id("data", data)
+    latents = _encode(cfg, data, content_id, check_output("latents_dir", latents_dir), workers=workers,
+                      timeout_s=timeout_s, retries=retries, result_storage_uri=_storage_uri(result_storage),
+                      refresh_cache=refresh_cache, batch_size=batch_size)
+    publish_report("ldm-encode-report", f"{data} encoded for {cfg.name}",
+                   [("dataset content id", content_id[:16]), *_latents_rows(latents)])
+    return asdict(latents)
+
+
 @flow(name="ldm-train-vae", log_prints=True, on_cancellation=[stop_training_jobs])
 def train_vae_flow(data: StorageUri, config: ConfigPath = "shapes-vae", overrides: list[Override] | None = None,
                    timeout_s: Seconds = 48 * HOUR, retries: Retries = 1, result_storage: StorageUri | None = None,
@@ -172,26 +230,40 @@ def train_vae_flow(data: StorageUri, config: ConfigPath = "shapes-vae", override
 def train_flow(data: StorageUri, config: ConfigPath = "tiny", overrides: list[Override] | None = None,
                init_from: ModelUri | None = None, promote: bool = False, timeout_s: Seconds = 7 * 24 * HOUR,
                retries: Retries = 1, gate_timeout_s: Seconds = 2 * HOUR, result_storage: StorageUri | None = None,
-               forward_credentials: bool = False, refresh_cache: bool = False) -> dict:
+               forward_credentials: bool = False, refresh_cache: bool = False, latents: bool = False,
+               latents_dir: StorageUri | None = None, encode_workers: NonNegativeInt | None = None,
+               encode_timeout_s: Seconds = 6 * HOUR) -> dict:
     """Dataset -> Ray/DeepSpeed training -> MLflow run -> registered version (alias candidate) -> the gate
     when `promote`. `init_from` (models:/NAME/VERSION or a pipeline folder) starts the UNet and VAE
-    from that model. Cached: the same config on the same data trains once (`refresh_cache` trains again)."""
+    from that model. Cached: the same config on the same data trains once (`refresh_cache` trains again).
+    `latents`: encode the dataset first (encode_flow's step, under `latents_dir`, default <runs dir>/latents
+    for local data; `encode_workers` as its `workers`) and train from the latent shards."""
     cfg = run_config("config", config, overrides, task="ldm")
     data = check_source("data", data)
     if init_from:
         cfg = config_from_dict(cfg.to_dict(), [f"model.unet.pretrained={init_from}",
                                                f"model.vae.pretrained={init_from}"])
+    latents_root = _latents_dir("latents_dir", latents_dir, data) if latents else None
     content_id = _content_id("data", data)
-    outcome = _train(cfg, data, content_id, timeout_s=timeout_s, retries=retries,
-                     result_storage_uri=_storage_uri(result_storage), forward_credentials=forward_credentials,
-                     refresh_cache=refresh_cache)
+    storage_uri = _storage_uri(result_storage)
+    rows: list[tuple[str, object]] = [("dataset content id", content_id[:16])]
+    result: dict = {}
+    train_data, train_id = data, content_id
+    if latents_root is not None:
+        encoded = _encode(cfg, data, content_id, latents_root, workers=encode_workers, timeout_s=encode_timeout_s,
+                          retries=retries, result_storage_uri=storage_uri, refresh_cache=refresh_cache)
+        train_data, train_id = encoded.output, encoded.content_id
+        rows += _latents_rows(encoded)
+        result["latents"] = asdict(encoded)
+    outcome = _train(cfg, train_data, train_id, timeout_s=timeout_s, retries=retries, result_storage_uri=storage_uri,
+                     forward_credentials=forward_credentials, refresh_cache=refresh_cache)
     version = publish_task(cfg, outcome)
     decision = _gate(cfg, version, gate_timeout_s) if promote else None
-    publish_report("ldm-train-report", f"{cfg.name} trained on {data}",
-                   [("dataset content id", content_id[:16]), ("config hash", cfg.hash[:16]),
+    publish_report("ldm-train-report", f"{cfg.name} trained on {train_data}",
+                   [*rows, ("config hash", cfg.hash[:16]),
                     *metric_rows(outcome.metrics, TRAIN_METRICS), *_model_rows(version, decision)],
                    links=mlflow_links(outcome.run_id, version.name, version.version))
-    return {"run_id": outcome.run_id, "metrics": outcome.metrics, "model": _model(version, decision)}
+    return {**result, "run_id": outcome.run_id, "metrics": outcome.metrics, "model": _model(version, decision)}
 
 
 @flow(name="ldm-evaluate", log_prints=True)
@@ -233,15 +305,19 @@ def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "
                  lock_wait_s: WaitSeconds | None = 0, shard_timeout_s: Seconds = 6 * HOUR,
                  train_timeout_s: Seconds = 7 * 24 * HOUR, eval_timeout_s: Seconds = 2 * HOUR,
                  train_retries: Retries = 1, result_storage: StorageUri | None = None,
-                 forward_credentials: bool = False) -> dict:
+                 forward_credentials: bool = False, latents: bool = False, latents_dir: StorageUri | None = None,
+                 encode_workers: NonNegativeInt | None = None) -> dict:
     """New data in `source`? -> shard only what `dataset` lacks (a new part) -> train from the current
     champion (`from_champion`; from scratch otherwise or when there is none) -> register -> evaluate
     -> the gate. When the dataset is the one the champion was trained on, nothing is trained.
+    `latents`: encode the dataset with the VAE training starts from (the champion's, or the config's)
+    under `latents_dir` (as train_flow) and train from the latent shards.
 
     One retrain per model at a time (tracking.model_name): a second one is refused at once
     (`lock_wait_s` 0), waits that long, or waits as long as it takes (None)."""
     cfg = run_config("config", config, overrides, task="ldm")
     source, dataset = check_source("source", source), check_output("dataset", dataset)
+    latents_root = _latents_dir("latents_dir", latents_dir, dataset) if latents else None
     storage_uri = _storage_uri(result_storage)
     model = cfg.tracking.model_name
     log = get_run_logger()
@@ -249,7 +325,7 @@ def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "
         shards = _shard(source, dataset, cfg.model.resolution, samples_per_shard, False, shard_timeout_s)
         champion = champion_task(model)
         rows = _shard_rows(shards)
-        if champion is not None and champion.dataset_content_id == shards.content_id:
+        if champion is not None and champion.trained_on(shards.content_id):
             message = (f"nothing new: {dataset} holds what {model} v{champion.version} (champion) was trained on "
                        f"({shards.samples} samples); nothing trained")
             log.info(message)
@@ -262,7 +338,13 @@ def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "
             cfg = _with_champion_init(cfg, model, init)
         log.info("training %s on %s (%d samples, %d new) from %s", model, dataset, shards.samples, shards.written,
                  f"champion v{init}" if init else "scratch")
-        outcome = _train(cfg, dataset, shards.content_id, timeout_s=train_timeout_s, retries=train_retries,
+        train_data, train_id, encoded = dataset, shards.content_id, None
+        if latents_root is not None:
+            encoded = _encode(cfg, dataset, shards.content_id, latents_root, workers=encode_workers,
+                              timeout_s=shard_timeout_s, retries=train_retries, result_storage_uri=storage_uri)
+            train_data, train_id = encoded.output, encoded.content_id
+            rows += _latents_rows(encoded)
+        outcome = _train(cfg, train_data, train_id, timeout_s=train_timeout_s, retries=train_retries,
                          result_storage_uri=storage_uri, forward_credentials=forward_credentials)
         version = publish_task(cfg, outcome)
         evaluation = _evaluate(version, eval_prompts, eval_per_prompt, eval_steps, cfg.gate.seed,
@@ -274,7 +356,8 @@ def retrain_flow(source: StorageUri, dataset: StorageUri, config: ConfigPath = "
         rows += metric_rows(evaluation["metrics"], EVAL_METRICS, "eval ")
     publish_report("ldm-retrain-report", f"retrain {model}: v{version.version}", [*rows, *_model_rows(version, decision)],
                    links=mlflow_links(outcome.run_id, version.name, version.version))
-    return {"trained": True, "init": init, "shards": asdict(shards), "run_id": outcome.run_id,
+    return {"trained": True, "init": init, "shards": asdict(shards),
+            "latents": asdict(encoded) if encoded is not None else None, "run_id": outcome.run_id,
             "metrics": outcome.metrics, "evaluation": evaluation, "model": _model(version, decision)}
 
 
@@ -286,8 +369,9 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
                  forward_credentials: bool = False, promote: bool = True, shard_timeout_s: Seconds = 6 * HOUR,
                  train_timeout_s: Seconds = 7 * 24 * HOUR, gate_timeout_s: Seconds = 2 * HOUR,
                  train_retries: Retries = 1, result_storage: StorageUri | None = None,
-                 refresh_cache: bool = False) -> dict:
-    """(synthetic data) -> shards -> (VAE training) -> Ray/DeepSpeed LDM training -> MLflow registration.
+                 refresh_cache: bool = False, latents: bool = False, encode_workers: NonNegativeInt | None = None
+                 ) -> dict:
+    """(synthetic data) -> shards -> (VAE training) -> (encode) -> Ray/DeepSpeed LDM training -> MLflow registration.
 
     With `vae_config_path` (a `task: vae` config) the first stage is trained on the same shards
     first and the LDM is trained on it (model.vae.pretrained set to the exported folder). Returns
@@ -297,7 +381,9 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
     `forward_credentials` hands the training tasks' S3/MLflow credentials to every Ray node.
     `promote`: run the gate (config.gate) on the new version, which may make it `champion`.
     Training is cached on (config hash, dataset content id): the same data and config train once;
-    `refresh_cache` trains again."""
+    `refresh_cache` trains again.
+    `latents`: once the VAE is known (trained here or the config's), encode the shards into
+    <work_dir>/latents (encode_flow's step; `encode_workers` as its `workers`) and train the LDM from them."""
     overrides = list(overrides or [])
     cfg = run_config("config_path", config_path, overrides, task="ldm")
     vae_cfg = run_config("vae_config_path", vae_config_path, vae_overrides, task="vae") if vae_config_path else None
@@ -321,7 +407,15 @@ def ldm_pipeline(config_path: ConfigPath = "configs/tiny.yaml", overrides: list[
         result["vae"] = asdict(vae)
         rows += [("VAE held-out PSNR (dB)", vae.psnr), ("VAE scaling factor", vae.scaling_factor)]
         cfg = config_from_dict(cfg.to_dict(), [f"model.vae.pretrained={vae.path}"])
-    outcome = _train(cfg, shards.output, shards.content_id, timeout_s=train_timeout_s, retries=train_retries,
+    train_data, train_id = shards.output, shards.content_id
+    if latents:
+        encoded = _encode(cfg, shards.output, shards.content_id, storage.join(work, "latents"), workers=encode_workers,
+                          timeout_s=shard_timeout_s, retries=train_retries, result_storage_uri=storage_uri,
+                          refresh_cache=refresh_cache)
+        train_data, train_id = encoded.output, encoded.content_id
+        result["latents"] = asdict(encoded)
+        rows += _latents_rows(encoded)
+    outcome = _train(cfg, train_data, train_id, timeout_s=train_timeout_s, retries=train_retries,
                      result_storage_uri=storage_uri, forward_credentials=forward_credentials, refresh_cache=refresh_cache)
     version = publish_task(cfg, outcome)
     decision = _gate(cfg, version, gate_timeout_s) if promote else None

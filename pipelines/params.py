@@ -53,6 +53,7 @@ StorageUri = Annotated[str, AfterValidator(_uri)]
 """A local path or s3://bucket/prefix."""
 ModelUri = Annotated[str, AfterValidator(_model_uri)]
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(gt=0)]
 """A timeout in seconds (> 0)."""
 WaitSeconds = Annotated[float, Field(ge=0)]

@@ -76,6 +76,93 @@ def shard_task(source: str, output: str, resolution: int, samples_per_shard: int
                         part=report.part)
 
 
+@task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
+def frozen_task(config: RunConfig) -> dict[str, str]:
+    """sha256 of the config's frozen VAE and text encoder weights (loading them checks their paths): what
+    the encode step's cache key names them by, so new weights under an old path encode again."""
+    from training.tasks import frozen_hashes_for
+
+    return frozen_hashes_for(config)
+
+
+@dataclass(frozen=True)
+class EncodeSummary:
+    """What the encode step made: the latent dataset the LDM trains from (the flows' `latents` result)."""
+
+    output: str
+    """The latent dataset: <latents_dir>/<encoding id[:16]>."""
+    samples: int
+    shards: int
+    encoded: int
+    """Latent shards this run encoded (0 when they were all there)."""
+    kept: int
+    """Latent shards found complete from an earlier, interrupted or finished, encode."""
+    skipped: dict[str, int]
+    content_id: str
+    """The latent dataset's content id: the identity training on it is cached on."""
+    source_content_id: str
+    """The raw dataset's."""
+    encoding_id: str
+
+
+def _encode_key(context, parameters: dict) -> str:
+    """What an encode is: the raw dataset's content id, the frozen weights' hashes and the config fields
+    that change the latents (training.encode.job.encoding_id), never the raw data's location. And where
+    its result is kept: latents asked for in another `latents_dir` (another bucket, S3 instead of a
+    local folder the Ray nodes cannot read) are written there, not answered with the old location."""
+    from training.encode.job import encoding_id
+
+    return identity_key(step="encode", latents=encoding_id(parameters["config"], parameters["content_id"],
+                                                           parameters["frozen"]), kept_in=parameters["latents_dir"])
+
+
+@task(cache_policy=CacheKeyFnPolicy(cache_key_fn=_encode_key), persist_result=True, retry_condition_fn=retry_transient,
+      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5)
+def encode_task(config: RunConfig, data: str, content_id: str, frozen: dict[str, str], latents_dir: str,
+                workers: int | None = None, batch_size: int = 64) -> EncodeSummary:
+    """`ldmflow encode` as a task: the raw dataset `data` (content id `content_id`) -> its latent dataset
+    at <latents_dir>/<encoding id[:16]>, for `config`'s frozen encoders (`frozen`: their hashes, checked
+    again against what encode_dataset loads). In this process with `workers` 0, else on Ray actors
+    (RAY_ADDRESS's cluster, or the Ray of this process that the training jobs use). A retry, or a rerun
+    after the cache was dropped, keeps every latent shard already written (encode_dataset resumes)."""
+    import os
+
+    from data_prep import storage
+    from data_prep.dataset import read_dataset
+    from pipelines.reports import publish_report
+    from training.encode.job import encode_dataset, encoding_id
+    from training.errors import DataError
+    from training.loader.latents import latents_info
+
+    identity = encoding_id(config, content_id, frozen)
+    out = storage.join(latents_dir, identity[:16])
+    workers = config.train.num_workers if workers is None else workers
+    if workers and not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")):
+        # No cluster: the Ray this process starts must be the one with the Jobs API (its dashboard) that
+        # the training job is submitted to next; encode_dataset alone would start one without it.
+        from training.runtime.jobs import jobs_address
+
+        jobs_address(config)
+    report = encode_dataset(config, data, out, workers=workers, batch_size=batch_size)
+    info = latents_info(read_dataset(out))
+    made_by = None if info is None else {"vae": info.vae.get("sha256"), "text_encoder": info.text_encoder.get("sha256")}
+    if info is None or info.source_content_id != content_id or made_by != frozen:
+        # The raw data or the model files changed between the flow's reading them and this encode.
+        raise DataError(f"the latents at {out} are not those of dataset {content_id[:12]} with the encoders the flow "
+                        "loaded: the raw data or the model files changed while the flow ran; run it again")
+    get_run_logger().info("latents %s: %d samples in %d shards (%d encoded now, %d kept)", out, report.samples,
+                          report.shards, report.encoded, report.kept)
+    publish_report("encode-report", f"ldmflow encode {data} -> {out}", [
+        ("raw dataset content id", content_id[:16]), ("samples", report.samples), ("latent shards", report.shards),
+        ("encoded now", report.encoded), ("kept from an earlier run", report.kept),
+        ("skipped", ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items()) if v) or "none"),
+        ("seconds", report.seconds), ("VAE sha256", frozen.get("vae", "")[:16]),
+        ("text encoder sha256", frozen.get("text_encoder", "")[:16])])
+    return EncodeSummary(output=out, samples=report.samples, shards=report.shards, encoded=report.encoded,
+                         kept=report.kept, skipped=dict(report.skipped), content_id=report.content_id,
+                         source_content_id=content_id, encoding_id=identity)
+
+
 def _training_key(context, parameters: dict) -> str:
     """What a training run is: the config's training hash (its pretrained inits, pinned model versions
     included), the task and the dataset's content id. Not the data's location."""
@@ -187,6 +274,12 @@ class Champion:
     version: str
     dataset_content_id: str | None
     """The dataset the champion was trained on (its version's tag)."""
+    source_content_id: str | None = None
+    """The raw dataset its data was encoded from when it trained on latents (its run's tag)."""
+
+    def trained_on(self, content_id: str) -> bool:
+        """Whether the champion trained on the raw dataset `content_id`, as pixels or as its latents."""
+        return content_id in (self.dataset_content_id, self.source_content_id)
 
 
 @task(cache_policy=NO_CACHE, **STORAGE_RETRIES)
@@ -204,7 +297,10 @@ def champion_task(name: str) -> Champion | None:
     version = current_champion(client, name)
     if version is None:
         return None
-    return Champion(str(version.version), version.tags.get("dataset_content_id"))
+    source = None
+    if version.run_id:
+        source = client.get_run(version.run_id).data.tags.get("source_content_id")
+    return Champion(str(version.version), version.tags.get("dataset_content_id"), source)
 
 
 def _evaluation_key(context, parameters: dict) -> str:

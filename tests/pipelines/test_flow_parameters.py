@@ -24,6 +24,8 @@ def source(tmp_path):
     ({"train_timeout_s": 0}, "train_timeout_s: Input should be greater than 0"),
     ({"eval_prompts": 0}, "eval_prompts: Input should be greater than or equal to 1"),
     ({"dataset": "gs://bucket/data"}, "dataset: Value error, unsupported storage URI"),
+    ({"latents": True, "encode_workers": -1}, "encode_workers: Input should be greater than or equal to 0"),
+    ({"latents": True, "latents_dir": "gs://bucket/latents"}, "latents_dir: Value error, unsupported storage URI"),
     # ... or in the flow's first lines, which resolve the config and check the storage.
     ({"overrides": ["train.max_steps=many"]}, "flow parameter `config` (tiny): config key `train.max_steps`"),
     ({"overrides": ["train.no_such_key=1"]}, "unknown config key `train.no_such_key`"),

@@ -59,6 +59,19 @@ class EncodeReport:
         ])
 
 
+def encoding_id(cfg: RunConfig, source_content_id: str, frozen: dict[str, str]) -> str:
+    """The identity of the latents `cfg` makes of the raw dataset `source_content_id`: that content id,
+    the frozen weights' sha256 (`frozen`: training.models.assembly.frozen_hashes) and every config field
+    that changes what the encoders write (the same fields encode_dataset pins in its manifest). Two
+    encodes with one id write the same latents; a flow keeps them under `<latents_dir>/<id[:16]>` and
+    caches its encode step on it (pipelines.tasks.encode_task), never on a path."""
+    model = cfg.to_dict()["model"]
+    blob = json.dumps({"kind": KIND, "source_content_id": source_content_id, "frozen": frozen,
+                       "resolution": model["resolution"], "vae": model["vae"], "text_encoder": model["text_encoder"],
+                       "stored": STORED, "dtype": DTYPE}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def latent_shard_name(shard: ShardRef) -> str:
     """The latent shard of a raw shard: its path in the raw dataset, flattened (part--shard.tar)."""
     return shard.name.replace("/", "--")

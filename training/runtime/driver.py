@@ -79,6 +79,11 @@ def check_frozen_latents(dataset: Dataset, frozen: dict[str, str]) -> None:
         check_latents_frozen(info, frozen, where=dataset.uri)
 
 
+def _source_content_id(dataset: Dataset) -> str:
+    info = latents_info(dataset)
+    return dataset.content_id if info is None else info.source_content_id
+
+
 STORAGE_ENV = "LDMFLOW_STORAGE"
 
 
@@ -117,6 +122,9 @@ def train(cfg: RunConfig, data_dir: str, *, storage_uri: str | None = None,
     tags = {
         **run_tags(cfg),
         "dataset_content_id": dataset.content_id,
+        # The raw data behind it: a latent dataset's source (`ldmflow encode`), else the dataset itself.
+        # Retraining compares new raw data with this, however the champion read it.
+        "source_content_id": _source_content_id(dataset),
         "preset": cfg.name,
         "task": cfg.task,
         "data": data_dir,
