@@ -187,7 +187,7 @@ def _free_port() -> int:
 
 
 def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int | None = None,
-              timeout_s: float = 900, wait_s: float = 300) -> TrialResult:
+              timeout_s: float = 900, wait_s: float = 300, mmap_threshold: int | None = 1 << 20) -> TrialResult:
     """Run `trial` on WORLD_SIZE fresh processes. `budget_bytes`: the per-rank limit (the watchdog kills
     both ranks past it; a peak over it after the fact also fails the trial). `need_bytes`: what must be
     available on the machine before it starts (default: budget x ranks)."""
@@ -203,6 +203,12 @@ def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int 
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD_SIZE),
                    LOCAL_WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+        if mmap_threshold:
+            # glibc raises its mmap threshold to the size of each large block freed, so after the first
+            # few gathered-then-released ZeRO-3 parameters every later one comes from the heap, whose
+            # freed pages stay resident: the process keeps what it gathered. A fixed threshold turns
+            # that off (large blocks are mmapped and go back to the OS when freed).
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         procs = []
         for rank in range(WORLD_SIZE):
             env_r = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
