@@ -556,7 +556,8 @@ def run_section(results: dict, name: str, fn: Callable[[], dict | None]) -> None
         if value is not None:
             results[name] = value
     except Exception as e:  # noqa: BLE001 - each section on its own: a failure is recorded, the rest runs
-        results[name] = (results.get(name) or {}) | {"error": error_text(e), "traceback": traceback.format_exc()[-3000:]}
+        failure = {"error": error_text(e), "traceback": traceback.format_exc()[-3000:]}
+        results[name] = (results.get(name) or {}) | failure
         print(f"[bench.gpu] {name} failed: {results[name]['error']}", flush=True)
     results.setdefault(name, {})["seconds"] = time.perf_counter() - began
     free(_DEVICE)  # the section's model and optimizer are gone with its frame: return their memory
@@ -694,7 +695,8 @@ def summary(name: str, s: dict) -> str:
     if "skipped" in s:
         return f"skipped ({s['skipped']})"
     if s.get("timed_out"):
-        return f"killed after {s['limit_s']:.0f} s" + (f" (compile took {s['compile_s']:.0f} s)" if "compile_s" in s else "")
+        compiled = f" (compile took {s['compile_s']:.0f} s)" if "compile_s" in s else ""
+        return f"killed after {s['limit_s']:.0f} s{compiled}"
     if "error" in s and name != "deepspeed":
         return s["error"]
     if name == "deepspeed":
@@ -709,7 +711,8 @@ def summary(name: str, s: dict) -> str:
         return "; ".join(f"{k}: " + (str(v.get("losses_identical")) if "error" not in v else v["error"][:120])
                          for k in ("deterministic", "default") if isinstance(v := s.get(k), dict))
     if name == "compile" and "images_per_s" in s:
-        return f"{s['images_per_s']:.1f} images/s at {s['resolution']} px batch {s['batch']}, compile {s['compile_s']:.0f} s"
+        return (f"{s['images_per_s']:.1f} images/s at {s['resolution']} px batch {s['batch']}, "
+                f"compile {s['compile_s']:.0f} s")
     return json.dumps({k: v for k, v in s.items() if k != "traceback"})[:200]
 
 

@@ -20,6 +20,10 @@ Groups:
              recipe is 4000 steps each way, about 2 x 8 minutes on 2 idle cores; see bench/overhead.py)
   latents  - training samples/s of the demo's LDM from latent shards (`ldmflow encode`) vs raw shards, and the
              loader's samples/s on both vs what that step consumes (rows in `loader`; see bench/latents.py)
+  zero     - per-rank peak memory of a 314M-parameter UNet on 2 ranks, ZeRO-3 vs ZeRO-0 (target <= 0.6x); the
+             largest UNet taking optimizer steps within a per-rank budget, ZeRO-3 + NVMe offload vs ZeRO-0
+             (target >= 1.8x); the sd15 preset's UNet training on 2 ranks here, its peak and s/step
+             (bench/zero_memory.py; about 15 minutes and up to ~16 GiB free)
   urls     - `ldmflow shard` on 100k URL rows from a local HTTP server, 2 processes, capped at 15 minutes:
              rows/s, peak resident memory and each process's open descriptors at start, warm and end
              (see bench/url_fetch.py)
@@ -34,6 +38,8 @@ Just the trainer overhead (--overhead-vae-steps 800: a shorter VAE comparison; -
   .venv/bin/python -m bench.run --overhead-only [--overhead-steps 80] [--overhead-vae-steps N]
 Just the latents group (and its loader rows; a few minutes on 2 cores):
   .venv/bin/python -m bench.run --latents-only
+Just the ZeRO memory and sd15 rows (--zero-budget-gib: the per-rank budget of the largest-UNet search):
+  .venv/bin/python -m bench.run --zero-only [--zero-budget-gib 3] [--no-sd15]
 Just the URL table:
   .venv/bin/python -m bench.run --urls-only [--url-rows 100000] [--url-cap 900]
 The GPU plan (bench/gpu.py, bench/GPU.md: sd15 images/s and MFU, the GPU-only risks), on a GPU machine:
@@ -367,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="steps of the shapes-vae PSNR comparison (default: the recipe's 4000)")
     p.add_argument("--no-overhead-vae", action="store_true", help="skip the shapes-vae PSNR comparison")
     p.add_argument("--no-overhead", action="store_true", help="skip the overhead group")
+    p.add_argument("--zero-budget-gib", type=float, default=3.0,
+                   help="per-rank memory budget of the zero group's largest-UNet search")
+    p.add_argument("--no-sd15", action="store_true", help="leave the sd15 row out of the zero group")
+    p.add_argument("--no-zero", action="store_true", help="skip the zero group")
     p.add_argument("--url-rows", type=int, default=100_000, help="URL rows in the urls group")
     p.add_argument("--url-cap", type=int, default=900, help="seconds the urls group's shard run may take")
     p.add_argument("--no-urls", action="store_true", help="skip the urls group")
@@ -379,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-compile-backend", default="inductor",
                    help="torch.compile backend of the speed group's compile rows; none leaves them out")
     only.add_argument("--latents-only", action="store_true", help="run only the latents group (bench/latents.py)")
+    only.add_argument("--zero-only", action="store_true", help="run only the zero group (bench/zero_memory.py)")
     only.add_argument("--gpu", action="store_true",
                       help="run the GPU plan instead (bench/gpu.py; the other arguments go to it, --out defaults to "
                            "bench/results/gpu.json)")
@@ -388,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_gpu_plan([a for a in argv if a != "--gpu"])
     args = p.parse_args(argv)
     one_group = (args.dataprep_only or args.checkpoint_only or args.urls_only or args.speed_only or args.overhead_only
-                 or args.latents_only)
+                 or args.latents_only or args.zero_only)
     run_checkpoint = args.checkpoint_only or not (one_group or args.no_checkpoint)
     if run_checkpoint and (args.checkpoint_every < 3 or args.checkpoint_steps < 3 * args.checkpoint_every):
         p.error("--checkpoint-every must be >= 3 (normal steps between checkpoints) and --checkpoint-steps >= 3 x "
@@ -399,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         os.environ.setdefault("LDMFLOW_RUNS_DIR", str(work / "runs"))
         rows: list[Row] = []
-        dataprep = checkpoint = urls = overhead = latents = None
+        dataprep = checkpoint = urls = overhead = latents = zero = None
         every_group = not one_group
         if every_group:
             rows += bench_shard(work, args.samples)
@@ -430,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
             overhead_rows, overhead = bench_overhead(work, steps=args.overhead_steps, vae_steps=args.overhead_vae_steps,
                                                      vae=not args.no_overhead_vae)
             rows += overhead_rows
+        if args.zero_only or (every_group and not args.no_zero):
+            from bench.zero_memory import bench_zero
+
+            zero_rows, zero = bench_zero(work, budget_gib=args.zero_budget_gib, sd15=not args.no_sd15)
+            rows += zero_rows
         if args.urls_only or (every_group and not args.no_urls):
             url_rows, urls = bench_urls(work, args.url_rows, args.url_cap)
             rows += url_rows
@@ -440,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     if latents is not None:
         print_ratios(f"latents ratios ({latents['config']}, batch {latents['batch_size']}, best windows)",
                      latents["ratios"])
+    if zero is not None:
+        print_ratios(f"zero ratios ({zero['world_size']} ranks; memory: lower is better)", zero["ratios"])
     if checkpoint is not None:
         print_checkpoint(checkpoint)
     if dataprep is not None:
@@ -467,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "urls": urls,
         "overhead": overhead,
         "latents": latents,
+        "zero": zero,
     }), indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -22,15 +22,18 @@ with a VmHWM over budget (a spike between two reads) counts as not fitting too. 
 the machine must have that much memory available (MemAvailable), or the trial waits, then is skipped
 with a note.
 
-Run alone (about 10-15 minutes on 2 cores; it needs up to ~15 GiB free at once):
+Run alone (about 15 minutes on 2 cores; it needs up to ~16 GiB free at once):
   flock /tmp/ldmflow-heavy.lock .venv/bin/python -m bench.run --zero-only
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,11 +130,13 @@ class TrialResult:
     ranks: list[RankResult] = field(default_factory=list)
     watchdog_peak_bytes: int = 0
     """The highest VmRSS the watchdog saw on any rank (a lower bound of the peak when it killed them)."""
+    killed_params: int = 0
+    """The UNet's parameters as rank 0 reported them before the watchdog killed it (0: not built yet)."""
     wall_s: float = 0.0
 
     @property
     def params(self) -> int:
-        return max((r.params for r in self.ranks), default=0)
+        return max((r.params for r in self.ranks), default=self.killed_params)
 
     @property
     def peak_bytes(self) -> int:
@@ -186,6 +191,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _swap_dir(parent: str | None):
+    if parent is None:
+        yield None
+        return
+    swap = tempfile.mkdtemp(prefix="ldmflow-zeromem-swap-", dir=parent)
+    try:
+        yield swap
+    finally:
+        shutil.rmtree(swap, ignore_errors=True)
+
+
 def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int | None = None,
               timeout_s: float = 900, wait_s: float = 300, mmap_threshold: int | None = 1 << 20) -> TrialResult:
     """Run `trial` on WORLD_SIZE fresh processes. `budget_bytes`: the per-rank limit (the watchdog kills
@@ -197,9 +214,10 @@ def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int 
                            reason=f"not run: {need / GIB:.1f} GiB not available within {wait_s:.0f} s "
                                   f"({mem_available_bytes() / GIB:.1f} GiB)")
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ldmflow-zeromem-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ldmflow-zeromem-") as tmp, _swap_dir(trial.nvme_path) as swap:
         spec = Path(tmp) / "trial.json"
-        spec.write_text(json.dumps(asdict(trial)))
+        # Each trial swaps into a folder of its own, removed after it (an sd15 trial writes ~13 GB there).
+        spec.write_text(json.dumps(asdict(trial) | {"nvme_path": swap}))
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD_SIZE),
                    LOCAL_WORLD_SIZE=str(WORLD_SIZE), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -218,7 +236,7 @@ def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int 
                                           cwd=ROOT, env=env_r, stdout=log, stderr=subprocess.STDOUT))
             log.close()
         killed = ""
-        seen = 0
+        seen = built = 0
         while any(p.poll() is None for p in procs):
             rss = [_status_kib(p.pid, "VmRSS") * 1024 for p in procs if p.poll() is None]
             seen = max([seen, *rss])
@@ -229,7 +247,10 @@ def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int 
             if killed:
                 where = Path(tmp) / "rank0.json.progress"
                 if where.exists():
-                    killed += f", while {where.read_text()}"
+                    doing = where.read_text()
+                    killed += f", while {doing}"
+                    if found := re.search(r"\((\d+) parameters\)", doing):
+                        built = int(found.group(1))
                 for p in procs:  # our own children, by pid
                     if p.poll() is None:
                         p.send_signal(signal.SIGKILL)
@@ -243,7 +264,7 @@ def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int 
             if out.exists():
                 ranks.append(RankResult(**json.loads(out.read_text())))
         result = TrialResult(trial, ok=False, budget_bytes=budget_bytes, ranks=ranks, watchdog_peak_bytes=seen,
-                             wall_s=time.monotonic() - start)
+                             killed_params=built, wall_s=time.monotonic() - start)
         if killed:
             result.reason = killed
         elif any(p.returncode for p in procs) or len(ranks) < WORLD_SIZE:
@@ -256,6 +277,159 @@ def run_trial(trial: Trial, *, budget_bytes: int | None = None, need_bytes: int 
         else:
             result.ok = True
     return result
+
+
+# --- the group ---------------------------------------------------------------------------------------
+
+SMALL_BUCKETS = (
+    # DeepSpeed's ZeRO-3 defaults size its buffers for GPUs holding billions of parameters: it keeps up to
+    # 1e9 gathered parameters live, prefetches 5e7 ahead and zero-fills a 1e9-element fp32 gradient buffer
+    # per optimizer sub-group, which on a 300M model is more than the model. Buckets of a few million
+    # elements keep what a rank gathers or reduces at once small beside its partition (and cost little
+    # speed here: the step is bound by compute, not by the number of collectives).
+    "train.deepspeed.extra.zero_optimization.stage3_prefetch_bucket_size=5000000",
+    "train.deepspeed.extra.zero_optimization.stage3_max_live_parameters=10000000",
+    "train.deepspeed.extra.zero_optimization.stage3_max_reuse_distance=10000000",
+    "train.deepspeed.extra.zero_optimization.reduce_bucket_size=5000000",
+    "train.deepspeed.extra.zero_optimization.sub_group_size=10000000",
+)
+
+RATIO_WIDTH = 192
+"""Base width of the ratio model: SD 1.5's UNet at 192 channels has 314M parameters (>= 300M)."""
+WIDTH_STEP = 16
+
+
+def zero3(name: str, width: int | None, *, precision: str = "bf16", offload: str = "none",
+          nvme_path: str | None = None, **kw) -> Trial:
+    """ZeRO-3 as a large model runs it: parameters partitioned from construction (zero.Init), small
+    buckets; `offload` nvme: optimizer state and parameters in files under nvme_path (ZeRO-Infinity)."""
+    return Trial(name=name, width=width, stage=3, zero_init=True, precision=precision, offload_optimizer=offload,
+                 offload_param=offload, nvme_path=nvme_path if offload == "nvme" else None, extra=SMALL_BUCKETS, **kw)
+
+
+def params_at(width: int) -> float:
+    """Parameters of SD 1.5's UNet at base width `width` (quadratic in the width: 314M at 192)."""
+    return 314_140_228 * (width / RATIO_WIDTH) ** 2
+
+
+def width_for(params: float) -> int:
+    """The multiple of WIDTH_STEP whose UNet is closest below `params` parameters (at least one step)."""
+    return max(WIDTH_STEP, int(math.sqrt(params / params_at(RATIO_WIDTH)) * RATIO_WIDTH) // WIDTH_STEP * WIDTH_STEP)
+
+
+def largest_fitting(run, guess: int, max_trials: int, max_width: int = 320
+                    ) -> tuple[TrialResult | None, TrialResult | None, list]:
+    """The largest base width (a multiple of WIDTH_STEP, at most `max_width`) whose trial `run(width)`
+    passes, searched from `guess`: upwards in growing steps while trials pass, downwards while they
+    fail, then by halving the gap between the largest pass and the smallest fail; at most `max_trials`
+    trials. Returns that pass, the smallest fail above it (None when none was seen: the figure is then a
+    lower bound) and every trial in order."""
+    fit: TrialResult | None = None
+    fail: TrialResult | None = None
+    tried: list[TrialResult] = []
+    width, stride = max(WIDTH_STEP, min(guess, max_width) // WIDTH_STEP * WIDTH_STEP), WIDTH_STEP * 2
+    for _ in range(max_trials):
+        result = run(width)
+        tried.append(result)
+        if result.ok and (fit is None or width > fit.trial.width):
+            fit = result
+        if not result.ok and (fail is None or width < fail.trial.width):
+            fail = result
+        if fit is not None and fail is not None:
+            lo, hi = fit.trial.width, fail.trial.width
+            if hi - lo <= WIDTH_STEP:
+                break
+            width = (lo + hi) // 2 // WIDTH_STEP * WIDTH_STEP
+            width = width if width > lo else lo + WIDTH_STEP
+        elif fit is not None:
+            if width >= max_width:
+                break
+            width, stride = min(max_width, width + stride), stride * 2
+        else:
+            if width <= WIDTH_STEP:
+                break
+            width, stride = max(WIDTH_STEP, width - stride), stride * 2
+    return fit, fail, tried
+
+
+def bench_zero(work: Path, *, budget_gib: float = 3.0, search_trials: int = 4, sd15: bool = True,
+               sd15_resolution: int = 512) -> tuple[list, dict]:
+    """Rows of the `zero` group (bench.run.Row) and its details for the JSON:
+    - per-rank peak of the 314M UNet on 2 ranks, ZeRO-3 (zero.Init, small buckets) vs ZeRO-0, in bf16
+      (the precision a large model trains in) and fp32 (target <= 0.6x);
+    - the largest UNet that takes its optimizer steps within `budget_gib` per rank, ZeRO-3 with NVMe
+      offload of parameters and optimizer state vs ZeRO-0, bf16 (target >= 1.8x);
+    - the sd15 preset's UNet (860M) training on 2 ranks here: ZeRO-3, bf16, NVMe offload, at
+      `sd15_resolution` px, its peak and seconds per step."""
+    from bench.run import Row
+
+    nvme = work / "zero-nvme"
+    nvme.mkdir(parents=True, exist_ok=True)
+    budget = int(budget_gib * GIB)
+    rows: list[Row] = []
+    details: dict = {"world_size": WORLD_SIZE, "budget_gib": budget_gib, "trials": []}
+
+    def record(result: TrialResult) -> TrialResult:
+        details["trials"].append(result.to_dict())
+        status = "ok" if result.ok else f"did not fit: {result.reason}"
+        print(f"  zero: {result.trial.name} w={result.trial.width} {result.params / 1e6:.0f}M params, "
+              f"peak {result.peak_bytes / GIB:.2f} GiB/rank, {result.step_s:.1f} s/step: {status}", flush=True)
+        return result
+
+    ratios: dict[str, float | None] = {}
+    measured: dict[str, TrialResult] = {}
+    for precision in ("bf16", "fp32"):
+        plain = record(run_trial(Trial(name=f"zero0-{precision}", width=RATIO_WIDTH, precision=precision),
+                                 need_bytes=8 * GIB * WORLD_SIZE))
+        measured[precision] = plain
+        sharded = record(run_trial(zero3(f"zero3-{precision}", RATIO_WIDTH, precision=precision),
+                                   need_bytes=6 * GIB * WORLD_SIZE))
+        base = f"{plain.params / 1e6:.0f}M UNet, ZeRO-0, {precision}, peak per rank"
+        rows.append(Row("zero", base, plain.peak_bytes / GIB, "GiB", ratio_to=base,
+                        note="" if plain.ok else plain.reason))
+        rows.append(Row("zero", f"{sharded.params / 1e6:.0f}M UNet, ZeRO-3 + zero.Init, {precision}, peak per rank",
+                        sharded.peak_bytes / GIB, "GiB", ratio_to=base,
+                        note="target <= 0.6x" if sharded.ok else sharded.reason))
+        ratios[f"ZeRO-3 / ZeRO-0 peak per rank, {precision} (target <= 0.6)"] = (
+            sharded.peak_bytes / plain.peak_bytes if plain.ok and sharded.ok else None)
+
+    # Bytes per parameter measured above make the first guesses; the search corrects them.
+    def guess(result: TrialResult) -> int:
+        baseline = max(r.baseline_bytes for r in result.ranks) if result.ranks else 0
+        per_param = (result.peak_bytes - baseline) / max(result.params, 1)
+        return width_for((budget - baseline) / per_param) if per_param > 0 else RATIO_WIDTH
+
+    plain_guess = guess(measured["bf16"])
+    largest = {}
+    for name, make in (("ZeRO-0", lambda w: Trial(name=f"max-zero0-w{w}", width=w, precision="bf16")),
+                       ("ZeRO-3 + NVMe offload", lambda w: zero3(f"max-zero3-nvme-w{w}", w, offload="nvme",
+                                                                  nvme_path=str(nvme)))):
+        # ZeRO-3 with offload starts at the target (1.8x the parameters: sqrt(1.8) the width).
+        start = plain_guess if name == "ZeRO-0" else width_for(params_at(plain_guess) * 1.8)
+        fit, fail, _ = largest_fitting(lambda w, make=make: record(run_trial(make(w), budget_bytes=budget)),
+                                       start, search_trials)
+        largest[name] = (fit, fail)
+        bound = "" if fail is None else f"; {fail.params / 1e6:.0f}M did not fit"
+        rows.append(Row("zero-max", f"largest UNet within {budget_gib:g} GiB/rank, {name}, bf16",
+                        fit.params / 1e6 if fit else math.nan, "M params", ratio_to=None,
+                        note=(f"peak {fit.peak_bytes / GIB:.2f} GiB{bound}" if fit else "none fitted") +
+                             ("" if fail is not None else "; a lower bound: the search never failed")))
+    fit0, fit3 = largest["ZeRO-0"][0], largest["ZeRO-3 + NVMe offload"][0]
+    ratios["largest UNet, ZeRO-3 + NVMe offload / ZeRO-0 (target >= 1.8)"] = (
+        fit3.params / fit0.params if fit0 and fit3 else None)
+
+    if sd15:
+        result = record(run_trial(zero3("sd15", None, offload="nvme", nvme_path=str(nvme), steps=3,
+                                        resolution=sd15_resolution, text_tokens=77),
+                                  budget_bytes=10 * GIB, timeout_s=3600))
+        note = (f"peak {result.peak_bytes / GIB:.2f} GiB/rank, {WORLD_SIZE} ranks, ZeRO-3 bf16 NVMe offload"
+                if result.ok else result.reason)
+        rows.append(Row("sd15", f"sd15 UNet ({result.params / 1e6:.0f}M), {sd15_resolution}px, batch 1/rank, s/step",
+                        result.step_s, "s/step", note=note))
+        details["sd15"] = {"ok": result.ok, "peak_gib": result.peak_bytes / GIB, "step_s": result.step_s,
+                           "params": result.params, "resolution": sd15_resolution, "reason": result.reason}
+    details["ratios"] = ratios
+    return rows, details
 
 
 # --- one rank ----------------------------------------------------------------------------------------
