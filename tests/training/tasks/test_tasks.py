@@ -83,7 +83,7 @@ def test_cached_encodings_give_the_same_loss_and_skip_the_encoders():
         batch = Batch(pixels=pixels(4), captions=["a red circle on a blue background"] * 2 + ["a"] * 2,
                       keys=["k0", "k1", "k2", "k3"])
         generator = torch.Generator().manual_seed(3)
-        losses = [float(task.loss(parts.unet, batch, generator)) for _ in range(3)]
+        losses = [float(task.loss(parts.unet, batch, generator).detach()) for _ in range(3)]
         results[cache] = (losses, calls)
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
     assert results[False][1].vae == 12
