@@ -4,7 +4,6 @@ beside it, and gathering its full weights (a collective under ZeRO-3).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -17,6 +16,7 @@ from training.errors import ConfigError
 from training.runtime.context import WorkerContext
 from training.runtime.deepspeed_checks import check_deepspeed
 from training.runtime.jit_ops import load_deepspeed_ops
+from training.runtime.single_rank import single_rank_config, trim_single_rank
 from training.runtime.speed import apply_to_engine, apply_to_module, check_speed, fused_adamw, set_tf32
 
 log = logging.getLogger(__name__)
@@ -91,29 +91,6 @@ def lr_lambda(train: TrainConfig):
     return factor
 
 
-SINGLE_RANK_ZERO = {"contiguous_gradients": False, "reduce_scatter": False}
-"""ZeRO-1/2 settings for a group of one rank, where nothing is partitioned or reduced: each saves work
-DeepSpeed does for the other ranks. contiguous_gradients copies every gradient into a bucket as the
-backward pass produces it (to keep GPU memory unfragmented across ranks' reductions); reduce_scatter
-splits the bucket's reduction by rank. Off on one rank, the bucket is flattened once at the end of
-the backward pass instead. Measured on the tiny preset's UNet, 1 CPU thread, same process: a ZeRO-2
-step 484 -> 453 ms against 401 ms for a bare loop (bench/overhead.py has the end-to-end ratio). Neither
-changes the update (tests/training/runtime/test_engine_matches_bare_loop.py) nor what a checkpoint
-holds, so a 1-worker run still resumes on more workers and back."""
-
-
-def single_rank_config(config: dict, train: TrainConfig, world_size: int) -> dict:
-    """`config` with SINGLE_RANK_ZERO's settings when `world_size` is 1 under ZeRO-1/2 without offload
-    (train.deepspeed.extra setting either key keeps its own value); otherwise `config` itself."""
-    zero = config.get("zero_optimization", {})
-    if world_size != 1 or zero.get("stage", 0) not in (1, 2) or train.deepspeed.offloads():
-        return config
-    config = copy.deepcopy(config)
-    for key, value in SINGLE_RANK_ZERO.items():
-        config["zero_optimization"].setdefault(key, value)
-    return config
-
-
 def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, *, load_universal: bool = False):
     """The DeepSpeed engine around `unet`; `load_universal` configures it to load a universal
     checkpoint (a resume on a different number of workers), which must be known before it is built."""
@@ -142,6 +119,7 @@ def build_engine(unet: torch.nn.Module, train: TrainConfig, ctx: WorkerContext, 
         config = deepspeed_universal_config(config)
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config, dist_init_required=False)
+    trim_single_rank(engine)  # a group of one rank: no all-reduce, a fused gradient norm
     apply_to_engine(engine, train)  # compile, and channels_last weights where DeepSpeed allows them
     engine.ldmflow_config = config  # what it was built with: the loop logs it with the run (deepspeed_config.json)
     return engine

@@ -18,7 +18,8 @@ import torch
 from training.config import load_config
 from training.loader.batch import Batch
 from training.runtime.context import WorkerContext
-from training.runtime.engine import SINGLE_RANK_ZERO, build_engine, deepspeed_config, lr_lambda, single_rank_config
+from training.runtime.engine import build_engine, deepspeed_config, lr_lambda
+from training.runtime.single_rank import SINGLE_RANK_ZERO, single_rank_config
 from training.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,8 +67,10 @@ def engine_steps(cfg, data: list[Batch]) -> tuple[dict[str, torch.Tensor], list[
     ctx = WorkerContext(0, 1, torch.device("cpu"))
     task = build_task(cfg, seed=train.seed, device=ctx.device)
     engine = build_engine(task.module, train, ctx)
-    if train.zero_stage in (1, 2):  # the single-rank settings are what is compared with the bare loop
+    if train.zero_stage in (1, 2):  # the single-rank settings and paths are what is compared with the bare loop
         assert {k: engine.ldmflow_config["zero_optimization"][k] for k in SINGLE_RANK_ZERO} == SINGLE_RANK_ZERO
+        assert engine.zero_optimization_stage() == 1
+        assert "allreduce_and_copy" in vars(engine.optimizer) and "get_grad_norm_direct" in vars(engine.optimizer)
     generator, lrs, it = torch.Generator().manual_seed(0), [], iter(data)
     for _ in range(STEPS):
         for _ in range(train.grad_accum):  # as Trainer.train_step: DeepSpeed steps at the boundary
@@ -79,7 +82,7 @@ def engine_steps(cfg, data: list[Batch]) -> tuple[dict[str, torch.Tensor], list[
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}, lrs
 
 
-@pytest.mark.parametrize(("stage", "grad_accum"), [(0, 1), (2, 1), (2, 2)])
+@pytest.mark.parametrize(("stage", "grad_accum"), [(0, 1), (1, 1), (2, 1), (2, 2)])
 def test_engine_steps_equal_a_bare_torch_loop(process_group, stage, grad_accum):
     cfg = vae_config(stage, grad_accum)
     data = batches(STEPS * grad_accum)
@@ -99,10 +102,30 @@ def test_single_rank_settings_only_on_one_rank_of_zero_1_2_and_extra_wins():
     cfg = vae_config(2, 1)
     one = single_rank_config(deepspeed_config(cfg.train), cfg.train, world_size=1)
     assert {k: one["zero_optimization"][k] for k in SINGLE_RANK_ZERO} == SINGLE_RANK_ZERO
-    for other in (single_rank_config(deepspeed_config(cfg.train), cfg.train, world_size=2),
-                  single_rank_config(deepspeed_config(vae_config(0, 1).train), vae_config(0, 1).train, world_size=1)):
-        assert not set(SINGLE_RANK_ZERO) & set(other["zero_optimization"])
+    two_ranks = single_rank_config(deepspeed_config(cfg.train), cfg.train, world_size=2)
+    no_zero = single_rank_config(deepspeed_config(vae_config(0, 1).train), vae_config(0, 1).train, world_size=1)
+    for other, stage in ((two_ranks, 2), (no_zero, 0)):
+        assert not {"contiguous_gradients", "reduce_scatter"} & set(other["zero_optimization"])
+        assert other["zero_optimization"]["stage"] == stage
     told = load_config(ROOT / "configs/shapes-vae.yaml", [
         "train.num_workers=1", "train.deepspeed.extra.zero_optimization.contiguous_gradients=true"])
     kept = single_rank_config(deepspeed_config(told.train), told.train, world_size=1)["zero_optimization"]
     assert kept["contiguous_gradients"] is True and kept["reduce_scatter"] is False
+
+
+def test_one_rank_gradient_norm_is_deepspeeds_and_marks_overflow(process_group):
+    cfg = vae_config(2, 1)
+    engine = build_engine(build_task(cfg, seed=0, device=torch.device("cpu")).module, cfg.train,
+                          WorkerContext(0, 1, torch.device("cpu")))
+    optimizer = engine.optimizer
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=g) for n in (5, 300, 7)]
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    deepspeeds = type(optimizer).get_grad_norm_direct(optimizer, grads, params)
+    assert float(optimizer.get_grad_norm_direct(grads, params)) == pytest.approx(float(deepspeeds), rel=1e-6)
+    padding = torch.full((4,), 9.0)
+    padding._zero_padding = True  # DeepSpeed's alignment padding is not part of the norm
+    assert float(optimizer.get_grad_norm_direct([*grads, padding], params)) == pytest.approx(float(deepspeeds),
+                                                                                           rel=1e-6)
+    grads[1][0] = float("inf")
+    assert float(optimizer.get_grad_norm_direct(grads, params)) == -1.0  # what DeepSpeed's overflow check reads
