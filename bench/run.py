@@ -18,8 +18,10 @@ Groups:
   overhead - our trainer (Ray + DeepSpeed, 1 worker) vs a bare PyTorch loop on the tiny UNet, samples/s (target
              >= 0.90); and configs/shapes-vae.yaml's held-out PSNR both ways (target: within 0.2 dB; the full
              recipe is 4000 steps each way, about 2 x 8 minutes on 2 idle cores; see bench/overhead.py)
-  latents  - training samples/s of the demo's LDM from latent shards (`ldmflow encode`) vs raw shards, and the
-             loader's samples/s on both vs what that step consumes (rows in `loader`; see bench/latents.py)
+  latents  - training samples/s from latent shards (`ldmflow encode`) vs raw shards, same model, for the demo's
+             LDM, the tiny preset, and the tiny preset's UNet under SD's VAE shape (target >= 2x where the
+             encoder dominates the step); and the loader's samples/s on both vs what that step consumes (rows
+             in `loader`; see bench/latents.py)
   zero     - per-rank peak memory of a 314M-parameter UNet on 2 ranks, ZeRO-3 vs ZeRO-0 (target <= 0.6x); the
              largest UNet taking optimizer steps within a per-rank budget, ZeRO-3 + NVMe offload vs ZeRO-0
              (target >= 1.8x); the sd15 preset's UNet training on 2 ranks here, its peak and s/step
@@ -389,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-compile-backend", default="inductor",
                    help="torch.compile backend of the speed group's compile rows; none leaves them out")
     only.add_argument("--latents-only", action="store_true", help="run only the latents group (bench/latents.py)")
+    p.add_argument("--latents-config", action="append", default=None, metavar="YAML",
+                   help="a config the latents group measures (repeatable; default: bench.latents.CONFIGS, "
+                        "configs/shapes.yaml, configs/tiny.yaml and tiny with SD's VAE shape)")
     only.add_argument("--zero-only", action="store_true", help="run only the zero group (bench/zero_memory.py)")
     only.add_argument("--gpu", action="store_true",
                       help="run the GPU plan instead (bench/gpu.py; the other arguments go to it, --out defaults to "
@@ -422,10 +427,13 @@ def main(argv: list[str] | None = None) -> int:
             backend = None if args.speed_compile_backend == "none" else args.speed_compile_backend
             rows += bench_speed(args.steps, backend)
         if every_group or args.latents_only:
-            from bench.latents import bench_latents
+            from bench.latents import CONFIGS, bench_latents
 
-            latent_rows, latents = bench_latents(work)
-            rows += latent_rows
+            latents = {}
+            chosen = {Path(c).stem: (c, []) for c in args.latents_config} if args.latents_config else CONFIGS
+            for label, (config, overrides) in chosen.items():
+                latent_rows, latents[label] = bench_latents(work, config=config, overrides=overrides, label=label)
+                rows += latent_rows
         if args.dataprep_only or (every_group and not args.no_dataprep):
             dataprep_rows, dataprep = bench_dataprep(work, args.dataprep_samples, args.dataprep_repeats)
             rows += dataprep_rows
@@ -453,9 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if urls is not None:
         print_urls(urls)
-    if latents is not None:
-        print_ratios(f"latents ratios ({latents['config']}, batch {latents['batch_size']}, best windows)",
-                     latents["ratios"])
+    for each in (latents or {}).values():
+        print_ratios(f"latents ratios ({each['label']}: {each['config']} {' '.join(each['overrides'])}, batch "
+                     f"{each['batch_size']}, best windows)", each["ratios"])
     if zero is not None:
         print_ratios(f"zero ratios ({zero['world_size']} ranks; memory: lower is better)", zero["ratios"])
     if checkpoint is not None:
