@@ -143,7 +143,7 @@ def bench_latents(work: Path, *, config: str = "configs/shapes.yaml", overrides:
 
     encode_rate = encoded.samples / encoded.seconds if encoded.seconds else math.nan
     rows = [
-        Row("latents", raw_mode, best[raw_mode], "samples/s", note=note(raw_mode)),
+        Row("latents", raw_mode, best[raw_mode], "samples/s", ratio_to=raw_mode, note=note(raw_mode)),
         Row("latents", latent_mode, best[latent_mode], "samples/s", ratio_to=raw_mode,
             note=note(latent_mode) + f"; encoding {encoded.samples} samples took {encoded.seconds:.1f} s once"),
         Row("latents", cached_mode, best[cached_mode], "samples/s", ratio_to=raw_mode,

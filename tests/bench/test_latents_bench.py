@@ -20,7 +20,7 @@ def test_latents_group_measures_raw_cached_and_latent_steps_and_the_loader(tmp_p
     by_case = {r.case: r for r in rows}
     raw, latent, cached = (label.format("tiny") for label in (RAW, LATENT, CACHED))
     assert [r.case for r in rows if r.group == "latents"] == [raw, latent, cached]
-    assert by_case[latent].ratio_to == raw and by_case[cached].ratio_to == raw
+    assert by_case[latent].ratio_to == raw and by_case[cached].ratio_to == raw and by_case[raw].ratio == 1.0
     for kind in ("raw", "latent"):
         consumes, delivers = CONSUMES.format("tiny", kind), DELIVERS.format("tiny", kind)
         assert by_case[delivers].ratio_to == consumes and by_case[consumes].ratio == 1.0
