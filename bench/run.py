@@ -16,8 +16,9 @@ Groups:
              local SeaweedFS S3), in milliseconds; ratio: x a normal step of the same runs (see
              bench/checkpoint_stall.py)
   overhead - our trainer (Ray + DeepSpeed, 1 worker) vs a bare PyTorch loop on the tiny UNet, samples/s (target
-             >= 0.90); and configs/shapes-vae.yaml's held-out PSNR both ways (target: within 0.2 dB; the full
-             recipe is 4000 steps each way, about 2 x 8 minutes on 2 idle cores; see bench/overhead.py)
+             >= 0.90); and configs/shapes-vae.yaml's held-out PSNR both ways, the mean over --overhead-vae-seeds
+             seeds (target: within 0.2 dB; the full recipe is 4000 steps each way, about 7 + 12 minutes per seed
+             on 2 cores; see bench/overhead.py)
   latents  - training samples/s from latent shards (`ldmflow encode`) vs raw shards, same model, for the demo's
              LDM, the tiny preset, and the tiny preset's UNet under SD's VAE shape (target >= 2x where the
              encoder dominates the step); and the loader's samples/s on both vs what that step consumes (rows
@@ -37,7 +38,7 @@ Just the checkpoint stall:
 Just the train.speed switches (a few minutes on 2 cores, most of it inductor compiling):
   .venv/bin/python -m bench.run --speed-only [--steps 5] [--speed-compile-backend none]
 Just the trainer overhead (--overhead-vae-steps 800: a shorter VAE comparison; --no-overhead-vae: none):
-  .venv/bin/python -m bench.run --overhead-only [--overhead-steps 80] [--overhead-vae-steps N]
+  .venv/bin/python -m bench.run --overhead-only [--overhead-steps 80] [--overhead-vae-steps N] [--overhead-vae-seeds 2]
 Just the latents group (and its loader rows; a few minutes on 2 cores):
   .venv/bin/python -m bench.run --latents-only
 Just the ZeRO memory and sd15 rows (--zero-budget-gib: the per-rank budget of the largest-UNet search):
@@ -371,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sync + async run pairs in the checkpoint group, interleaved")
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint-stall group")
     p.add_argument("--overhead-steps", type=int, default=80, help="train steps per side of the overhead throughput")
+    p.add_argument("--overhead-vae-seeds", type=int, default=2,
+                   help="seeds of the shapes-vae PSNR comparison, each run both ways (about 20 minutes per seed)")
     p.add_argument("--overhead-vae-steps", type=int, default=None,
                    help="steps of the shapes-vae PSNR comparison (default: the recipe's 4000)")
     p.add_argument("--no-overhead-vae", action="store_true", help="skip the shapes-vae PSNR comparison")
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.overhead import bench_overhead
 
             overhead_rows, overhead = bench_overhead(work, steps=args.overhead_steps, vae_steps=args.overhead_vae_steps,
-                                                     vae=not args.no_overhead_vae)
+                                                     vae=not args.no_overhead_vae, vae_seeds=args.overhead_vae_seeds)
             rows += overhead_rows
         if args.zero_only or (every_group and not args.no_zero):
             from bench.zero_memory import bench_zero
