@@ -6,7 +6,7 @@ over one rank is the identity. DeepSpeed 0.19.8 still does the multi-rank work, 
 that work is a tenth of the step (issue 15, item 4; bench/overhead.py). What it costs, in one process
 on the tiny preset's UNet (1 CPU thread, each against a bare torch loop of the same step, side by side):
 
-  ZeRO-2 as configured                                     0.86-0.89
+  ZeRO-2 with DeepSpeed's defaults                         0.83
   + contiguous_gradients and reduce_scatter off            0.89      (a bucket copy per gradient)
   + no all-reduce of a group of one                        0.91      (flatten, all-reduce, copy back)
   + the gradient norm as torch's clip_grad_norm_ takes it  0.93      (a Python loop over parameters)
