@@ -25,6 +25,7 @@ cost, outside the windows; its time is in the JSON and the latent row's note.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -52,9 +53,8 @@ def bench_latents(work: Path, *, config: str = "configs/shapes.yaml", overrides:
     name), and the details for the JSON."""
     import torch
 
+    from bench.overhead import shapes_shards
     from bench.run import Row
-    from data_prep.shard import ShardConfig, build_shards
-    from data_prep.synth import generate_synthetic
     from training.config import load_config
     from training.encode.job import encode_dataset
     from training.loader.stream import ShardStream
@@ -67,12 +67,9 @@ def bench_latents(work: Path, *, config: str = "configs/shapes.yaml", overrides:
     train, resolution = cfg.train, cfg.model.resolution
     label = label or cfg.name
     raw_mode, cached_mode, latent_mode = (template.format(label) for template in (RAW, CACHED, LATENT))
-    root = work / f"latents-bench-{len(list(work.glob('latents-bench-*')))}"
-    generate_synthetic(root / "images", samples, seed=0, image_size=resolution)
-    raw = str(root / "raw")
-    build_shards(ShardConfig(source=str(root / "images"), output=raw, resolution=resolution, samples_per_shard=64,
-                             progress=False))
-    latent = str(root / "latent")
+    # The raw shards are made once per resolution and shared by the configs that train at it.
+    raw = shapes_shards(work, samples, resolution, samples_per_shard=64)
+    latent = str(work / ("latents-" + re.sub(r"[^A-Za-z0-9]+", "-", label)))
     threads = torch.get_num_threads()
     encoded = encode_dataset(cfg, raw, latent, workers=0)  # in this process, with all its threads: a one-off
     torch.set_num_threads(train.cpus_per_worker)  # as each training worker runs (training.runtime.loop)
