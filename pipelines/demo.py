@@ -1,7 +1,8 @@
 """``make demo``: the whole chain on the embedded default, then checks that each part worked.
 
-Synthetic shapes (32 px) -> shards -> the VAE, then the latent diffusion model, each trained by Ray +
-DeepSpeed (2 workers) -> MLflow runs, a registered version (alias `candidate`) and the promotion gate
+Synthetic shapes (32 px) -> shards -> the VAE, then the shards' latents under it (`ldmflow encode`'s
+step) -> the latent diffusion model on them, each model trained by Ray + DeepSpeed (one worker holding
+both cores: configs/shapes.yaml says why) -> MLflow runs, a registered version (alias `candidate`) and the promotion gate
 (configs/shapes.yaml's `gate:`), which makes it `champion` when it clears the floors or beats the
 current champion on the same held-out evaluation set, all as one Prefect flow; then `@champion` is
 evaluated through MLflow on held-out and seen shape x colour x background combinations (does it draw
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                            vae_config_path=args.vae_config or None, vae_overrides=vae_overrides,
                            # The demo shows training: a second `make demo` trains again rather than
                            # returning the first one's cached result.
-                           refresh_cache=True)
+                           refresh_cache=True,
+                           # The LDM trains from latent shards: its step runs the UNet alone, and the
+                           # loader reads stored latents instead of decoding PNGs.
+                           latents=True)
     import ray
 
     if ray.is_initialized():  # training is over: its workers' last log lines print now, not after the summary
