@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(("gate: a champion to consume", champion is not None,
                        f"v{model['version']} {'promoted' if gate['promoted'] else 'not promoted'} "
                        f"({gate['reason']}); champion: {f'v{champion}' if champion else 'none'}"))
-        uri = f"models:/{model['name']}@{CHAMPION}"
+        # With no champion (a first version under the gate's floor) the checks still show what this run's
+        # version draws, by its version number: the gate check above has already failed the demo.
+        uri = f"models:/{model['name']}@{CHAMPION}" if champion else f"models:/{model['name']}/{model['version']}"
         evaluation = run_evaluation(uri, prompts=args.eval_prompts, per_prompt=args.eval_per_prompt,
                                     out_dir=work_dir / "eval")
         grid = evaluation.grid_path
