@@ -28,7 +28,10 @@ def flow_result(prefect_server, local_ray, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        small = ["train.batch_size=8", "validation.holdout_fraction=0.1", "validation.max_samples=4"]
+        # The demo presets train on one 2-core worker; two 1-core workers here keep the flow's
+        # multi-rank path (ZeRO-2 all-reduce, per-rank loader state, a 2-rank checkpoint) under test.
+        small = ["train.batch_size=8", "train.num_workers=2", "train.cpus_per_worker=1",
+                 "validation.holdout_fraction=0.1", "validation.max_samples=4"]
         summary = run_pipeline(
             config_path="shapes",
             overrides=[*small, f"train.max_steps={STEPS}", "train.log_every=2", "train.checkpoint_every=2",
