@@ -16,6 +16,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
 CHECKPOINT_UPLOADS = ("async", "sync")
 ELASTIC_BATCHES = ("global", "per_worker")
 
@@ -68,6 +71,16 @@ class TrainConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss is weighted by
     min(SNR(t), gamma) / SNR(t) for epsilon, / (SNR(t) + 1) for v_prediction; 5.0 is the paper's
     value. None: unweighted MSE."""
+    timestep_sampling: str = "uniform"
+    """How each sample's diffusion timestep is drawn: `uniform` over 0..T-1 (DDPM, Stable Diffusion)
+    or `logit_normal`: t = T * sigmoid(timestep_mean + timestep_std * N(0, 1)), which spends more of
+    the steps on the middle noise levels, where an image's layout is decided, and fewer on the
+    nearly clean and nearly pure-noise ends (Esser et al. 2024, section 3.1, m=0 s=1)."""
+    timestep_mean: float = 0.0
+    """Location of logit_normal sampling on the logit scale: > 0 moves it towards noisier timesteps."""
+    timestep_std: float = 1.0
+    """Scale of logit_normal sampling on the logit scale (> 0): larger is closer to uniform at the
+    middle, with more mass at the two ends."""
     noise_offset: float = 0.0
     """Adds noise_offset * N(0, 1) per sample and channel, constant over the image, to the noise,
     so the model learns to shift an image's mean brightness (very dark or bright images); 0.05-0.1
@@ -156,6 +169,9 @@ class TrainConfig:
                self.caption_dropout)
         if self.snr_gamma is not None:
             check_key(self.snr_gamma > 0, "train.snr_gamma", "null or > 0 (5.0 is usual)", self.snr_gamma)
+        check_key(self.timestep_sampling in TIMESTEP_SAMPLING, "train.timestep_sampling",
+                  f"one of {', '.join(TIMESTEP_SAMPLING)}", self.timestep_sampling)
+        check_key(self.timestep_std > 0, "train.timestep_std", "> 0 (1.0 is usual)", self.timestep_std)
         check_key(0.0 <= self.noise_offset <= 1.0, "train.noise_offset", "in [0, 1] (0.05-0.1 is usual)",
                self.noise_offset)
         check_key(self.kl_weight >= 0, "train.kl_weight", ">= 0", self.kl_weight)

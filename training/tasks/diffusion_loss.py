@@ -2,7 +2,7 @@
 
 What the noise schedule defines (betas, prediction type, zero terminal SNR) comes with the
 DDPMScheduler built from `model.scheduler`; the options of the loss itself (min-SNR weighting,
-noise offset) come from `train` as an :class:`ObjectiveOptions`. Caption dropout acts on the
+timestep sampling, noise offset) come from `train` as an :class:`ObjectiveOptions`. Caption dropout acts on the
 captions before they are encoded (:func:`drop_captions`).
 """
 
@@ -22,6 +22,10 @@ class ObjectiveOptions:
     """Min-SNR-gamma weighting of each sample's loss; None: unweighted (train.snr_gamma)."""
     noise_offset: float = 0.0
     """Scale of the per-(sample, channel) offset added to the noise (train.noise_offset)."""
+    timestep_sampling: str = "uniform"
+    """`uniform` or `logit_normal` (train.timestep_sampling), with timestep_mean and timestep_std."""
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     channels_last: bool = False
     """The UNet's noisy input in torch.channels_last layout (train.speed.channels_last): a speed
     switch, the values are the same."""
@@ -29,7 +33,8 @@ class ObjectiveOptions:
     @classmethod
     def from_train(cls, train: TrainConfig) -> ObjectiveOptions:
         return cls(snr_gamma=train.snr_gamma, noise_offset=train.noise_offset,
-                   channels_last=train.speed.channels_last)
+                   timestep_sampling=train.timestep_sampling, timestep_mean=train.timestep_mean,
+                   timestep_std=train.timestep_std, channels_last=train.speed.channels_last)
 
 
 @torch.no_grad()
@@ -74,6 +79,16 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return clipped / (ratio + 1.0)
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator,
+                     options: ObjectiveOptions) -> torch.Tensor:
+    """`n` training timesteps in 0..T-1 drawn from `generator`: uniform, or logit-normal
+    (T * sigmoid(mean + std * N(0, 1)), floored)."""
+    if options.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    logits = options.timestep_mean + options.timestep_std * torch.randn(n, generator=generator)
+    return (torch.sigmoid(logits) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
 def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
                    text_states: torch.Tensor, generator: torch.Generator, *,
                    options: ObjectiveOptions | None = None, timesteps: torch.Tensor | None = None,
@@ -102,7 +117,7 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: tor
             noise = noise + options.noise_offset * offset
     noise = noise.float()
     if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+        timesteps = sample_timesteps(b, scheduler.config.num_train_timesteps, generator, options)
     timesteps = timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 

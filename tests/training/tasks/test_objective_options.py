@@ -112,6 +112,42 @@ def test_min_snr_gamma_weights_each_sample_as_the_paper_does(prediction_type):
     assert abs(weighted.item() - plain.item()) > 0.05 * plain.item()
 
 
+# --- timestep sampling -------------------------------------------------------------------------
+
+
+def test_logit_normal_timesteps_are_what_the_unet_sees_and_follow_the_distribution():
+    n, steps = 20000, 1000
+    latents, states = torch.zeros(n, 1, 1, 1), torch.zeros(n, 1, 4)
+    sched = scheduler(prediction_type="v_prediction", num_train_timesteps=steps)
+
+    def seen(train: dict, seed: int = 0) -> torch.Tensor:
+        unet = StubUNet()
+        options = ObjectiveOptions.from_train(config_from_dict({"train": train}).train)
+        diffusion_loss(unet, sched, latents, states, torch.Generator().manual_seed(seed), options=options)
+        return unet.inputs[0][1]
+
+    uniform = seen({})
+    middle = seen({"timestep_sampling": "logit_normal"})
+    later = seen({"timestep_sampling": "logit_normal", "timestep_mean": 1.0, "timestep_std": 0.5})
+    for t in (uniform, middle, later):
+        assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) <= steps - 1
+
+    def share(t, lo, hi):  # fraction of samples with lo <= t < hi
+        return float(((t >= lo) & (t < hi)).float().mean())
+
+    # Uniform: a tenth in each tenth. Logit-normal(0, 1): sigmoid(+-0.405) bounds the middle fifth,
+    # P(|z| < 0.405) = 0.315 of the samples there, and P(z > 2.197) = 0.014 in the last tenth.
+    assert share(uniform, 400, 600) == pytest.approx(0.2, abs=0.015)
+    assert share(middle, 400, 600) == pytest.approx(0.315, abs=0.015)
+    assert share(middle, 900, 1000) == pytest.approx(0.014, abs=0.005)
+    assert float(middle.float().median()) == pytest.approx(500, abs=15)
+    # mean 1, std 0.5: the median at T * sigmoid(1) = 731.
+    assert float(later.float().median()) == pytest.approx(731, abs=15)
+    # Drawn from the generator: a seed gives the same timesteps.
+    assert torch.equal(middle, seen({"timestep_sampling": "logit_normal"}))
+    assert not torch.equal(middle, seen({"timestep_sampling": "logit_normal"}, seed=1))
+
+
 # --- noise offset ------------------------------------------------------------------------------
 
 
@@ -226,7 +262,9 @@ def test_zero_terminal_snr_refuses_epsilon():
 
 
 @pytest.mark.parametrize("override, key", [("train.snr_gamma=0", "train.snr_gamma"),
-                                           ("train.noise_offset=-0.1", "train.noise_offset")])
+                                           ("train.noise_offset=-0.1", "train.noise_offset"),
+                                           ("train.timestep_sampling=lognormal", "train.timestep_sampling"),
+                                           ("train.timestep_std=0", "train.timestep_std")])
 def test_objective_options_are_validated(override, key):
     with pytest.raises(ConfigError, match=key):
         config_from_dict({}, [override])
