@@ -3,11 +3,11 @@
 Synthetic shapes (32 px) -> shards -> the VAE, then the shards' latents under it (`ldmflow encode`'s
 step) -> the latent diffusion model on them, each model trained by Ray + DeepSpeed (one worker holding
 both cores: configs/shapes.yaml says why) -> MLflow runs, a registered version (alias `candidate`) and
-the promotion gate (configs/shapes.yaml's `gate:`), which makes it `champion` when it clears the floors or beats the
-current champion on the same held-out evaluation set, all as one Prefect flow; then `@champion` is
-evaluated through MLflow on held-out and seen shape x colour x background combinations (does it draw
-the prompted shape in the prompted colour on the prompted background?) and generates images. Exits
-non-zero when any check fails.
+the promotion gate (configs/shapes.yaml's `gate:`), which makes it `champion` when it clears the floors
+or beats the current champion on the same held-out evaluation set, all as one Prefect flow; then
+`@champion` is evaluated through MLflow on held-out and seen shape x colour x background combinations
+(does it draw the prompted shape in the prompted colour on the prompted background?) and generates
+images. Exits non-zero when any check fails.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 What the noise schedule defines (betas, prediction type, zero terminal SNR) comes with the
 DDPMScheduler built from `model.scheduler`; the options of the loss itself (min-SNR weighting,
-timestep sampling, noise offset) come from `train` as an :class:`ObjectiveOptions`. Caption dropout acts on the
-captions before they are encoded (:func:`drop_captions`).
+timestep sampling, noise offset) come from `train` as an :class:`ObjectiveOptions`. Caption dropout
+acts on the captions before they are encoded (:func:`drop_captions`).
 """
 
 from __future__ import annotations
